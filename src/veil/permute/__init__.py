@@ -1,0 +1,39 @@
+"""permute mode: STIP secure transformer inference (Yuan, Zhang, Li, ePrint 2023/1763).
+
+Three roles. The *developer* draws a secret permutation ``pi`` of the hidden dimension (and,
+optionally, ``sigma`` of the vocabulary), transforms the model so that ``f'(x pi) = f(x) pi``,
+gives ``f'`` to the *cloud* and the key bundle to the *user*. The user permutes its input, the
+cloud runs ``f'`` unchanged Hugging Face code, the user un-permutes what comes back.
+
+This is obfuscation, not cryptography: see docs/permute.md and ``veil permute audit``.
+"""
+
+from veil.permute.errors import (
+    CloudError,
+    KeyBundleError,
+    PermuteError,
+    SequenceTooLongError,
+    UnsupportedFamilyError,
+)
+from veil.permute.families import ADAPTERS, FamilyAdapter, adapter_for, supported_families
+from veil.permute.models import SourceModel, build_module, load_source
+from veil.permute.transform import PermutationKey, generate_key, inverse, transform_state_dict
+
+__all__ = [
+    "ADAPTERS",
+    "CloudError",
+    "FamilyAdapter",
+    "KeyBundleError",
+    "PermutationKey",
+    "PermuteError",
+    "SequenceTooLongError",
+    "SourceModel",
+    "UnsupportedFamilyError",
+    "adapter_for",
+    "build_module",
+    "generate_key",
+    "inverse",
+    "load_source",
+    "supported_families",
+    "transform_state_dict",
+]

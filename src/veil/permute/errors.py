@@ -1,0 +1,51 @@
+"""Errors of the permute mode (STIP). All subclass :mod:`veil.errors`.
+
+Messages name files, shapes, families and sizes; never weights, permutations or user data.
+"""
+
+from __future__ import annotations
+
+from veil.errors import InputError, IntegrityError, ModelError, ProtocolError
+
+__all__ = [
+    "PermuteError",
+    "KeyBundleError",
+    "UnsupportedFamilyError",
+    "SequenceTooLongError",
+    "CloudError",
+]
+
+
+class PermuteError(ProtocolError):
+    """Base class of the permute mode's own errors."""
+
+
+class KeyBundleError(PermuteError, IntegrityError):
+    """A key bundle or transformed-model directory is missing, corrupted, tampered with, or does not
+    belong to the model / server it is used with."""
+
+
+class UnsupportedFamilyError(ModelError):
+    """The model's family (``config.model_type``) has no permute adapter."""
+
+    def __init__(self, family: str, supported: list[str], detail: str = ""):
+        self.family, self.supported = family, sorted(supported)
+        msg = f"model family {family!r} is not supported by the permute mode"
+        if detail:
+            msg += f" ({detail})"
+        msg += f"; supported families: {', '.join(self.supported)}"
+        super().__init__(msg)
+
+
+class SequenceTooLongError(InputError):
+    """A request would take the sequence past the model's maximum number of positions."""
+
+    def __init__(self, length: int, limit: int):
+        self.length, self.limit = length, limit
+        super().__init__(
+            f"sequence of {length} positions is longer than the model allows ({limit} positions maximum)"
+        )
+
+
+class CloudError(PermuteError):
+    """The cloud server refused a request or answered with something the client cannot use."""
