@@ -1,0 +1,148 @@
+"""``veil``: one command line for every mode.
+
+Foundation commands live here (demo, keys, party, inspect, run); each mode adds its own group
+from ``veil/cli/<mode>_cmd.py`` (``veil mpc ...``, ``veil permute ...``, ``veil offload ...``,
+``veil attested ...``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from veil.errors import VeilError
+
+app = typer.Typer(name="veil", help="Confidential machine-learning inference.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+MODES = ("mpc", "permute", "offload", "attested")
+
+
+def _register_modes() -> None:
+    for mode in MODES:
+        try:
+            mod = importlib.import_module(f"veil.cli.{mode}_cmd")
+        except ModuleNotFoundError as e:
+            if e.name == f"veil.cli.{mode}_cmd":
+                continue
+            raise
+        app.add_typer(mod.app, name=mode)
+
+
+@app.command()
+def demo(
+    n: int = typer.Option(64, help="number of images from the shipped held-out slice"),
+    model: str = typer.Option("C", help="shipped network: A, B, C or D"),
+    plain: bool = typer.Option(False, "--plain", help="plaintext only (no secure computation)"),
+) -> None:
+    """Run a shipped MNIST network on the shipped test slice (secure mpc by default)."""
+    if not plain:
+        from veil.mpc.demo import run_demo
+
+        run_demo(model=model, n=n, console=console)
+        return
+    from veil.assets import load_slice, model_path
+    from veil.graph import load_model
+    from veil.plain import run_plain
+
+    graph = load_model(model_path(model))
+    x, y = load_slice(n)
+    logits = next(iter(run_plain(graph, x).values()))
+    acc = float((logits.argmax(-1) == y).mean())
+    t = Table(title=f"network {model.upper()}, plain executor")
+    t.add_column("images")
+    t.add_column("accuracy (held-out 2k slice)")
+    t.add_row(str(len(y)), f"{acc:.2%}")
+    console.print(t)
+
+
+@app.command()
+def keys(
+    deployment: Path = typer.Option(..., "--deployment", "-d", help="deployment TOML file"),
+    out: Path = typer.Option(None, help="key directory (default: the deployment's `keys`)"),
+) -> None:
+    """Create a deployment CA and one key and certificate per party."""
+    from veil.net import create_keys, load_deployment
+
+    dep = load_deployment(deployment)
+    d = create_keys(dep, out)
+    console.print(f"wrote CA and {len(dep.parties)} party certificates to {d} (private keys mode 0600)")
+
+
+@app.command()
+def party(
+    deployment: Path = typer.Option(..., "--deployment", "-d", help="deployment TOML file"),
+    name: str = typer.Option(..., "--as", help="the party this process plays"),
+) -> None:
+    """Run one party of a deployment (the mode's role for that party name)."""
+    from veil.net import load_deployment
+
+    dep = load_deployment(deployment)
+    dep.party(name)
+    try:
+        mod = importlib.import_module(f"veil.{dep.mode}.party")
+    except ModuleNotFoundError:
+        raise VeilError(f"deployment mode {dep.mode!r} has no party roles; modes: {', '.join(MODES)}") from None
+    from veil.net import connect_tls
+
+    peers = mod.peers_of(dep, name) if hasattr(mod, "peers_of") else None
+    channel = connect_tls(dep, name, peers)
+    try:
+        mod.run_party(dep, name, channel, console)
+    finally:
+        channel.close()
+
+
+@app.command()
+def inspect(model: Path = typer.Argument(..., help="ONNX model file")) -> None:
+    """Load a model into veil's graph and print it."""
+    from veil.graph import load_model
+
+    console.print(load_model(model).summary())
+
+
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help="ONNX model file"),
+    inputs: Path = typer.Argument(..., help=".npy file (one input) or .npz file (named inputs)"),
+    out: Path = typer.Option(None, help="write outputs to this .npz file"),
+) -> None:
+    """Run a model with the plain (reference) executor."""
+    from veil.graph import load_model
+    from veil.plain import run_plain
+
+    graph = load_model(model)
+    try:
+        data = np.load(inputs, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise VeilError(f"cannot read inputs from {inputs}: expected a .npy or .npz file ({e})") from None
+    feed = dict(data) if isinstance(data, np.lib.npyio.NpzFile) else data
+    result = run_plain(graph, feed)
+    for k, v in result.items():
+        console.print(f"{k}: shape {v.shape}, argmax {v.reshape(v.shape[0], -1).argmax(-1)[:16].tolist()}")
+    if out:
+        np.savez(out, **result)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except VeilError as e:
+        err_console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+_register_modes()
+
+if __name__ == "__main__":
+    main()

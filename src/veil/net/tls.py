@@ -1,0 +1,231 @@
+"""TCP channels with mutual TLS, on asyncio streams (Python's ``ssl`` module over OpenSSL, TLS 1.3).
+
+Why asyncio/ssl streams: the standard library's TLS is OpenSSL, well maintained and audited; asyncio
+lets one background event loop own every socket (an OpenSSL connection must not be read and written
+from two threads at once), while parties keep a simple blocking ``send``/``recv`` API. ZeroMQ/CURVE
+or gRPC would add a dependency without adding a property we need (mutual authentication by a
+deployment CA, confidentiality, framing).
+
+Authentication: every party holds a certificate from the deployment CA whose name is the party's
+name. The connecting side checks the server's name (TLS hostname check against the party name);
+the accepting side requires a client certificate from the same CA and checks its common name is
+the peer it expects. A certificate from another CA, or for another name, is refused.
+
+Who connects: for every pair, the party whose name sorts later connects to the other, which
+listens on its deployment address. Connections are retried until ``connect_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from veil.errors import ChannelError, DeploymentError, PeerAuthError, PeerDisconnectedError, PeerTimeoutError
+from veil.net.channel import Channel
+from veil.net.deployment import Deployment
+from veil.net.keys import key_paths
+
+__all__ = ["TLSChannel", "connect_tls"]
+
+log = logging.getLogger("veil.net.tls")
+_HEADER = struct.Struct("<Q")
+_MAX_FRAME = 16 << 30
+_EOF = object()
+
+
+def _contexts(deployment: Deployment, me: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca, cert, key = key_paths(deployment.keys_dir, me)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for ctx in (server, client):
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        try:
+            ctx.load_cert_chain(cert, key)
+            ctx.load_verify_locations(ca)
+        except (ssl.SSLError, OSError) as e:
+            raise DeploymentError(f"party {me!r}: cannot load its key files from {deployment.keys_dir}: {e}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    client.check_hostname = True
+    return server, client
+
+
+def _common_name(peercert: Any) -> str | None:
+    for rdn in (peercert or {}).get("subject", ()):
+        for k, v in rdn:
+            if k == "commonName":
+                return str(v)
+    return None
+
+
+class TLSChannel(Channel):
+    """A party's mutual-TLS connections to its peers (see the module docstring)."""
+
+    def __init__(self, deployment: Deployment, me: str, peers: Iterable[str] | None = None,
+                 timeout: float | None = None, connect_timeout: float | None = None):
+        peers = [p for p in (peers if peers is not None else deployment.parties) if p != me]
+        for p in [me, *peers]:
+            deployment.party(p)
+        super().__init__(me, peers, deployment.timeout if timeout is None else timeout)
+        self._dep = deployment
+        self._connect_timeout = self.timeout if connect_timeout is None else connect_timeout
+        self._server_ctx, self._client_ctx = _contexts(deployment, me)
+        self._inbox: dict[str, queue.Queue[object]] = {p: queue.Queue() for p in self.peers}
+        self._writers: dict[str, asyncio.StreamWriter] = {}
+        self._errors: dict[str, BaseException] = {}
+        self._refused: list[str] = []
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(lambda loop, ctx: log.debug("asyncio: %s", ctx.get("message")))
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"veil-tls-{me}", daemon=True)
+        self._thread.start()
+        self._server: asyncio.base_events.Server | None = None
+        try:
+            asyncio.run_coroutine_threadsafe(self._establish(), self._loop).result(self._connect_timeout + 5)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- setup ----------------------------------------------------------------------------------
+    async def _establish(self) -> None:
+        accept_from = {p for p in self.peers if p > self.me}
+        connect_to = [p for p in self.peers if p < self.me]
+        all_in = asyncio.Event()
+        if not accept_from:
+            all_in.set()
+
+        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            cn = _common_name(writer.get_extra_info("peercert"))
+            if cn not in accept_from or cn in self._writers:
+                self._refused.append(str(cn))
+                log.warning("party %s refused a connection from %r (expected one of %s)", self.me, cn, sorted(accept_from))
+                writer.close()
+                return
+            self._attach(cn, reader, writer)
+            if accept_from <= set(self._writers):
+                all_in.set()
+
+        if accept_from:
+            me = self._dep.party(self.me)
+            try:
+                self._server = await asyncio.start_server(on_client, me.host, me.port, ssl=self._server_ctx,
+                                                          ssl_handshake_timeout=min(10.0, self._connect_timeout))
+            except OSError as e:
+                raise ChannelError(f"party {self.me!r} cannot listen on {me.address}: {e.strerror or e}") from None
+        deadline = time.monotonic() + self._connect_timeout
+        await asyncio.gather(*(self._connect(p, deadline) for p in connect_to))
+        try:
+            await asyncio.wait_for(all_in.wait(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            missing = sorted(accept_from - set(self._writers))
+            extra = f"; refused connections from {self._refused}" if self._refused else ""
+            raise PeerTimeoutError(f"party {self.me!r}: {missing} did not connect within {self._connect_timeout:g} s{extra}") from None
+
+    async def _connect(self, peer: str, deadline: float) -> None:
+        addr = self._dep.party(peer)
+        last: BaseException | None = None
+        while time.monotonic() < deadline:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(addr.host, addr.port, ssl=self._client_ctx, server_hostname=peer),
+                    max(0.1, deadline - time.monotonic()))
+                self._attach(peer, reader, writer)
+                return
+            except ssl.SSLCertVerificationError as e:
+                raise PeerAuthError(f"party {self.me!r}: the server at {addr.address} is not {peer!r} of this "
+                                    f"deployment ({e.verify_message})") from None
+            except ssl.SSLError as e:
+                raise PeerAuthError(f"party {self.me!r}: TLS with {peer!r} at {addr.address} failed ({e.reason})") from None
+            except (OSError, TimeoutError) as e:
+                last = e
+                await asyncio.sleep(0.05)
+        raise PeerTimeoutError(f"party {self.me!r}: could not reach {peer!r} at {addr.address} within "
+                               f"{self._connect_timeout:g} s ({type(last).__name__ if last else 'timeout'})")
+
+    def _attach(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers[peer] = writer
+        self._loop.create_task(self._read_loop(peer, reader))
+
+    async def _read_loop(self, peer: str, reader: asyncio.StreamReader) -> None:
+        box = self._inbox[peer]
+        try:
+            while True:
+                (n,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+                if n > _MAX_FRAME:
+                    raise ChannelError(f"frame of {n} bytes from {peer!r} exceeds the limit")
+                box.put(await reader.readexactly(n))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ChannelError) as e:
+            if isinstance(e, ssl.SSLError):
+                self._errors[peer] = PeerAuthError(f"party {self.me!r}: {peer!r} rejected this party's certificate "
+                                                   f"or TLS failed ({e.reason})")
+            box.put(_EOF)
+        except asyncio.CancelledError:
+            box.put(_EOF)
+
+    # --- Channel backend ------------------------------------------------------------------------
+    def _send_bytes(self, peer: str, data: bytes) -> None:
+        if self._closed:
+            raise ChannelError(f"party {self.me!r}: channel is closed")
+        w = self._writers.get(peer)
+        if w is None or w.is_closing():
+            raise PeerDisconnectedError(f"party {self.me!r}: connection to {peer!r} is closed")
+
+        async def write() -> None:
+            w.write(_HEADER.pack(len(data)))
+            w.write(data)
+            await w.drain()
+
+        fut = asyncio.run_coroutine_threadsafe(write(), self._loop)
+        try:
+            fut.result(self.timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise PeerTimeoutError(f"party {self.me!r}: {peer!r} did not take a message within {self.timeout:g} s") from None
+        except (ConnectionError, OSError) as e:
+            raise PeerDisconnectedError(f"party {self.me!r}: sending to {peer!r} failed ({type(e).__name__})") from None
+
+    def _recv_bytes(self, peer: str, timeout: float) -> bytes:
+        try:
+            item = self._inbox[peer].get(timeout=timeout)
+        except queue.Empty:
+            raise PeerTimeoutError(f"party {self.me!r}: no message from {peer!r} within {timeout:g} s") from None
+        if item is _EOF:
+            self._inbox[peer].put(_EOF)
+            err = self._errors.get(peer)
+            if err is not None:
+                raise err
+            raise PeerDisconnectedError(f"party {self.me!r}: {peer!r} closed the connection or died")
+        assert isinstance(item, bytes)
+        return item
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        async def shutdown() -> None:
+            for w in self._writers.values():
+                w.close()
+            if self._server is not None:
+                self._server.close()
+            await asyncio.sleep(0)
+
+        if self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+
+def connect_tls(deployment: Deployment, me: str, peers: Iterable[str] | None = None, timeout: float | None = None,
+                connect_timeout: float | None = None) -> TLSChannel:
+    """Open ``me``'s mutual-TLS connections to ``peers`` (default: every other party)."""
+    return TLSChannel(deployment, me, peers, timeout, connect_timeout)
