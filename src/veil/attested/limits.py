@@ -1,0 +1,46 @@
+"""Server limits, enforced on real sizes, and a per-credential token-bucket rate limiter."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+__all__ = ["Limits", "RateLimiter"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """``max_model_bytes``: bytes actually received for one model upload.
+    ``max_input_elements``: elements actually carried by all inputs of one run request.
+    ``max_request_bytes``: bytes actually received for one run request body.
+    ``rate_per_s`` / ``burst``: requests per second per credential (token bucket), burst size.
+    ``max_models``: models the store may hold."""
+
+    max_model_bytes: int = 256 * 1024 * 1024
+    max_input_elements: int = 4 * 1024 * 1024
+    max_request_bytes: int = 64 * 1024 * 1024
+    rate_per_s: float = 100.0
+    burst: int = 200
+    max_models: int = 64
+
+
+class RateLimiter:
+    """Token buckets keyed by credential fingerprint; thread-safe."""
+
+    def __init__(self, rate_per_s: float, burst: int):
+        self.rate, self.burst = float(rate_per_s), float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        """Take one token for ``key``; return 0.0 if allowed, else the seconds until one is available."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate if self.rate > 0 else float("inf")

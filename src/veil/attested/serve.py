@@ -1,0 +1,104 @@
+"""Start the attested server: platform, TLS identity, store, FastAPI app, uvicorn with TLS.
+
+Steps at start:
+
+1. open the platform (only the simulation exists on these machines: ``hazmat_simulate_enclave``
+   must be set, and it warns);
+2. generate a fresh TLS key pair and self-signed certificate inside the trusted side;
+3. open the store and unseal every model (a model that fails to unseal is reported and skipped);
+4. hand the key to uvicorn through a file encrypted under a random in-memory password, which is
+   deleted as soon as the TLS context is built;
+5. bind ``host:port`` (port 0 picks a free one), write the ready file, serve until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import uvicorn
+
+from veil.attested.limits import Limits
+from veil.attested.server import ServerState, create_app
+from veil.attested.simulated import SimulatedPlatform
+from veil.attested.store import ModelStore
+from veil.attested.tlskeys import generate_tls_identity
+from veil.attested.trusted import TrustedSide
+from veil.errors import DeploymentError
+
+__all__ = ["serve", "read_or_create_upload_token"]
+
+
+def read_or_create_upload_token(path: Path) -> str:
+    """The operator's upload credential in ``path`` (created, 0600, if absent)."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("veil_upl_" + secrets.token_urlsafe(32) + "\n")
+    token = path.read_text().strip()
+    if len(token) < 16:
+        raise DeploymentError(f"upload credential in {path} is shorter than 16 characters")
+    return token
+
+
+def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8443, *,
+          hazmat_simulate_enclave: bool = False, limits: Limits | None = None,
+          upload_token_file: str | os.PathLike[str] | None = None,
+          platform_dir: str | os.PathLike[str] | None = None, intra_op_threads: int = 1,
+          ready_file: str | os.PathLike[str] | None = None, log_level: str = "warning") -> None:
+    if not hazmat_simulate_enclave:
+        raise DeploymentError(
+            "no hardware TEE backend (SEV-SNP, TDX) is available in this build; start with "
+            "--hazmat-simulate-enclave to run a SIMULATED enclave (development only)"
+        )
+    store_path = Path(store_dir)
+    store_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        platform = SimulatedPlatform(platform_dir if platform_dir is not None else store_path / "simulated-platform")
+    print("WARNING: veil attested runs a SIMULATED enclave: evidence is signed by a simulation key and proves "
+          "nothing about the hardware.", file=sys.stderr, flush=True)
+    tls = generate_tls_identity(tuple(dict.fromkeys((host, "127.0.0.1", "localhost"))))
+    trusted = TrustedSide(platform, tls)
+    store = ModelStore(store_path, platform)
+    token = read_or_create_upload_token(Path(upload_token_file) if upload_token_file else store_path / "upload.token")
+    state = ServerState(trusted, store, limits or Limits(), token, intra_op_threads)
+    for model_id, why in state.unavailable.items():
+        print(f"WARNING: model {model_id!r} could not be restored: {why}", file=sys.stderr, flush=True)
+    app = create_app(state)
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise DeploymentError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    actual_port = sock.getsockname()[1]
+
+    password = secrets.token_hex(32)
+    with tempfile.TemporaryDirectory(prefix="veil-tls-") as tmp:
+        key_file, cert_file = Path(tmp) / "key.pem", Path(tmp) / "cert.pem"
+        key_file.write_bytes(tls.encrypted_key_pem(password.encode()))
+        cert_file.write_bytes(tls.cert_pem)
+        config = uvicorn.Config(app, ssl_keyfile=str(key_file), ssl_certfile=str(cert_file),
+                                ssl_keyfile_password=password, log_level=log_level, access_log=False,
+                                timeout_keep_alive=30, server_header=False)
+        config.load()  # builds the SSL context; the key files are deleted right after
+    info = {"url": f"https://{host}:{actual_port}", "port": actual_port, "pid": os.getpid(),
+            "platform": platform.name, "measurement": trusted.measurement,
+            "simulation_signer": platform.public_key_hex, "tls_spki_sha256": tls.spki_sha256,
+            "models": state.model_hashes()}
+    if ready_file is not None:
+        tmp_ready = Path(str(ready_file) + ".tmp")
+        tmp_ready.write_text(json.dumps(info))
+        os.replace(tmp_ready, ready_file)
+    print(f"veil attested: serving {info['url']} (platform {platform.name}, code {trusted.measurement[:16]}..., "
+          f"{len(state.models)} models)", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
+    store.close()

@@ -1,0 +1,111 @@
+"""``veil attested ...``: serve models in a (simulated) enclave, print measurements, check a server."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from veil.errors import VeilError
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Attested mode: confidential ONNX inference server and verifying client.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(e: VeilError) -> None:
+    err.print(f"[red]error:[/red] {type(e).__name__}: {e}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def serve(
+    store: Path = typer.Option(..., help="directory of the sealed model store (created if absent)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    port: int = typer.Option(8443, help="TCP port (0: pick a free one, see --ready-file)"),
+    hazmat_simulate_enclave: bool = typer.Option(
+        False, "--hazmat-simulate-enclave", help="run a SIMULATED enclave (no hardware TEE; development only)"),
+    max_model_mb: float = typer.Option(256.0, help="largest model upload, MiB actually received"),
+    max_input_elements: int = typer.Option(4 * 1024 * 1024, help="most input elements in one run request"),
+    max_request_mb: float = typer.Option(64.0, help="largest run request body, MiB actually received"),
+    rate: float = typer.Option(100.0, help="requests per second per credential"),
+    burst: int = typer.Option(200, help="burst of requests per credential"),
+    max_models: int = typer.Option(64, help="most models in the store"),
+    upload_token_file: Path | None = typer.Option(
+        None, help="file with the operator's upload credential (default STORE/upload.token, created if absent)"),
+    platform_dir: Path | None = typer.Option(None, help="simulated platform key directory (default STORE/simulated-platform)"),
+    threads: int = typer.Option(1, help="onnxruntime intra-op threads per model"),
+    ready_file: Path | None = typer.Option(None, help="write JSON (url, port, measurement, signer) here when ready"),
+    log_level: str = typer.Option("warning", help="uvicorn log level"),
+) -> None:
+    """Serve ONNX models over attested TLS."""
+    from veil.attested.limits import Limits
+    from veil.attested.serve import serve as run_server
+
+    limits = Limits(max_model_bytes=int(max_model_mb * 1024 * 1024), max_input_elements=max_input_elements,
+                    max_request_bytes=int(max_request_mb * 1024 * 1024), rate_per_s=rate, burst=burst,
+                    max_models=max_models)
+    try:
+        run_server(store, host, port, hazmat_simulate_enclave=hazmat_simulate_enclave, limits=limits,
+                   upload_token_file=upload_token_file, platform_dir=platform_dir, intra_op_threads=threads,
+                   ready_file=ready_file, log_level=log_level)
+    except VeilError as e:
+        _fail(e)
+
+
+@app.command()
+def measure() -> None:
+    """Print the code measurement a server running this installation reports."""
+    from veil.attested.measure import local_code_measurement
+
+    console.print(local_code_measurement())
+
+
+@app.command()
+def attest(
+    address: str = typer.Argument(..., help="host:port of the server"),
+    measurement: str | None = typer.Option(None, help="expected code measurement (default: this installation's)"),
+    simulation_signer: str | None = typer.Option(None, help="hex simulation public key to trust"),
+    hazmat_allow_simulation: bool = typer.Option(False, "--hazmat-allow-simulation",
+                                                 help="accept SIMULATED evidence (development only)"),
+) -> None:
+    """Verify a server's attestation and print what it proves."""
+    from veil.attested import Policy, connect
+    from veil.attested.measure import local_code_measurement
+
+    policy = Policy(code_measurement=measurement or local_code_measurement(),
+                    simulation_signers=frozenset([simulation_signer]) if simulation_signer else None)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with connect(address, policy=policy, hazmat_allow_simulation=hazmat_allow_simulation) as conn:
+                ev = conn.evidence
+        for w in caught:
+            err.print(f"[yellow]warning:[/yellow] {w.message}")
+    except VeilError as e:
+        _fail(e)
+    table = Table(title=f"attestation of {address}: verified")
+    table.add_column("claim")
+    table.add_column("value")
+    table.add_row("platform", ev.report.platform + (" (SIMULATED)" if ev.simulated else ""))
+    table.add_row("code measurement", ev.report.measurement)
+    table.add_row("TLS key (SPKI sha256)", ev.tls_spki_sha256)
+    for model_id, sha in sorted(ev.models.items()):
+        table.add_row(f"model {model_id}", sha)
+    table.add_row("runtime", ", ".join(f"{k} {v}" for k, v in sorted(ev.claims["runtime"].items())))
+    console.print(table)
+
+
+def main() -> None:  # used by ``python -m veil.attested``
+    try:
+        app()
+    except VeilError as e:
+        err.print(f"error: {type(e).__name__}: {e}")
+        sys.exit(2)
