@@ -32,6 +32,7 @@ import numpy as np
 from veil.attested.errors import (
     ConnectionFailedError,
     EvidenceFormatError,
+    InvalidRequestError,
     KeyMismatchError,
     ModelHashMismatchError,
     PolicyError,
@@ -39,6 +40,7 @@ from veil.attested.errors import (
 )
 from veil.attested.evidence import Evidence
 from veil.attested.policy import Policy, VerifiedEvidence, verify_evidence
+from veil.attested.server_ids import MODEL_ID_PATTERN
 from veil.attested.tensors import (
     INPUT_DTYPES,
     OUTPUT_DTYPES,
@@ -112,6 +114,13 @@ def _is_cert_failure(exc: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def _model_path(model_id: str, suffix: str = "") -> str:
+    if not isinstance(model_id, str) or not MODEL_ID_PATTERN.match(model_id):
+        raise InvalidRequestError("model ids are 1-64 characters of letters, digits, '.', '_', '-', starting with a "
+                                  "letter or digit", status=400, code="bad_model_id")
+    return f"/models/{model_id}{suffix}"
 
 
 def _model_bytes(model: Any) -> bytes:
@@ -237,7 +246,7 @@ class Connection:
             for i in range(0, len(data), self.upload_chunk):
                 yield data[i:i + self.upload_chunk]
 
-        r = self._request("PUT" if replace else "POST", f"/models/{model_id}", credential, content=chunks(),
+        r = self._request("PUT" if replace else "POST", _model_path(model_id), credential, content=chunks(),
                           headers={"Content-Type": "application/octet-stream"})
         body = r.json()
         if body.get("sha256") != sha:
@@ -262,7 +271,7 @@ class Connection:
         body: dict[str, Any] = {"inputs": payload}
         if outputs is not None:
             body["outputs"] = list(outputs)
-        r = self._request("POST", f"/models/{model_id}/run", credential, json=body)
+        r = self._request("POST", _model_path(model_id, "/run"), credential, json=body)
         res = r.json()
         expected = self.policy.models.get(model_id)
         if expected is not None and res.get("model_sha256") != expected:
@@ -281,11 +290,11 @@ class Connection:
         return encode_tensor(arr, INPUT_DTYPES)
 
     def delete_model(self, model_id: str, *, credential: str | None = None) -> None:
-        self._request("DELETE", f"/models/{model_id}", credential)
+        self._request("DELETE", _model_path(model_id), credential)
 
     def create_run_credential(self, model_id: str, *, credential: str | None = None) -> str:
         """Issue a run-only credential for ``model_id`` (needs its owner credential)."""
-        return self._request("POST", f"/models/{model_id}/credentials", credential).json()["credential"]
+        return self._request("POST", _model_path(model_id, "/credentials"), credential).json()["credential"]
 
     def close(self) -> None:
         if self._http is not None:

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from veil.attested.errors import StoreError
 from veil.attested.limits import Limits, RateLimiter
 from veil.attested.onnx_model import InputRejected, ModelRejected, ServedModel, load_served_model
+from veil.attested.server_ids import MODEL_ID_PATTERN
 from veil.attested.store import Credential, ModelStore
 from veil.attested.tensors import INPUT_DTYPES, WireFormatError, decode_tensor, encode_tensor
 from veil.attested.trusted import TrustedSide
@@ -45,7 +46,6 @@ from veil.attested.trusted import TrustedSide
 __all__ = ["Refusal", "ServerState", "create_app", "MODEL_ID_PATTERN"]
 
 log = logging.getLogger("veil.attested.server")
-MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _NONCE = re.compile(r"^[0-9a-f]{32,128}$")
 
 
@@ -301,12 +301,22 @@ def create_app(state: ServerState) -> FastAPI:
     def _owned(request: Request, model_id: str, action: str) -> Credential:
         _check_model_id(model_id)
         cred = state.authenticate(request)
+        _check_exists_for_operator(cred, model_id)
         if cred.kind != "owner" or cred.model_id != model_id:
             raise Refusal(403, "forbidden", f"only the owner credential of model {model_id!r} may {action} it")
         with state.lock:
             if model_id not in state.models and model_id not in state.unavailable:
                 raise Refusal(404, "model_not_found", f"no model {model_id!r}")
         return cred
+
+    def _check_exists_for_operator(cred: Credential, model_id: str) -> None:
+        # the operator sees every model id (GET /models), so it may learn that one does not exist;
+        # other credentials get 403 for models that are not theirs, existing or not
+        if cred.kind == "upload":
+            with state.lock:
+                known = model_id in state.models or model_id in state.unavailable
+            if not known:
+                raise Refusal(404, "model_not_found", f"no model {model_id!r}")
 
     @app.put("/models/{model_id}", response_model=UploadResponse, responses=_ERRORS, openapi_extra=upload_doc,
              summary="Replace a model's bytes (its owner credential only)")
@@ -346,6 +356,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def run_model(model_id: str, request: Request) -> JSONResponse:
         _check_model_id(model_id)
         cred = state.authenticate(request)
+        _check_exists_for_operator(cred, model_id)
         if cred.kind not in ("owner", "run") or cred.model_id != model_id:
             raise Refusal(403, "forbidden", f"this credential may not run model {model_id!r}")
         with state.lock:
