@@ -80,6 +80,13 @@ class TLSChannel(Channel):
         self._writers: dict[str, asyncio.StreamWriter] = {}
         self._errors: dict[str, BaseException] = {}
         self._refused: list[str] = []
+        self._handshakes_started = 0
+        self._handshakes_done = 0
+
+        def count_handshake(*_: object) -> None:
+            self._handshakes_started += 1
+
+        self._server_ctx.sni_callback = count_handshake
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(lambda loop, ctx: log.debug("asyncio: %s", ctx.get("message")))
@@ -101,9 +108,10 @@ class TLSChannel(Channel):
             all_in.set()
 
         async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._handshakes_done += 1
             cn = _common_name(writer.get_extra_info("peercert"))
             if cn not in accept_from or cn in self._writers:
-                self._refused.append(str(cn))
+                self._refused.append(f"a connection from {cn!r}")
                 log.warning("party %s refused a connection from %r (expected one of %s)", self.me, cn, sorted(accept_from))
                 writer.close()
                 return
@@ -124,7 +132,11 @@ class TLSChannel(Channel):
             await asyncio.wait_for(all_in.wait(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             missing = sorted(accept_from - set(self._writers))
-            extra = f"; refused connections from {self._refused}" if self._refused else ""
+            failed = self._handshakes_started - self._handshakes_done
+            if failed > 0:  # asyncio hides server-side handshake errors; the SNI callback counted the attempts
+                self._refused.append(f"{failed} connection(s) that failed the TLS handshake (a certificate not "
+                                     "issued by this deployment's CA?)")
+            extra = f"; refused {', '.join(self._refused)}" if self._refused else ""
             raise PeerTimeoutError(f"party {self.me!r}: {missing} did not connect within {self._connect_timeout:g} s{extra}") from None
 
     async def _connect(self, peer: str, deadline: float) -> None:
@@ -214,7 +226,11 @@ class TLSChannel(Channel):
                 w.close()
             if self._server is not None:
                 self._server.close()
-            await asyncio.sleep(0)
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         if self._loop.is_running():
             try:
