@@ -26,6 +26,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from veil.errors import InputError, VeilError
 from veil.permute.cloud import CloudRuntime
@@ -89,8 +91,6 @@ class StepBatcher:
 
 
 def _error_response(exc: Exception):
-    from fastapi.responses import JSONResponse
-
     body: dict[str, Any] = {"error": exc.__class__.__name__, "detail": str(exc)}
     if isinstance(exc, SequenceTooLongError):
         body.update(length=exc.length, limit=exc.limit)
@@ -105,8 +105,6 @@ def _error_response(exc: Exception):
 
 def create_app(runtime: CloudRuntime, max_batch: int = 16, window_ms: float = 0.0):
     """The FastAPI application serving ``runtime``."""
-    from fastapi import FastAPI, Request
-
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-permute-model")
     state: dict[str, Any] = {}
 

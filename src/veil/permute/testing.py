@@ -19,7 +19,7 @@ import torch
 from veil.permute.families import adapter_for
 from veil.permute.models import SourceModel
 
-__all__ = ["random_gpt2", "random_llama", "randomise_norms", "free_port", "cloud_server", "MINILM_DIR"]
+__all__ = ["random_gpt2", "random_llama", "randomise_norms", "free_port", "cloud_server", "cloud_servers", "MINILM_DIR"]
 
 
 def _minilm_dir() -> Path | None:
@@ -82,37 +82,52 @@ def free_port() -> int:
 
 
 @contextmanager
-def cloud_server(cloud_dir: str | Path, window_ms: float = 0.0, startup_timeout: float = 60.0,
-                 threads: int = 1) -> Iterator[str]:
-    """Run ``python -m veil.permute.server`` on 127.0.0.1 and a free port; yield its URL; stop it."""
+def cloud_servers(cloud_dirs: list[str | Path], window_ms: float = 0.0, startup_timeout: float = 90.0,
+                  threads: int = 1) -> Iterator[list[str]]:
+    """Run one ``python -m veil.permute.server`` per directory, on 127.0.0.1 and free ports, started
+    in parallel; yield their URLs; stop them all (terminate, then kill) on the way out."""
     import httpx
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "veil.permute.server", "--cloud", str(cloud_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--window-ms", str(window_ms), "--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+    urls: list[str] = []
     try:
+        for cloud_dir in cloud_dirs:
+            port = free_port()
+            cmd = [sys.executable, "-m", "veil.permute.server", "--cloud", str(cloud_dir), "--host", "127.0.0.1",
+                   "--port", str(port), "--window-ms", str(window_ms), "--threads", str(threads)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-                raise RuntimeError(f"cloud server exited with {proc.returncode}: {err}")
-            try:
-                if httpx.get(url + "/info", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"cloud server did not start within {startup_timeout} s")
-            time.sleep(0.1)
-        yield url
+        for proc, url in zip(procs, urls, strict=True):
+            while True:
+                if proc.poll() is not None:
+                    err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+                    raise RuntimeError(f"cloud server exited with {proc.returncode}: {err}")
+                try:
+                    if httpx.get(url + "/info", timeout=1.0).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cloud server did not start within {startup_timeout} s")
+                time.sleep(0.1)
+        yield urls
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stderr:
-            proc.stderr.close()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+            if proc.stderr:
+                proc.stderr.close()
+
+
+@contextmanager
+def cloud_server(cloud_dir: str | Path, window_ms: float = 0.0, startup_timeout: float = 90.0,
+                 threads: int = 1) -> Iterator[str]:
+    """One cloud server (see :func:`cloud_servers`); yields its URL."""
+    with cloud_servers([cloud_dir], window_ms, startup_timeout, threads) as urls:
+        yield urls[0]
