@@ -1,0 +1,98 @@
+"""offload mode as separate processes over mutual TLS: ``veil party --as enclave|accelerator|user``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import free_ports
+from veil.net import connect_tls, create_keys, write_deployment
+from veil.offload import party as offload_party
+from veil.plain import run_plain
+
+
+@pytest.fixture()
+def deployment(tmp_path):
+    ports = free_ports(3)
+    graph_path = tmp_path / "D.onnx"
+    import torch
+
+    from veil.graph.torch_import import torch_to_onnx_bytes
+    from veil.offload.examples import mnist_module
+
+    torch.manual_seed(4)
+    graph_path.write_bytes(torch_to_onnx_bytes(mnist_module("D"), torch.zeros(1, 1, 28, 28),
+                                               output_names=("logits",)))
+    x = np.random.default_rng(2).random((6, 1, 28, 28)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    dep = write_deployment(
+        tmp_path / "offload.toml", "offload-test", "offload",
+        {"enclave": f"127.0.0.1:{ports[0]}", "accelerator": f"127.0.0.1:{ports[1]}", "user": f"127.0.0.1:{ports[2]}"},
+        timeout=20, options={"model": str(graph_path), "precompute": 8, "hazmat_simulate": True, "backend": "numpy",
+                             "inputs": str(tmp_path / "x.npy"), "batch": 4})
+    create_keys(dep)
+    return dep, graph_path, x
+
+
+def test_three_parties_over_mutual_tls_in_threads(deployment) -> None:
+    dep, graph_path, x = deployment
+    results: dict[str, object] = {}
+    errors: dict[str, BaseException] = {}
+
+    def body(name: str) -> None:
+        try:
+            ch = connect_tls(dep, name, offload_party.peers_of(dep, name), connect_timeout=20)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    results[name] = offload_party.run_party(dep, name, ch)
+            finally:
+                ch.close()
+        except BaseException as e:  # noqa: BLE001
+            errors[name] = e
+
+    threads = [threading.Thread(target=body, args=(n,), daemon=True) for n in ("enclave", "accelerator", "user")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not any(t.is_alive() for t in threads), "a party hung"
+    assert not errors, errors
+    from veil.graph import load_model
+
+    ref = next(iter(run_plain(load_model(graph_path), x).values())).argmax(-1)
+    assert results["user"]["predictions"] == ref.tolist()
+    assert results["enclave"]["counters"]["samples"] == 6 and results["enclave"]["material_left"] == 2
+
+
+def test_veil_party_processes(deployment) -> None:
+    dep, graph_path, x = deployment
+    procs = {}
+    try:
+        for name in ("enclave", "accelerator", "user"):
+            procs[name] = subprocess.Popen([sys.executable, "-m", "veil.cli.main", "party", "-d", str(dep.path),
+                                            "--as", name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        outs = {n: p.communicate(timeout=120)[0] for n, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    assert all(p.returncode == 0 for p in procs.values()), outs
+    assert "SIMULATED" in outs["enclave"]
+    assert "6 predictions" in outs["user"]
+
+
+def test_enclave_refuses_to_start_without_the_simulation_opt_in(deployment) -> None:
+    dep, _, _ = deployment
+    dep.options["hazmat_simulate"] = False
+    from veil.errors import SimulationNotAllowedError
+
+    with pytest.raises(SimulationNotAllowedError):
+        offload_party.run_party(dep, "enclave", None)  # fails before touching the channel
+
