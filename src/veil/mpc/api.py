@@ -1,0 +1,60 @@
+"""In-process entry point: run a model under mpc with the five parties as threads.
+
+>>> pred, report = veil.mpc.run("model.onnx", x)            # doctest: +SKIP
+
+``pred`` holds the user's outputs (``{name: array}``; a bare array for single-output models);
+``report`` (:class:`~veil.mpc.report.Report`) the time, bytes and rounds of the online, offline and
+setup phases and, with ``compare=True``, the error against the plain executor on the same input.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from veil.graph import load_model
+from veil.mpc.fixedpoint import FixedPoint
+from veil.mpc.report import Report, compare_with_plain
+from veil.mpc.roles import dealer_role, owner_role, server_role, user_role
+from veil.net.local import run_local
+from veil.plain.executor import run_plain
+
+__all__ = ["run", "run_session"]
+
+
+def run_session(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None = None,
+                timeout: float = 60.0, example: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the five roles as threads; return (results by party, channels by party)."""
+    graph = load_model(model, example=example if example is not None else (x if not isinstance(x, dict) else None))
+    fp = FixedPoint(frac_bits)
+    parties = {
+        "owner": lambda ch: owner_role(ch, graph, fp),
+        "user": lambda ch: user_role(ch, x, batch_size),
+        "server0": lambda ch: server_role(ch, 0),
+        "server1": lambda ch: server_role(ch, 1),
+        "dealer": lambda ch: dealer_role(ch),
+    }
+    return run_local(parties, timeout=timeout)
+
+
+def run(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None = None, compare: bool = True,
+        timeout: float = 60.0) -> tuple[Any, Report]:
+    """Secure inference of ``model`` (ONNX path/bytes, torch module, or veil Graph) on ``x``."""
+    graph = load_model(model, example=x if not isinstance(x, dict) else None)
+    t0 = time.perf_counter()
+    res, _ = run_session(graph, x, frac_bits, batch_size, timeout)
+    total = time.perf_counter() - t0
+    user = res["user"]
+    rep: Report = user["report"]
+    rep.setup_s = max(total - rep.online_s - rep.offline_s, 0.0)
+    outs = user["outputs"]
+    pred: Any = next(iter(outs.values())) if len(outs) == 1 else outs
+    if compare:
+        t1 = time.perf_counter()
+        ref = run_plain(graph, x)
+        rep.plain_s = time.perf_counter() - t1
+        o = graph.outputs[0]
+        compare_with_plain(rep, outs[o], np.asarray(ref[o]))
+    return pred, rep

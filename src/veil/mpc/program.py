@@ -1,0 +1,269 @@
+"""Compile a (public) veil graph into the servers' program: instructions, material plan, cost.
+
+Every tensor carries a static *scale* (fractional bits): inputs and activations have ``f``, a
+product of two ``f``-scale values has ``2f`` until truncated. Truncation is lazy: it is fused into
+the next ReLU (one opening serves the comparison and the truncation), skipped at the outputs (the
+user decodes at ``2f``), and only run on its own (``trunc_a``, 1 round) before another product.
+Max pooling runs at whatever scale it gets. Scales being static, the dealer can plan the exact
+material of a query from the public graph and the batch size alone.
+
+Supported ops: see :data:`MPC_OPS`. ``softmax`` is only allowed on a graph output: the servers
+return its input and the user applies it after reconstruction (softmax is public post-processing
+of the logits the user is entitled to).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from veil.errors import UnsupportedOpError
+from veil.graph.ir import Graph, Node
+from veil.mpc import dealer as D
+from veil.mpc.fixedpoint import FixedPoint
+from veil.mpc.kernels import arith, compare, pool, products
+from veil.mpc.kernels.base import Cost, Ctx
+from veil.mpc.rewrite import pool_before_relu
+from veil.plain import kernels as PK
+from veil.plain.executor import trace_shapes
+
+__all__ = ["MPC_OPS", "Program", "ServerState", "compile_program", "fixed_spec"]
+
+MPC_OPS = frozenset({"linear", "conv2d", "relu", "maxpool", "avgpool", "global_avgpool", "flatten", "reshape",
+                     "transpose", "add", "sub", "mul", "add_const", "mul_const", "argmax", "softmax"})
+
+Maker = Callable[[Any, str, dict[str, Any]], Any]
+
+
+@dataclass
+class ServerState:
+    ctx: Ctx
+    fixed: dict[str, products.FixedWeight]  # per linear/conv node
+    bias: dict[str, np.ndarray]  # per node: this server's share of b at scale 2f
+
+
+@dataclass
+class Instr:
+    name: str
+    run: Callable[[ServerState, dict[str, np.ndarray], Any], None]
+    materials: list[tuple[str, Maker]] = field(default_factory=list)
+    cost: Cost = field(default_factory=Cost)
+    prepare: str | None = None  # node name of a fixed product to precompute offline
+
+
+def fixed_spec(node: Node) -> tuple[Any, ...] | None:
+    """The conv descriptor (strides, pads, kernel, out_channels) of a conv2d node; None for linear."""
+    if node.op == "linear":
+        return None
+    w = node.params["W"]
+    return (tuple(node.attrs["strides"]), tuple(node.attrs["pads"]), tuple(w.shape[2:]), int(w.shape[0]))
+
+
+@dataclass
+class Program:
+    graph: Graph
+    batch: int
+    fp: FixedPoint
+    instrs: list[Instr]
+    scale: dict[str, int]
+    shapes: dict[str, tuple[int, ...]]
+    post: dict[str, tuple[str, Any]]  # output -> ("softmax", axis) applied by the user
+    final: dict[str, str]  # graph output -> tensor the servers reveal
+
+    @property
+    def cost(self) -> Cost:
+        total = Cost()
+        for i in self.instrs:
+            total = total + i.cost
+        return total
+
+    def materials(self, side: Any, query: str, fixed: dict[str, Any]) -> dict[str, Any]:
+        """Run the material plan on a side (dealer: full values + corrections; server: its shares)."""
+        return {key: maker(side, f"{query}/{key}", fixed) for ins in self.instrs for key, maker in ins.materials}
+
+    def prepare(self, st: ServerState, store: Any) -> None:
+        """Offline precomputation on a server (fixed products: ``P_i = A_i op F + C_i``)."""
+        for ins in self.instrs:
+            if ins.prepare is not None:
+                fw = st.fixed[ins.prepare]
+                store.transform(f"{ins.name}/aw", lambda item, fw=fw: products.prepare_aw(fw, item))
+
+    def run(self, st: ServerState, inputs: dict[str, np.ndarray], store: Any) -> dict[str, np.ndarray]:
+        env = dict(inputs)
+        for ins in self.instrs:
+            ins.run(st, env, store)
+        return {o: env[t] for o, t in self.final.items()}
+
+
+def compile_program(graph: Graph, batch: int, fp: FixedPoint) -> Program:
+    graph.require_ops(MPC_OPS, where="mpc mode")
+    graph = pool_before_relu(graph)
+    shapes = trace_shapes(graph, batch)
+    f = fp.frac_bits
+    scale: dict[str, int] = {s.name: f for s in graph.inputs}
+    instrs: list[Instr] = []
+    truncated: dict[str, str] = {}
+    post: dict[str, tuple[str, Any]] = {}
+    alias: dict[str, str] = {}
+
+    def n_of(t: str) -> int:
+        return int(np.prod(shapes[t], dtype=np.int64))
+
+    def at_f(t: str, node: str) -> str:
+        """Tensor name holding ``t`` at scale f (inserting a trunc_a or a local upscale)."""
+        if scale[t] == f:
+            return t
+        if t in truncated:
+            return truncated[t]
+        new = f"{t}@f"
+        if scale[t] == 2 * f:
+            key = f"{node}/trunc:{t}"
+
+            def run(st: ServerState, env: dict, store: Any, t=t, new=new, key=key) -> None:
+                env[new] = arith.trunc_a(st.ctx, env[t], store.take(key))
+
+            instrs.append(Instr(key, run, [(key, lambda side, lab, fx, n=n_of(t): D.trunc(side, lab, n, f))],
+                                arith.trunc_a_cost(n_of(t))))
+        else:
+            up = f - scale[t]
+
+            def run(st: ServerState, env: dict, store: Any, t=t, new=new, up=up) -> None:
+                env[new] = arith.upscale_a(env[t], up)
+
+            instrs.append(Instr(f"{node}/upscale:{t}", run))
+        shapes[new], scale[new], truncated[t] = shapes[t], f, new
+        return new
+
+    def local(node: Node, fn: Callable[..., np.ndarray], out_scale: int, *ins: str) -> None:
+        def run(st: ServerState, env: dict, store: Any) -> None:
+            env[node.output] = fn(st, *[env[i] for i in ins])
+
+        instrs.append(Instr(node.name, run))
+        scale[node.output] = out_scale
+
+    for node in graph.nodes:
+        op, name = node.op, node.name
+        src = [alias.get(i, i) for i in node.inputs]
+        if op in ("linear", "conv2d"):
+            x = at_f(src[0], name)
+            spec = fixed_spec(node)
+            key = f"{name}/aw"
+            wop = products.weight_op(spec)
+
+            def mk(side: Any, lab: str, fx: dict, x=x, out=node.output, wop=wop, name=name) -> Any:
+                return D.fixed_product(side, lab, shapes[x], shapes[out], wop, fx.get(name))
+
+            def run(st: ServerState, env: dict, store: Any, x=x, key=key, name=name, out=node.output) -> None:
+                z = products.linear_aw(st.ctx, env[x], st.fixed[name], store.take(key))
+                if name in st.bias:
+                    b = st.bias[name]
+                    z = z + (b if z.ndim == 2 else b.reshape(-1, 1, 1))
+                env[out] = z
+
+            instrs.append(Instr(name, run, [(key, mk)], products.product_aw_cost(shapes[x]), prepare=name))
+            scale[node.output] = 2 * f
+        elif op in ("relu", "maxpool", "argmax"):
+            t = src[0]
+            if op == "relu":
+                tr = scale[t] == 2 * f
+                n = n_of(t)
+                key = f"{name}/cmp"
+
+                def run(st: ServerState, env: dict, store: Any, t=t, key=key, tr=tr, out=node.output) -> None:
+                    env[out] = compare.relu_a(st.ctx, env[t], store.take(key), trunc=tr)
+
+                def mk(side, lab, fx, n=n, tr=tr):
+                    return (D.compare(side, lab, n, 1, f if tr else None))
+                instrs.append(Instr(name, run, [(key, mk)], compare.select_a_cost(n)))
+                scale[node.output] = f if tr else scale[t]
+            else:
+                if op == "maxpool":
+                    k = int(np.prod(node.attrs["kernel"]))
+                    n_out, width = n_of(node.output), 1
+                else:
+                    ax = node.attrs["axis"] % len(shapes[t])
+                    k = shapes[t][ax]
+                    n_out, width = n_of(t) // k, 2
+                keys = [f"{name}/cmp{lvl}" for lvl in range(len(pool.tournament_sizes(k)))]
+                mats = [(kk, (lambda side, lab, fx, m=n_out * p, w=width: D.compare(side, lab, m, w)))
+                        for kk, p in zip(keys, pool.tournament_sizes(k), strict=True)]
+
+                def run(st: ServerState, env: dict, store: Any, t=t, keys=keys, node=node) -> None:
+                    ms = [store.take(kk) for kk in keys]
+                    if node.op == "maxpool":
+                        a = node.attrs
+                        env[node.output] = pool.maxpool_a(st.ctx, env[t], a["kernel"], a["strides"], a["pads"], ms)
+                    else:
+                        i = pool.argmax_a(st.ctx, env[t], node.attrs["axis"], ms)
+                        env[node.output] = np.expand_dims(i, node.attrs["axis"]) if node.attrs["keepdims"] else i
+
+                cost = pool.maxpool_a_cost(n_out, k) if op == "maxpool" else pool.argmax_a_cost(n_out, k)
+                instrs.append(Instr(name, run, [(kk, m) for kk, m in mats], cost))
+                scale[node.output] = scale[t] if op == "maxpool" else 0
+        elif op in ("avgpool", "global_avgpool"):
+            x = at_f(src[0], name)
+            if op == "global_avgpool":
+                h, w = shapes[x][2:]
+                inv = np.full((1, 1, 1, 1), 1.0 / (h * w))
+                def fn(st, v):
+                    return (v.sum(axis=(2, 3), keepdims=True))
+            else:
+                a = node.attrs
+                ones = np.ones((1, 1) + tuple(shapes[x][2:]))
+                cnt = PK.pool_windows(ones, a["kernel"], a["strides"], a["pads"], 0).sum(-1)
+                if a.get("count_include_pad", False) or not any(a["pads"]):
+                    cnt = np.full_like(cnt, float(np.prod(a["kernel"])))
+                inv = 1.0 / cnt
+                def fn(st, v, a=a):
+                    return (PK.pool_windows(v, a["kernel"], a["strides"], a["pads"], 0).sum(-1))
+            enc = fp.encode(inv)
+
+            local(node, lambda st, v, fn=fn, enc=enc: arith.mul_ap(fn(st, v), enc), 2 * f, x)
+        elif op in ("flatten", "reshape", "transpose"):
+            a = node.attrs
+            fns = {"flatten": lambda st, v: PK.flatten(v, a["axis"]),
+                   "reshape": lambda st, v: PK.onnx_reshape(v, a["shape"]),
+                   "transpose": lambda st, v: np.ascontiguousarray(np.transpose(v, a["perm"]))}
+            local(node, fns[op], scale[src[0]], src[0])
+        elif op in ("add", "sub"):
+            s = max(scale[src[0]], scale[src[1]])
+            ups = [s - scale[i] for i in src]
+
+            def fn(st: ServerState, u: np.ndarray, v: np.ndarray, ups=ups, op=op) -> np.ndarray:
+                u, v = arith.upscale_a(u, ups[0]), arith.upscale_a(v, ups[1])
+                return u + v if op == "add" else u - v
+
+            local(node, fn, s, *src)
+        elif op == "add_const":
+            s = scale[src[0]]
+            c = fp.encode(node.params["c"], scale=s)
+            local(node, lambda st, v, c=c: arith.add_ap(st.ctx, v, c), s, src[0])
+        elif op == "mul_const":
+            x = at_f(src[0], name)
+            c = fp.encode(node.params["c"])
+            local(node, lambda st, v, c=c: arith.mul_ap(v, c), 2 * f, x)
+        elif op == "mul":
+            xs = [at_f(i, name) for i in src]
+            key = f"{name}/beaver"
+            sa, sb, sc = shapes[xs[0]], shapes[xs[1]], shapes[node.output]
+
+            def run(st: ServerState, env: dict, store: Any, xs=xs, key=key, out=node.output) -> None:
+                env[out] = products.mul_aa(st.ctx, env[xs[0]], env[xs[1]], store.take(key))
+
+            def mk(side, lab, fx, sa=sa, sb=sb, sc=sc):
+                return (D.beaver(side, lab, sa, sb, sc, np.multiply))
+            instrs.append(Instr(name, run, [(key, mk)], products.beaver_cost(sa, sb)))
+            scale[node.output] = 2 * f
+        elif op == "softmax":
+            if node.output not in graph.outputs or graph.consumers(node.output):
+                raise UnsupportedOpError(name, op, MPC_OPS, "softmax is only supported as a final output; the user "
+                                         "applies it after reconstruction", where="mpc mode")
+            alias[node.output] = src[0]
+            post[node.output] = ("softmax", node.attrs["axis"])
+        else:  # pragma: no cover - guarded by require_ops
+            raise UnsupportedOpError(name, op, MPC_OPS, where="mpc mode")
+    final = {o: alias.get(o, o) for o in graph.outputs}
+    return Program(graph, batch, fp, instrs, scale, shapes, post, final)

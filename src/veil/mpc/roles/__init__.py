@@ -1,0 +1,23 @@
+"""The five parties of an mpc deployment as functions of a channel (threads or processes alike).
+
+Message flow (each arrow one message; S0/S1 = server0/server1):
+
+setup (once)   owner -> S0 {model, seed}, owner -> S1 {model, W - PRG(seed)}, owner -> dealer/user {model};
+               dealer -> S0 seed0, dealer -> S1 seed1; user -> S0 its input seed;
+               S0 <-> S1 open ``F = W - B`` for every fixed weight (``B`` from the dealer seeds).
+offline        user -> dealer, S0, S1 {query, batch}; dealer -> S1 corrections, dealer -> S0 ack;
+               S0, S1 expand and precompute, then -> user {ready}.
+online         user -> S1 its input share (S0's share comes from the user's seed);
+               S0 <-> S1 run the program; S0, S1 -> user output shares.
+end            user -> all {done}; every party -> user its channel counters.
+Any party may send {op: abort, reason} instead; the receivers raise :class:`ProtocolError`.
+"""
+
+from veil.mpc.roles.dealer import dealer_role
+from veil.mpc.roles.owner import owner_role
+from veil.mpc.roles.server import server_role
+from veil.mpc.roles.user import user_role
+
+__all__ = ["owner_role", "user_role", "server_role", "dealer_role", "PARTIES"]
+
+PARTIES = ("owner", "user", "server0", "server1", "dealer")

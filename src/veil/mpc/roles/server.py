@@ -1,0 +1,96 @@
+"""A compute server (server0 or server1): holds shares only, runs the online phase with its peer."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from veil.errors import ProtocolError
+from veil.mpc.fixedpoint import FixedPoint
+from veil.mpc.kernels.base import Ctx
+from veil.mpc.kernels.products import FixedWeight
+from veil.mpc.material import MaterialStore, ServerSide
+from veil.mpc.prg import Prg
+from veil.mpc.program import Program, ServerState, compile_program, fixed_spec
+from veil.mpc.public import from_public
+from veil.mpc.roles.common import QUERY_WAIT, recv_msg
+from veil.mpc.roles.dealer import weight_masks
+from veil.net.channel import Channel
+
+__all__ = ["server_role"]
+
+
+def _setup(ch: Channel, i: int) -> tuple[Any, FixedPoint, ServerState, Prg, Prg | None]:
+    peer = f"server{1 - i}"
+    info = recv_msg(ch, "owner")
+    graph = from_public(info["model"])
+    fp = FixedPoint(info["frac_bits"])
+    dealer_prg = Prg(recv_msg(ch, "dealer")["seed"])
+    user_prg = Prg(recv_msg(ch, "user")["seed"]) if i == 0 else None
+    if i == 0:
+        owner = Prg(info["seed"])
+        shares = {}
+        for n in graph.nodes:
+            for p in ("W", "b"):
+                if n.op in ("linear", "conv2d") and p in n.params:
+                    shares[f"{n.name}/{p}"] = owner.words(f"owner/{n.name}/{p}", n.params[p].shape)
+    else:
+        shares = info["shares"]
+    masks = weight_masks(ServerSide(i, dealer_prg), graph)
+    mine = {name: shares[f"{name}/W"] - b for name, b in masks.items()}
+    theirs = ch.exchange(peer, mine)  # open F = W - B once per session
+    fixed, bias = {}, {}
+    for n in graph.nodes:
+        if n.name in masks:
+            fixed[n.name] = FixedWeight.build(shares[f"{n.name}/W"], mine[n.name] + theirs[n.name], fixed_spec(n))
+            if f"{n.name}/b" in shares:
+                bias[n.name] = shares[f"{n.name}/b"]
+    return graph, fp, ServerState(Ctx(i, ch, peer, fp), fixed, bias), dealer_prg, user_prg
+
+
+def server_role(ch: Channel, i: int) -> dict[str, Any]:
+    graph, fp, st, dealer_prg, user_prg = _setup(ch, i)
+    setup = ch.stats.copy()
+    programs: dict[int, Program] = {}
+    log: list[dict[str, Any]] = []
+    while True:
+        msg = recv_msg(ch, "user", QUERY_WAIT)
+        if msg.get("op") == "done":
+            break
+        if msg.get("op") != "query":
+            raise ProtocolError(f"server{i}: unexpected request {msg.get('op')!r} from the user")
+        q, batch = msg["q"], int(msg["batch"])
+        # offline: material from the dealer, expanded and precomputed
+        t0 = time.perf_counter()
+        got = recv_msg(ch, "dealer")
+        if got.get("q") != q:
+            raise ProtocolError(f"server{i}: dealer material is for query {got.get('q')!r}, expected {q!r}")
+        if batch not in programs:
+            programs[batch] = compile_program(graph, batch, fp)
+        prog = programs[batch]
+        store = MaterialStore(q)
+        for key, item in prog.materials(ServerSide(i, dealer_prg, got.get("corrections")), q, {}).items():
+            store.put(key, item)
+        prog.prepare(st, store)
+        if i == 0:
+            assert user_prg is not None
+            x = {s.name: user_prg.words(f"{q}/input/{s.name}", s.concrete(batch)) for s in graph.inputs}
+        offline_s = time.perf_counter() - t0
+        ch.send("user", {"ready": q})
+        # online
+        before = ch.stats.copy()
+        t1 = time.perf_counter()
+        if i == 1:
+            x = recv_msg(ch, "user")
+        out = prog.run(st, {k: np.asarray(v, np.uint64) for k, v in x.items()}, store)
+        if len(store):
+            raise ProtocolError(f"server{i}: {len(store)} material items of query {q!r} were not consumed")
+        ch.send("user", out)
+        online = ch.stats - before
+        log.append({"q": q, "offline_s": offline_s, "online_s": time.perf_counter() - t1,
+                    "online": online.as_dict()})
+        ch.send("user", log[-1])
+    ch.send("user", {"setup": setup.as_dict(), "total": ch.stats.as_dict()})
+    return {"role": f"server{i}", "queries": log, "labels": sorted(dealer_prg.labels)}
