@@ -63,6 +63,8 @@ class InputError(VeilError):
 
 
 class InputShapeError(InputError):
+    """An input's shape differs from the model's declared input shape (both are in the message)."""
+
     def __init__(self, name: str, got: Sequence[int], expected: Sequence[int | None]):
         self.name, self.got, self.expected = name, tuple(got), tuple(expected)
         exp = "(" + ", ".join("?" if d is None else str(d) for d in expected) + ")"
@@ -70,6 +72,8 @@ class InputShapeError(InputError):
 
 
 class InputDtypeError(InputError):
+    """An input's dtype differs from the model's declared input dtype."""
+
     def __init__(self, name: str, got: str, expected: str):
         self.name, self.got, self.expected = name, got, expected
         super().__init__(f"input {name!r} has dtype {got}, but the model expects {expected}")

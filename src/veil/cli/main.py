@@ -22,7 +22,7 @@ from veil.errors import VeilError
 app = typer.Typer(name="veil", help="Confidential machine-learning inference.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console(stderr=False)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 MODES = ("mpc", "permute", "offload", "attested")
 

@@ -33,8 +33,9 @@ def torch_to_onnx_bytes(module: Any, example: Any, input_names: Sequence[str] = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(module, args, buf, input_names=list(input_names), output_names=list(output_names),
-                              dynamic_axes=dyn, opset_version=opset, do_constant_folding=True, dynamo=False)
+            torch.onnx.export(module, args, buf, input_names=list(input_names),  # type: ignore[arg-type]
+                              output_names=list(output_names), dynamic_axes=dyn, opset_version=opset,
+                              do_constant_folding=True, dynamo=False)
         except Exception as e:
             raise ModelError(f"torch.onnx.export failed for {type(module).__name__}: {e}") from None
     return buf.getvalue()

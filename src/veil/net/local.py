@@ -25,7 +25,7 @@ def run_local(parties: Mapping[str, Callable[[Channel], Any]], timeout: float = 
     Returns (results by party, channels by party, for their ``stats``).
     """
     net = MemoryNetwork(parties, timeout=timeout)
-    chans = {name: net.channel(name) for name in parties}
+    chans: dict[str, Channel] = {name: net.channel(name) for name in parties}
     results: dict[str, Any] = {}
     errors: dict[str, BaseException] = {}
 

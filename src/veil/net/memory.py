@@ -44,6 +44,8 @@ class MemoryNetwork:
 
 
 class MemoryChannel(Channel):
+    """One party's endpoint on a :class:`MemoryNetwork`."""
+
     def __init__(self, net: MemoryNetwork, me: str):
         super().__init__(me, net.parties, net.timeout)
         self._net = net
