@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Benchmark offload mode: end-to-end time vs plaintext and vs running everything in the enclave process,
+and the bytes between enclave and accelerator(s), per network, at batch 1 and 64.
+
+Columns (per query of ``batch`` samples, median of ``--reps`` queries after one warm-up):
+* plain f32: ``run_plain`` in float32 (the reference executor);
+* enclave-only: the whole model inside the enclave process (``run_plain`` in float64, the enclave's
+  precision). With a simulated enclave this is ordinary CPU code; a real SGX enclave adds its own
+  overheads (EPC paging above ~90 MB, enclave transitions) that this machine cannot measure;
+* offload online: enclave + accelerator(s) as threads over in-memory channels (wire encoding included),
+  with the accelerator's own compute time separately; offline: precompute time per query;
+* bytes: enclave -> accelerators and back, per query; rounds per query.
+
+Usage: ``python bench/bench_offload.py [--nets A,B,C,D,enc] [--batches 1,64] [--privacy none,shares]
+[--backend auto|numpy|torch-cpu|torch-cuda] [--reps 3] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from veil.offload import Accelerator, OffloadEnclave, SimulatedEnclaveRuntime, run_offload_local
+from veil.offload.examples import encoder_graph, mnist_graph
+from veil.plain import run_plain
+
+
+def median_time(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_one(graph, x: np.ndarray, privacy: str, backend: str, reps: int, runtime) -> dict:
+    batch = x.shape[0]
+    plain = median_time(lambda: run_plain(graph, x), reps)
+    enclave_only = median_time(lambda: run_plain(graph, x, dtype=np.float64), reps)
+    enc = OffloadEnclave(graph, runtime, weight_privacy=privacy)
+    offline = enc.precompute(batch * (reps + 1)) / (reps + 1)
+    accs: list[Accelerator] = []
+
+    def factory(name: str) -> Accelerator:
+        accs.append(Accelerator(backend))
+        return accs[-1]
+
+    per_query: list[float] = []
+    orig_infer = enc.infer
+
+    def timed_infer(ch, inputs, keep=False):
+        t0 = time.perf_counter()
+        out = orig_infer(ch, inputs, keep)
+        per_query.append(time.perf_counter() - t0)
+        return out
+
+    enc.infer = timed_infer  # type: ignore[method-assign]
+    run = run_offload_local(enc, [x] * (reps + 1), accelerator_factory=factory, timeout=300)
+    online = statistics.median(per_query[1:])
+    ref = next(iter(run_plain(graph, x, dtype=np.float64).values()))
+    err = float(np.abs(next(iter(run.outputs[-1].values())) - ref).max())
+    st = run.stats["enclave"]
+    q = reps + 1
+    return {
+        "batch": batch, "privacy": privacy, "backend": ",".join(sorted(set(run.backends.values()))),
+        "plain_s": plain, "enclave_only_s": enclave_only, "offload_s": online,
+        "accel_compute_s": sum(a.compute_s for a in accs) / q, "offline_s": offline,
+        "bytes_to_acc": st.bytes_sent / q, "bytes_from_acc": st.bytes_recv / q,
+        "rounds": run.counters["rounds"] / q, "max_err": err,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nets", default="A,B,C,D,enc")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--privacy", default="none,shares")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    console = Console(width=240)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runtime = SimulatedEnclaveRuntime(hazmat_allow_simulation=True)
+    console.print(f"[yellow]{runtime.describe()}[/]")
+    rows = []
+    for net in args.nets.split(","):
+        if net == "enc":
+            graph, _ = encoder_graph(hidden=128, heads=4, ff=512, seq=32)
+            src = "random-weights, hidden 128, 4 heads, ff 512, seq 32"
+
+            def make(b: int) -> np.ndarray:
+                return np.random.default_rng(0).standard_normal((b, 32, 128)).astype(np.float32)
+        else:
+            graph, src = mnist_graph(net)
+
+            def make(b: int) -> np.ndarray:
+                return np.random.default_rng(0).random((b, 1, 28, 28)).astype(np.float32)
+        for b in (int(v) for v in args.batches.split(",")):
+            for privacy in args.privacy.split(","):
+                r = bench_one(graph, make(b), privacy, args.backend, args.reps, runtime)
+                r.update(net=net, source=src)
+                rows.append(r)
+                console.print(f"  done {net} batch {b} {privacy}", style="dim")
+    t = Table(title="offload mode, per query (median); times in ms; bytes per query")
+    for c in ("net", "batch", "weights", "accel", "plain f32", "enclave-only", "offload online", "x plain",
+              "x enclave", "accel compute", "offline", "bytes to acc", "bytes from acc", "rounds", "max err"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(r["net"], str(r["batch"]), "visible" if r["privacy"] == "none" else "2 shares", r["backend"],
+                  f"{r['plain_s'] * 1e3:.2f}", f"{r['enclave_only_s'] * 1e3:.2f}", f"{r['offload_s'] * 1e3:.2f}",
+                  f"{r['offload_s'] / r['plain_s']:.1f}", f"{r['offload_s'] / r['enclave_only_s']:.1f}",
+                  f"{r['accel_compute_s'] * 1e3:.2f}", f"{r['offline_s'] * 1e3:.2f}", f"{r['bytes_to_acc']:,.0f}",
+                  f"{r['bytes_from_acc']:,.0f}", f"{r['rounds']:.0f}", f"{r['max_err']:.1e}")
+    console.print(t)
+    console.print(f"command: {' '.join(sys.argv)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
