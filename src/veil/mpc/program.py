@@ -224,9 +224,9 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint) -> Program:
             local(node, lambda st, v, fn=fn, enc=enc: arith.mul_ap(fn(st, v), enc), 2 * f, x)
         elif op in ("flatten", "reshape", "transpose"):
             a = node.attrs
-            fns = {"flatten": lambda st, v: PK.flatten(v, a["axis"]),
-                   "reshape": lambda st, v: PK.onnx_reshape(v, a["shape"]),
-                   "transpose": lambda st, v: np.ascontiguousarray(np.transpose(v, a["perm"]))}
+            fns = {"flatten": lambda st, v, a=a: PK.flatten(v, a["axis"]),
+                   "reshape": lambda st, v, a=a: PK.onnx_reshape(v, a["shape"]),
+                   "transpose": lambda st, v, a=a: np.ascontiguousarray(np.transpose(v, a["perm"]))}
             local(node, fns[op], scale[src[0]], src[0])
         elif op in ("add", "sub"):
             s = max(scale[src[0]], scale[src[1]])

@@ -46,11 +46,32 @@ def unpack_bits(packed: np.ndarray, n: int) -> np.ndarray:
     return np.unpackbits(packed, axis=-1, count=n, bitorder="little")
 
 
+def _transpose8x8(w: np.ndarray) -> np.ndarray:
+    """Transpose the 8x8 bit matrix held in each uint64 (byte r, bit c) -> (byte c, bit r)."""
+    def swap(x: np.ndarray, shift: int, mask: int) -> np.ndarray:
+        t = ((x >> np.uint64(shift)) ^ x) & np.uint64(mask)
+        return x ^ t ^ (t << np.uint64(shift))
+    w = swap(w, 7, 0x00AA00AA00AA00AA)
+    w = swap(w, 14, 0x0000CCCC0000CCCC)
+    return swap(w, 28, 0x00000000F0F0F0F0)
+
+
 def bitslice(x: np.ndarray, nbits: int = 64) -> np.ndarray:
-    """uint64 (n,) -> packed rows (nbits, ceil(n/8)): row j holds bit j of every element."""
-    x = np.ascontiguousarray(np.asarray(x, np.uint64).reshape(-1))
-    bits = np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")  # (n, 64), LSB first
-    return np.packbits(np.ascontiguousarray(bits[:, :nbits].T), axis=1, bitorder="little")
+    """uint64 (n,) -> packed rows (nbits, ceil(n/8)): row j holds bit j of every element.
+
+    Groups of 8 elements are handled as 8x8 bit matrices (one per byte position): gather byte k of
+    8 elements into a word, transpose its bits, and byte b of the result is the packed row 8k+b.
+    """
+    x = np.asarray(x, np.uint64).reshape(-1)
+    n = x.shape[0]
+    nb = (n + 7) // 8
+    if n != 8 * nb:
+        x = np.concatenate([x, np.zeros(8 * nb - n, np.uint64)])
+    by = x.view(np.uint8).reshape(nb, 8, 8)  # (group, element t, byte k)
+    w = np.ascontiguousarray(by.transpose(0, 2, 1)).view(np.uint64).reshape(nb, 8)  # word (group, k): byte t
+    w = _transpose8x8(w)  # word (group, k): byte b = packed bit 8k+b of the 8 elements
+    rows = w.view(np.uint8).reshape(nb, 64)  # (group, 8k + b)
+    return np.ascontiguousarray(rows.T[:nbits])
 
 
 def unslice_row(row: np.ndarray, n: int) -> np.ndarray:
