@@ -9,7 +9,8 @@ Columns (per query of ``batch`` samples, median of ``--reps`` queries after one 
   overheads (EPC paging above ~90 MB, enclave transitions) that this machine cannot measure;
 * offload online: enclave + accelerator(s) as threads over in-memory channels (wire encoding included),
   with the accelerator's own compute time separately; offline: precompute time per query;
-* bytes: enclave -> accelerators and back, per query; rounds per query.
+* bytes: enclave -> accelerators and back, per query (setup, i.e. weights or weight shares, separately);
+  rounds per query; sealed offline material per sample.
 
 Usage: ``python bench/bench_offload.py [--nets A,B,C,D,enc] [--batches 1,64] [--privacy none,shares]
 [--backend auto|numpy|torch-cpu|torch-cuda] [--reps 3] [--json out.json]``
@@ -65,18 +66,30 @@ def bench_one(graph, x: np.ndarray, privacy: str, backend: str, reps: int, runti
         return out
 
     enc.infer = timed_infer  # type: ignore[method-assign]
+    after_setup = {}
+    orig_connect = enc.connect
+
+    def snap_connect(ch):
+        out = orig_connect(ch)
+        after_setup["stats"] = ch.stats.copy()
+        return out
+
+    enc.connect = snap_connect  # type: ignore[method-assign]
+    sealed_per_sample = enc.material.stored_bytes / max(enc.material.supplied, 1)
     run = run_offload_local(enc, [x] * (reps + 1), accelerator_factory=factory, timeout=300)
     online = statistics.median(per_query[1:])
     ref = next(iter(run_plain(graph, x, dtype=np.float64).values()))
     err = float(np.abs(next(iter(run.outputs[-1].values())) - ref).max())
-    st = run.stats["enclave"]
+    setup = after_setup["stats"]
+    st = run.stats["enclave"] - setup
     q = reps + 1
     return {
         "batch": batch, "privacy": privacy, "backend": ",".join(sorted(set(run.backends.values()))),
         "plain_s": plain, "enclave_only_s": enclave_only, "offload_s": online,
         "accel_compute_s": sum(a.compute_s for a in accs) / q, "offline_s": offline,
         "bytes_to_acc": st.bytes_sent / q, "bytes_from_acc": st.bytes_recv / q,
-        "rounds": run.counters["rounds"] / q, "max_err": err,
+        "rounds": run.counters["rounds"] / q, "max_err": err, "setup_bytes": setup.bytes_sent,
+        "sealed_bytes_per_sample": sealed_per_sample,
     }
 
 
@@ -115,14 +128,16 @@ def main() -> None:
                 console.print(f"  done {net} batch {b} {privacy}", style="dim")
     t = Table(title="offload mode, per query (median); times in ms; bytes per query")
     for c in ("net", "batch", "weights", "accel", "plain f32", "enclave-only", "offload online", "x plain",
-              "x enclave", "accel compute", "offline", "bytes to acc", "bytes from acc", "rounds", "max err"):
+              "x enclave", "accel compute (sum)", "offline", "bytes to acc", "bytes from acc", "rounds", "setup bytes",
+              "sealed B/sample", "max err"):
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(r["net"], str(r["batch"]), "visible" if r["privacy"] == "none" else "2 shares", r["backend"],
                   f"{r['plain_s'] * 1e3:.2f}", f"{r['enclave_only_s'] * 1e3:.2f}", f"{r['offload_s'] * 1e3:.2f}",
                   f"{r['offload_s'] / r['plain_s']:.1f}", f"{r['offload_s'] / r['enclave_only_s']:.1f}",
                   f"{r['accel_compute_s'] * 1e3:.2f}", f"{r['offline_s'] * 1e3:.2f}", f"{r['bytes_to_acc']:,.0f}",
-                  f"{r['bytes_from_acc']:,.0f}", f"{r['rounds']:.0f}", f"{r['max_err']:.1e}")
+                  f"{r['bytes_from_acc']:,.0f}", f"{r['rounds']:.0f}", f"{r['setup_bytes']:,}",
+                  f"{r['sealed_bytes_per_sample']:,.0f}", f"{r['max_err']:.1e}")
     console.print(t)
     console.print(f"command: {' '.join(sys.argv)}")
     if args.json:
