@@ -6,9 +6,10 @@ Layers, bottom up: :mod:`fixedpoint`, :mod:`ring`, :mod:`prg`, :mod:`sharing`, :
 :mod:`demo`. See docs/mpc.md for the protocol, the threat model and measured figures.
 """
 
+from veil.mpc import api
 from veil.mpc.api import run, run_session
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.program import MPC_OPS, compile_program
 from veil.mpc.report import Report
 
-__all__ = ["run", "run_session", "FixedPoint", "Report", "MPC_OPS", "compile_program"]
+__all__ = ["api", "run", "run_session", "FixedPoint", "Report", "MPC_OPS", "compile_program"]

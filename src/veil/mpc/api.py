@@ -9,6 +9,7 @@ setup phases and, with ``compare=True``, the error against the plain executor on
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -21,13 +22,22 @@ from veil.mpc.roles import dealer_role, owner_role, server_role, user_role
 from veil.net.local import run_local
 from veil.plain.executor import run_plain
 
-__all__ = ["run", "run_session"]
+__all__ = ["run", "run_session", "load"]
+
+
+def load(model: Any, x: Any) -> Any:
+    """Load a model into veil's graph; a torch module is traced with (the first input of) ``x``."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        ex = next(iter(x.values())) if isinstance(x, dict) else x
+        return load_model(model, example=torch.as_tensor(np.asarray(ex)))
+    return load_model(model)
 
 
 def run_session(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None = None,
-                timeout: float = 60.0, example: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                timeout: float = 60.0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the five roles as threads; return (results by party, channels by party)."""
-    graph = load_model(model, example=example if example is not None else (x if not isinstance(x, dict) else None))
+    graph = load(model, x)
     fp = FixedPoint(frac_bits)
     parties = {
         "owner": lambda ch: owner_role(ch, graph, fp),
@@ -42,7 +52,7 @@ def run_session(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None 
 def run(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None = None, compare: bool = True,
         timeout: float = 60.0) -> tuple[Any, Report]:
     """Secure inference of ``model`` (ONNX path/bytes, torch module, or veil Graph) on ``x``."""
-    graph = load_model(model, example=x if not isinstance(x, dict) else None)
+    graph = load(model, x)
     t0 = time.perf_counter()
     res, _ = run_session(graph, x, frac_bits, batch_size, timeout)
     total = time.perf_counter() - t0

@@ -28,7 +28,8 @@ def _setup(ch: Channel, i: int) -> tuple[Any, FixedPoint, ServerState, Prg, Prg 
     graph = from_public(info["model"])
     fp = FixedPoint(info["frac_bits"])
     dealer_prg = Prg(recv_msg(ch, "dealer")["seed"])
-    user_prg = Prg(recv_msg(ch, "user")["seed"]) if i == 0 else None
+    hello = recv_msg(ch, "user")  # before talking to the peer, so a user's abort reaches both servers
+    user_prg = Prg(hello["seed"]) if i == 0 else None
     if i == 0:
         owner = Prg(info["seed"])
         shares = {}

@@ -49,6 +49,7 @@ def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, A
     seed = new_seed()
     prg = Prg(seed)
     ch.send("server0", {"seed": seed})
+    ch.send("server1", {"ready": True})
     rep = Report(images=n, batch=bs, frac_bits=fp.frac_bits)
     setup_user = ch.stats.copy()
     outs: dict[str, list[np.ndarray]] = {o: [] for o in graph.outputs}

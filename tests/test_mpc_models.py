@@ -1,0 +1,191 @@
+"""Whole models under mpc (five parties as threads) against the plain executor; material
+accounting; faults. Tolerance: predictions (arg-max) must agree exactly; logits within 5e-3."""
+
+import time
+
+import numpy as np
+import pytest
+
+import veil.mpc as M
+from veil.assets import load_slice, model_path
+from veil.errors import (
+    InputRangeError,
+    InputShapeError,
+    MaterialExhaustedError,
+    ProtocolError,
+    UnsupportedOpError,
+    VeilError,
+)
+from veil.graph import load_model
+from veil.graph.ir import Graph, Node, TensorSpec
+from veil.mpc.fixedpoint import FixedPoint
+from veil.mpc.kernels import compare
+from veil.mpc.material import MaterialStore
+from veil.mpc.roles import dealer_role, owner_role, server_role, user_role
+from veil.net.local import run_local
+from veil.plain import run_plain
+
+RNG = np.random.default_rng(5)
+TOL = 5e-3
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_slice(6)
+
+
+@pytest.mark.parametrize("net", ["A", "B", "C", "D"])
+def test_shipped_networks_agree_with_plain(net, mnist):
+    x, y = mnist
+    pred, rep = M.run(str(model_path(net)), x)
+    ref = run_plain(load_model(str(model_path(net))), x)["logits"]
+    assert np.array_equal(pred.argmax(1), ref.argmax(1))
+    assert rep.agreement == 1.0 and rep.max_abs_error < TOL
+    assert np.abs(pred - ref).max() < TOL
+    # the kernels' declared cost is what the channels counted, for the whole network
+    assert rep.rounds == rep.declared_rounds and rep.server_bytes == rep.declared_server_bytes
+    assert rep.offline_bytes > 0 and rep.online_bytes > 0
+
+
+def _graph_with_many_ops() -> Graph:
+    r = np.random.default_rng(3)
+    nodes = [
+        Node("c1", "conv2d", ("x",), "h1", {"W": r.normal(0, 0.3, (4, 2, 3, 3)), "b": r.normal(0, 0.1, 4)},
+             {"strides": (1, 1), "pads": (1, 1, 1, 1)}),
+        Node("ac", "add_const", ("h1",), "h2", {"c": np.array(0.25)}),
+        Node("r1", "relu", ("h2",), "h3"),
+        Node("ap", "avgpool", ("h3",), "h4", attrs={"kernel": (2, 2), "strides": (2, 2), "pads": (0, 0, 0, 0),
+                                                   "count_include_pad": False}),
+        Node("mc", "mul_const", ("h4",), "h5", {"c": np.array(1.5)}),
+        Node("ad", "add", ("h5", "h4"), "h6"),
+        Node("mu", "mul", ("h6", "h4"), "h7"),
+        Node("gp", "global_avgpool", ("h7",), "h8"),
+        Node("fl", "flatten", ("h8",), "h9", attrs={"axis": 1}),
+        Node("l1", "linear", ("h9",), "h10", {"W": r.normal(0, 0.5, (5, 4)), "b": r.normal(0, 0.1, 5)}),
+        Node("sm", "softmax", ("h10",), "probs", attrs={"axis": -1}),
+    ]
+    return Graph(nodes, [TensorSpec("x", (None, 2, 6, 6))], ["probs"], "many")
+
+
+def test_many_ops_graph_and_softmax_at_output():
+    g = _graph_with_many_ops()
+    x = RNG.normal(0, 1, (3, 2, 6, 6)).astype(np.float32)
+    pred, rep = M.run(g, x)
+    ref = run_plain(g, x, dtype=np.float64)["probs"]
+    assert np.abs(pred - ref).max() < TOL and rep.agreement == 1.0
+    assert rep.rounds == rep.declared_rounds
+
+
+def test_argmax_output_and_torch_model():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 7))
+    x = RNG.normal(0, 1, (9, 3, 4)).astype(np.float32)
+    pred, rep = M.run(model, x)
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(pred - ref).max() < TOL and np.array_equal(pred.argmax(1), ref.argmax(1))
+    g = M.api.load(model, x)
+    g.nodes.append(Node("am", "argmax", (g.outputs[0],), "cls", attrs={"axis": 1, "keepdims": False}))
+    g.outputs = ["cls"]
+    cls, rep = M.run(g, x)
+    assert np.array_equal(np.rint(cls).astype(np.int64), ref.argmax(1))
+
+
+def test_material_is_never_reused():
+    """Two queries draw disjoint randomness labels; each server consumes exactly what the dealer made."""
+    g = _graph_with_many_ops()
+    x = RNG.normal(0, 1, (4, 2, 6, 6)).astype(np.float32)
+    res, _ = M.run_session(g, x, batch_size=2)
+    d = res["dealer"]
+    assert [q["q"] for q in d["queries"]] == ["q0", "q1"]
+    for labels, server in ((d["labels0"], "server0"), (d["labels1"], "server1")):
+        assert labels == res[server]["labels"]  # the server expanded exactly the dealer's streams
+        q0 = {lab[3:] for lab in labels if lab.startswith("q0/")}
+        q1 = {lab[3:] for lab in labels if lab.startswith("q1/")}
+        assert q0 and q0 == q1  # same plan, distinct labels (hence independent streams) per query
+        assert len(set(labels)) == len(labels)
+    store = MaterialStore("q")
+    store.put("k", {"a": np.zeros(1)})
+    store.take("k")
+    with pytest.raises(MaterialExhaustedError, match="already consumed"):
+        store.take("k")
+
+
+def _parties(graph, x, fp=None):
+    fp = fp or FixedPoint()
+    errors: dict[str, BaseException] = {}
+
+    def wrap(name, fn):
+        def body(ch):
+            try:
+                return fn(ch)
+            except BaseException as e:
+                errors[name] = e
+                raise
+        return body
+
+    parties = {"owner": wrap("owner", lambda ch: owner_role(ch, graph, fp)),
+               "user": wrap("user", lambda ch: user_role(ch, x)),
+               "server0": wrap("server0", lambda ch: server_role(ch, 0)),
+               "server1": wrap("server1", lambda ch: server_role(ch, 1)),
+               "dealer": wrap("dealer", dealer_role)}
+    return parties, errors
+
+
+def _small_graph():
+    g = _graph_with_many_ops()
+    return g
+
+
+@pytest.mark.parametrize("bad,err", [
+    (np.zeros((2, 3, 6, 6), np.float32), InputShapeError),
+    (np.full((2, 2, 6, 6), 1e9, np.float32), InputRangeError),
+])
+def test_bad_input_fails_on_every_party_before_anything_is_sent(bad, err):
+    parties, errors = _parties(_small_graph(), bad)
+    t0 = time.perf_counter()
+    with pytest.raises(err):
+        run_local(parties, timeout=10)
+    assert time.perf_counter() - t0 < 5
+    assert set(errors) == {"owner", "user", "server0", "server1", "dealer"}
+    for name in ("owner", "server0", "server1", "dealer"):
+        assert isinstance(errors[name], ProtocolError) and "rejected" in str(errors[name])
+    assert "1e+09" not in str(errors["server0"])  # the input's values are not in other parties' errors
+
+
+def test_unsupported_op_fails_at_load_on_every_party():
+    g = Graph([Node("t", "tanh", ("x",), "y")], [TensorSpec("x", (None, 3))], ["y"])
+    parties, errors = _parties(g, np.zeros((1, 3), np.float32))
+    with pytest.raises(UnsupportedOpError, match="tanh"):
+        run_local(parties, timeout=10)
+    assert set(errors) == {"owner", "user", "server0", "server1", "dealer"}
+    assert all("tanh" in str(e) for e in errors.values())
+
+
+def test_party_dying_mid_inference_fails_everyone_quickly(monkeypatch):
+    orig = compare.relu_a
+
+    def dying(ctx, *a, **k):
+        if ctx.party == 1:
+            raise RuntimeError("server1 crashed")
+        return orig(ctx, *a, **k)
+
+    monkeypatch.setattr(compare, "relu_a", dying)
+    x = load_slice(2)[0]
+    graph = load_model(str(model_path("A")))
+    parties, errors = _parties(graph, x)
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="crashed"):
+        run_local(parties, timeout=20)
+    assert time.perf_counter() - t0 < 10
+    assert set(errors) == {"owner", "user", "server0", "server1", "dealer"}
+    for name in ("owner", "user", "server0", "dealer"):
+        assert isinstance(errors[name], VeilError), (name, errors[name])
+
+
+def test_softmax_inside_the_graph_is_rejected():
+    g = _graph_with_many_ops()
+    g.nodes.append(Node("r", "relu", ("probs",), "out"))
+    g.outputs = ["out"]
+    with pytest.raises(UnsupportedOpError, match="softmax"):
+        M.compile_program(g, 1, FixedPoint())
