@@ -1,0 +1,182 @@
+"""``veil permute ...``: the three STIP roles as commands.
+
+Developer: ``keygen`` (draw the secret permutations), ``transform`` (write the cloud's model and the
+user's key bundle), ``audit`` (run the attacks, print recovery rates).
+Cloud: ``serve`` (HTTP server with KV-cache sessions and batching).
+User: ``generate`` (decoders) and ``encode`` (encoders) against a running cloud.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from veil.errors import VeilError
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Permute mode (STIP): secret permutations of a transformer's hidden dimension. "
+                       "Obfuscation, not cryptography: see `veil permute audit`.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _clear_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VeilError as exc:
+            err_console.print(f"[red]error:[/red] {exc.__class__.__name__}: {exc}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@_clear_errors
+def keygen(
+    model: Path = typer.Option(..., help="Hugging Face model directory or llama2.c .bin"),
+    out: Path = typer.Option(..., help="directory for the developer's key (keep it secret)"),
+    mode: str = typer.Option("embed", help="embed: user holds embedding and head; vocab: user holds only keys"),
+    hazmat_seed: int | None = typer.Option(None, help="fixed seed instead of OS randomness (tests only)"),
+) -> None:
+    """Draw a fresh hidden permutation (and a vocabulary permutation in vocab mode)."""
+    from veil.permute.bundle import write_key
+    from veil.permute.developer import make_key
+    from veil.permute.models import load_source
+
+    if hazmat_seed is not None:
+        warnings.warn("hazmat_seed: the key is derived from a fixed seed and is NOT secret", stacklevel=1)
+        err_console.print("[yellow]warning: --hazmat-seed makes the key predictable (tests only)[/yellow]")
+    source = load_source(model)
+    key, meta = make_key(source, mode, seed=hazmat_seed)
+    write_key(out, key, meta)
+    console.print(f"key for {meta['family']} (d={meta['hidden_size']}, vocab={meta['vocab_size']}, mode={mode}) "
+                  f"written to {out}; key id {key.key_id}")
+
+
+@app.command()
+@_clear_errors
+def transform(
+    model: Path = typer.Option(..., help="Hugging Face model directory or llama2.c .bin"),
+    key: Path = typer.Option(..., help="developer key directory from `keygen`"),
+    cloud_out: Path = typer.Option(..., help="directory for the cloud's transformed model"),
+    user_out: Path = typer.Option(..., help="directory for the user's key bundle (secret)"),
+) -> None:
+    """Transform MODEL with KEY; write the cloud package and the user bundle."""
+    from veil.permute.bundle import read_key, write_cloud_package, write_user_bundle
+    from veil.permute.developer import make_packages
+    from veil.permute.models import load_source
+
+    pkey, meta = read_key(key)
+    source = load_source(model)
+    tok_dir = model if model.is_dir() else None
+    cloud, user = make_packages(source, pkey, meta, tokenizer_dir=tok_dir)
+    write_cloud_package(cloud_out, cloud)
+    write_user_bundle(user_out, user)
+    console.print(f"cloud model: {cloud_out} ({len(cloud.state_dict)} tensors); user bundle: {user_out} "
+                  f"(mode {meta['mode']})")
+
+
+@app.command()
+@_clear_errors
+def serve(
+    cloud: Path = typer.Option(..., help="cloud package directory from `transform`"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8470),
+    max_batch: int = typer.Option(16, help="most session steps run as one batch"),
+    window_ms: float = typer.Option(0.0, help="wait this long for more steps before running a batch"),
+    threads: int = typer.Option(0, help="torch threads (0: default)"),
+) -> None:
+    """Serve the transformed model over HTTP (no TLS: put it behind a TLS terminator)."""
+    from veil.permute.server import serve as run_server
+
+    console.print(f"serving {cloud} on http://{host}:{port}")
+    run_server(str(cloud), host, port, max_batch, window_ms, threads)
+
+
+def _connect(user: Path, url: str):
+    from veil.permute.bundle import read_user_bundle
+    from veil.permute.client import HttpTransport, PermuteClient
+
+    return PermuteClient(read_user_bundle(user), HttpTransport(url))
+
+
+@app.command()
+@_clear_errors
+def generate(
+    user: Path = typer.Option(..., help="user key bundle"),
+    url: str = typer.Option("http://127.0.0.1:8470"),
+    prompt_ids: str = typer.Option("", help="space-separated prompt token ids (default: BOS)"),
+    max_new_tokens: int = typer.Option(64),
+    stop_at_eos: bool = typer.Option(False, help="stop at the model's EOS token"),
+) -> None:
+    """Greedy generation through the cloud: one round trip per token, KV cache on the cloud."""
+    import time
+
+    client = _connect(user, url)
+    ids = [int(t) for t in prompt_ids.split()] or [int(client.meta.get("bos_token_id") or 0)]
+    eos = client.meta.get("eos_token_id") if stop_at_eos else None
+    t0 = time.perf_counter()
+    out = client.generate(ids, max_new_tokens, eos_token_id=eos)
+    dt = time.perf_counter() - t0
+    console.print(" ".join(str(t) for t in out))
+    console.print(f"[dim]{len(out)} tokens in {dt:.2f} s ({1000 * dt / max(len(out), 1):.1f} ms/token)[/dim]")
+
+
+@app.command()
+@_clear_errors
+def encode(
+    user: Path = typer.Option(..., help="user key bundle"),
+    url: str = typer.Option("http://127.0.0.1:8470"),
+    text: str = typer.Option(..., help="sentence to embed (tokenised with the bundle's tokenizer)"),
+) -> None:
+    """Sentence embedding (mean pooling) from an encoder through the cloud."""
+    from veil.permute.errors import KeyBundleError
+
+    client = _connect(user, url)
+    tok_json = client.bundle.tokenizer_files.get("tokenizer.json")
+    if tok_json is None:
+        raise KeyBundleError("the user bundle has no tokenizer.json; cannot tokenise text")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tok_json.decode())
+    ids = np.array([tok.encode(text).ids], dtype=np.int64)
+    emb = client.sentence_embedding(ids)[0]
+    emb = emb / max(float(np.linalg.norm(emb)), 1e-12)
+    console.print(np.array2string(emb[:8], precision=4) + f" ... ({emb.shape[0]} dims, L2-normalised)")
+
+
+@app.command()
+@_clear_errors
+def audit(
+    model: Path = typer.Option(..., help="the original model (plays the public base model)"),
+    key: Path = typer.Option(..., help="developer key directory (used only to score the attacks)"),
+    noise: str = typer.Option("0,0.1,1", help="simulated fine-tuning noise levels, in std units"),
+    sequences: int = typer.Option(32, help="sampled sequences of traffic (decoders)"),
+    length: int = typer.Option(64, help="tokens per sampled sequence"),
+) -> None:
+    """Run the attacks a reviewer would run and print how much of the secrets they recover."""
+    from veil.permute.audit import run_audit
+    from veil.permute.bundle import read_key
+    from veil.permute.models import load_source
+
+    pkey, meta = read_key(key)
+    source = load_source(model)
+    noises = tuple(float(x) for x in noise.split(",") if x.strip())
+    results = run_audit(source, pkey, noises=noises, n_seq=sequences, length=length)
+    table = Table(title=f"permute leakage audit: {meta['family']}, mode {meta['mode']}")
+    for col in ("attack", "attacker knows", "recovered", "of what"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.attack, r.attacker_knows, f"{100 * r.recovered:.1f}%", r.detail)
+    console.print(table)
+    console.print("[yellow]permute mode is obfuscation, not cryptography; hidden states can also be inverted "
+                  "(Hidden No More, arXiv 2505.18332). See docs/permute.md.[/yellow]")
