@@ -1,0 +1,92 @@
+"""Deployment entry point: ``veil party --deployment FILE --as NAME`` runs one mpc role.
+
+Parties: ``owner``, ``user``, ``server0``, ``server1``, ``dealer`` (all connected pairwise by mutual
+TLS). Options read from the deployment's ``[options]`` table (paths relative to the file):
+
+* owner: ``model`` (ONNX file), ``frac_bits`` (default 16);
+* user: ``inputs`` (.npy for a single-input model, .npz with named inputs), ``batch_size``
+  (default: all at once), ``outputs`` (.npz written with the outputs; the report goes next to it
+  as JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from veil.errors import DeploymentError, InputError
+from veil.graph import load_model
+from veil.mpc.fixedpoint import FixedPoint
+from veil.mpc.roles import PARTIES, dealer_role, owner_role, server_role, user_role
+from veil.net.channel import Channel
+from veil.net.deployment import Deployment
+
+__all__ = ["run_party", "peers_of", "load_inputs", "report_path"]
+
+
+def peers_of(deployment: Deployment, name: str) -> list[str]:
+    if name not in PARTIES:
+        raise DeploymentError(f"mpc deployments have parties {list(PARTIES)}; {name!r} is not one of them")
+    missing = [p for p in PARTIES if p not in deployment.parties]
+    if missing:
+        raise DeploymentError(f"mpc deployment {deployment.name!r} lacks parties {missing}")
+    return [p for p in PARTIES if p != name]
+
+
+def _path(deployment: Deployment, key: str) -> Path:
+    if key not in deployment.options:
+        raise DeploymentError(f"mpc deployment {deployment.name!r}: option {key!r} is required")
+    p = Path(str(deployment.options[key]))
+    if not p.is_absolute() and deployment.path is not None:
+        p = deployment.path.parent / p
+    return p
+
+
+def load_inputs(path: Path) -> Any:
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as f:
+                return {k: f[k] for k in f.files}
+        return np.load(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read input file {path.name!r}: expected .npy or .npz ({e})") from None
+
+
+def report_path(outputs: Path) -> Path:
+    return outputs.with_suffix(".report.json")
+
+
+def _blas_single_thread() -> Any:
+    try:
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(1)
+    except ImportError:  # optional: the demo sets OPENBLAS_NUM_THREADS instead
+        return contextlib.nullcontext()
+
+
+def run_party(deployment: Deployment, name: str, channel: Channel, console: Any = None) -> Any:
+    peers_of(deployment, name)
+    opts = deployment.options
+    with _blas_single_thread():
+        if name == "owner":
+            graph = load_model(_path(deployment, "model"))
+            return owner_role(channel, graph, FixedPoint(int(opts.get("frac_bits", 16))))
+        if name == "dealer":
+            return dealer_role(channel)
+        if name in ("server0", "server1"):
+            return server_role(channel, int(name[-1]))
+        x = load_inputs(_path(deployment, "inputs"))
+        bs = opts.get("batch_size")
+        res = user_role(channel, x, int(bs) if bs else None)
+        if "outputs" in opts:
+            out = _path(deployment, "outputs")
+            np.savez(out, **res["outputs"])
+            report_path(out).write_text(json.dumps(res["report"].as_dict(), indent=1))
+        if console is not None:
+            console.print(f"user: {res['report'].summary()}")
+        return res
