@@ -1,0 +1,112 @@
+"""``veil mpc ...``: secret-shared inference between two servers and a dealer.
+
+* ``veil mpc run MODEL [--inputs FILE]``: the five parties as threads in this process; prints the
+  report next to plaintext (agreement, error, time, bytes, rounds).
+* ``veil mpc local MODEL [--inputs FILE]``: the five parties as processes over mutual TLS on loopback.
+* ``veil mpc plan MODEL``: the compiled program with each step's declared rounds and bytes.
+* The parties of a real deployment run with ``veil party --deployment FILE --as NAME`` (see docs/mpc.md).
+
+MODEL is an ONNX file or a shipped network name (A, B, C, D); without ``--inputs`` the shipped
+held-out MNIST slice is used.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["app"]
+
+app = typer.Typer(help="mpc mode: two non-colluding servers and a dealer compute on secret shares.",
+                  no_args_is_help=True)
+console = Console()
+
+
+def _model(model: str) -> Path:
+    from veil.assets import NETWORKS, model_path
+
+    return model_path(model) if model.upper() in NETWORKS and not Path(model).exists() else Path(model)
+
+
+def _inputs(inputs: Path | None, n: int) -> tuple[Any, np.ndarray | None]:
+    if inputs is None:
+        from veil.assets import load_slice
+
+        return load_slice(n)
+    from veil.mpc.party import load_inputs
+
+    return load_inputs(inputs), None
+
+
+@app.command()
+def run(model: str = typer.Argument(..., help="ONNX file or shipped network A-D"),
+        inputs: Path = typer.Option(None, help=".npy/.npz inputs (default: the shipped held-out slice)"),
+        n: int = typer.Option(64, help="images from the shipped slice when --inputs is not given"),
+        batch_size: int = typer.Option(None, help="samples per query (default: all at once)"),
+        frac_bits: int = typer.Option(16, help="fractional bits of the fixed-point format"),
+        out: Path = typer.Option(None, help="write the outputs to this .npz file")) -> None:
+    """Run MODEL under mpc with the parties as threads and compare with plaintext."""
+    import veil.mpc as M
+
+    x, y = _inputs(inputs, n)
+    pred, rep = M.run(str(_model(model)), x, frac_bits=frac_bits, batch_size=batch_size)
+    t = Table(title=f"mpc: {Path(str(_model(model))).name}, {rep.images} samples")
+    t.add_column("metric")
+    t.add_column("value")
+    rows = [("online time", f"{rep.online_s * 1e3:.1f} ms"), ("offline time", f"{rep.offline_s * 1e3:.1f} ms"),
+            ("plaintext time", f"{(rep.plain_s or 0) * 1e3:.1f} ms"), ("online bytes", f"{rep.online_bytes / 1e6:.2f} MB"),
+            ("offline bytes", f"{rep.offline_bytes / 1e6:.2f} MB"), ("rounds", str(rep.rounds)),
+            ("agreement with plaintext", f"{rep.agreement:.2%}"), ("max |error|", f"{rep.max_abs_error:.2e}")]
+    if y is not None and isinstance(pred, np.ndarray):
+        rows.append(("accuracy (held-out slice)", f"{(pred.argmax(-1) == y).mean():.2%}"))
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    if out is not None:
+        np.savez(out, **(pred if isinstance(pred, dict) else {"output": pred}))
+
+
+@app.command()
+def local(model: str = typer.Argument(..., help="ONNX file or shipped network A-D"),
+          inputs: Path = typer.Option(None, help=".npy input file (default: the shipped held-out slice)"),
+          n: int = typer.Option(64, help="images from the shipped slice when --inputs is not given"),
+          batch_size: int = typer.Option(None, help="samples per query"),
+          timeout: float = typer.Option(600, help="seconds before every party is stopped")) -> None:
+    """Run MODEL with five local processes over mutual TLS."""
+    from veil.mpc.demo import run_local_deployment
+
+    x, y = _inputs(inputs, n)
+    with tempfile.TemporaryDirectory(prefix="veil-mpc-") as tmp:
+        res = run_local_deployment(_model(model), x, tmp, batch_size=batch_size, timeout=timeout)
+    rep = res["report"]
+    console.print(f"online {rep['online_s'] * 1e3:.1f} ms, offline {rep['offline_s'] * 1e3:.1f} ms, "
+                  f"{rep['online_bytes'] / 1e6:.2f} MB online, {rep['offline_bytes'] / 1e6:.2f} MB offline, "
+                  f"{rep['rounds']} rounds")
+    out = next(iter(res["outputs"].values()))
+    if y is not None:
+        console.print(f"accuracy on the held-out slice: {(out.argmax(-1) == y).mean():.2%}")
+
+
+@app.command()
+def plan(model: str = typer.Argument(..., help="ONNX file or shipped network A-D"),
+         batch: int = typer.Option(1, help="batch size")) -> None:
+    """Show the compiled server program and each step's declared cost."""
+    from veil.graph import load_model
+    from veil.mpc import FixedPoint, compile_program
+
+    prog = compile_program(load_model(_model(model)), batch, FixedPoint())
+    t = Table(title=f"mpc program, batch {batch}")
+    for c in ("step", "rounds", "bytes per server"):
+        t.add_column(c)
+    for ins in prog.instrs:
+        if ins.cost.rounds:
+            t.add_row(ins.name, str(ins.cost.rounds), f"{ins.cost.bytes:,}")
+    c = prog.cost
+    t.add_row("[bold]total[/]", str(c.rounds), f"{c.bytes:,}")
+    console.print(t)
