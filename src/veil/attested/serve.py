@@ -73,7 +73,9 @@ def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
         print(f"WARNING: model {model_id!r} could not be restored: {why}", file=sys.stderr, flush=True)
     app = create_app(state)
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP, and
+    # without it every response (headers and body are separate TLS records) waits ~40 ms for a delayed ACK
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
