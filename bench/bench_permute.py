@@ -1,0 +1,196 @@
+"""Benchmark of the permute mode (STIP). Prints rich tables.
+
+1. Cloud side: transformed model vs original (same HF class, permuted weights), per forward.
+   Target: within 2%. Runs are interleaved (original, transformed, original, ...) and the fastest
+   run of each is reported, so drift on a shared machine hits both sides alike.
+2. User side: the work the user adds (permute the input, un-permute the output) vs one plaintext
+   forward of the whole model. Target: under 2%. In embed mode the user also does the embedding
+   lookup and the head; that share is reported separately (it is model work moved, not added).
+3. End to end: ms per generated token through the HTTP server (uvicorn on 127.0.0.1, KV cache on
+   the cloud, one round trip per token), next to plain HF generation in-process.
+
+Usage: python bench/bench_permute.py [--quick] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from veil.permute import load_source
+from veil.permute.bundle import write_cloud_package, write_user_bundle
+from veil.permute.client import HttpTransport, LocalTransport, PermuteClient
+from veil.permute.cloud import CloudRuntime
+from veil.permute.developer import make_key, make_packages
+from veil.permute.testing import MINILM_DIR, cloud_server, random_llama
+
+console = Console()
+STORIES = "/work/shared/models/stories260K.bin"
+
+
+def interleaved(fns, reps: int) -> list[float]:
+    """Fastest of ``reps`` runs of each function, runs interleaved. On a shared machine the minimum
+    estimates the cost of the work itself; medians mostly measure the neighbours."""
+    times: list[list[float]] = [[] for _ in fns]
+    for f in fns:  # warm-up
+        f()
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            times[i].append(time.perf_counter() - t0)
+    return [min(t) for t in times]
+
+
+def workloads(quick: bool):
+    out = []
+    if MINILM_DIR is not None:
+        out.append(("all-MiniLM-L6-v2", load_source(MINILM_DIR), (8, 128)))
+    out.append(("stories260K", load_source(STORIES), (4, 256)))
+    d = 256 if quick else 512
+    out.append((f"random Llama d={d} L=4", random_llama(seed=0, layers=4, d=d, heads=8, kv_heads=4, ffn=4 * d,
+                                                       vocab=4096, positions=512), (2, 256)))
+    return out
+
+
+def bench_compute(items, reps: int) -> None:
+    cloud_t = Table(title="1. cloud side: transformed vs original forward (fastest of N, interleaved)")
+    user_t = Table(title="2. user side: added work vs a plaintext forward")
+    for col in ("model", "mode", "batch x seq", "original ms", "transformed ms", "ratio"):
+        cloud_t.add_column(col)
+    for col in ("model", "mode", "plaintext forward ms", "permute+unpermute ms", "added %",
+                "embedding+head ms (moved)", "user total %"):
+        user_t.add_column(col)
+    for name, src, (b, t) in items:
+        ids = np.random.default_rng(0).integers(3, src.adapter.vocab_size(src.config), size=(b, t))
+        ids_t = torch.from_numpy(ids)
+        base = src.adapter.base(src.model)
+        for mode in ("embed", "vocab"):
+            key, meta = make_key(src, mode, seed=1)
+            cloud, user = make_packages(src, key, meta)
+            rt = CloudRuntime(cloud)
+            client = PermuteClient(user, LocalTransport(rt))
+            x_perm = client.permute_input(ids)
+            kw = {"use_cache": False} if src.adapter.is_decoder else {}
+            if mode == "embed":
+                emb = src.model.get_input_embeddings()(ids_t).detach()
+                x_t = torch.from_numpy(x_perm)
+
+                def orig(emb=emb, base=base, kw=kw):
+                    with torch.inference_mode():
+                        base(inputs_embeds=emb, **kw)
+
+                def trans(rt=rt, x_t=x_t, kw=kw):
+                    with torch.inference_mode():
+                        rt.module(inputs_embeds=x_t, **kw)
+            else:
+                x_t = torch.from_numpy(x_perm)
+
+                def orig(src=src, ids_t=ids_t, kw=kw):
+                    with torch.inference_mode():
+                        src.model(input_ids=ids_t, **kw)
+
+                def trans(rt=rt, x_t=x_t, kw=kw):
+                    with torch.inference_mode():
+                        rt.module(input_ids=x_t, **kw)
+            o, tr = interleaved([orig, trans], reps)
+            cloud_t.add_row(name, mode, f"{b}x{t}", f"{1e3 * o:.2f}", f"{1e3 * tr:.2f}", f"{tr / o:.3f}")
+
+            # user side: plaintext forward of the whole model vs the user's own work
+            def plain(src=src, ids_t=ids_t, kw=kw):
+                with torch.inference_mode():
+                    src.model(input_ids=ids_t, **kw)
+
+            y = rt.forward(x_perm)
+            pi, pi_inv = torch.from_numpy(key.hidden), torch.from_numpy(key.hidden_inverse)
+            if mode == "embed":
+                emb_table = user.embedding
+                head = user.head if user.head is not None else user.embedding
+                h_perm = torch.from_numpy(y)
+                x_plain = emb_table[ids_t]
+
+                def perm_only(x=x_plain, pi=pi, pi_inv=pi_inv, h=h_perm):
+                    x.index_select(-1, pi)
+                    h.index_select(-1, pi_inv)
+
+                def moved(e=emb_table, ids_t=ids_t, h=h_perm, head=head, dec=src.adapter.is_decoder):
+                    e[ids_t]
+                    if dec:
+                        h @ head.T
+
+                p_all, added, mv = interleaved([plain, perm_only, moved], reps)
+                user_total = mv + added
+            else:
+                sig_inv = torch.from_numpy(key.vocab_inverse)
+                out_t = torch.from_numpy(y)
+                unperm = sig_inv if src.adapter.is_decoder else pi_inv
+
+                def perm_only(ids_t=ids_t, sig_inv=sig_inv, out_t=out_t, unperm=unperm):
+                    sig_inv[ids_t]
+                    out_t.index_select(-1, unperm)
+
+                p_all, added = interleaved([plain, perm_only], reps)
+                mv, user_total = 0.0, added
+            user_t.add_row(name, mode, f"{1e3 * p_all:.2f}", f"{1e3 * added:.3f}", f"{100 * added / p_all:.2f}%",
+                           f"{1e3 * mv:.2f}" if mode == "embed" else "-", f"{100 * user_total / p_all:.2f}%")
+    console.print(cloud_t)
+    console.print(user_t)
+
+
+def bench_http(items, tokens: int) -> None:
+    table = Table(title=f"3. end to end: greedy generation of {tokens} tokens through HTTP")
+    for col in ("model", "mode", "HTTP ms/token", "in-process permuted ms/token", "plain HF ms/token"):
+        table.add_column(col)
+    for name, src, _ in items:
+        if not src.adapter.is_decoder:
+            continue
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            src.model.generate(torch.tensor([[1]]), max_new_tokens=tokens, min_new_tokens=tokens,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+            hf = (time.perf_counter() - t0) / tokens
+        for mode in ("embed", "vocab"):
+            key, meta = make_key(src, mode, seed=2)
+            cloud, user = make_packages(src, key, meta)
+            local = PermuteClient(user, LocalTransport(CloudRuntime(cloud)))
+            local.generate([1], 4)
+            t0 = time.perf_counter()
+            local.generate([1], tokens)
+            loc = (time.perf_counter() - t0) / tokens
+            with tempfile.TemporaryDirectory() as tmp:
+                write_cloud_package(Path(tmp) / "cloud", cloud)
+                write_user_bundle(Path(tmp) / "user", user)
+                with cloud_server(Path(tmp) / "cloud", threads=torch.get_num_threads()) as url:
+                    client = PermuteClient(user, HttpTransport(url))
+                    client.generate([1], 4)
+                    t0 = time.perf_counter()
+                    client.generate([1], tokens)
+                    http = (time.perf_counter() - t0) / tokens
+                    client.transport.close()
+            table.add_row(name, mode, f"{1e3 * http:.1f}", f"{1e3 * loc:.1f}", f"{1e3 * hf:.1f}")
+    console.print(table)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings)")
+    ap.add_argument("--reps", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    items = workloads(args.quick)
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bench_compute(items, reps=args.reps or (5 if args.quick else 25))
+    bench_http(items, tokens=16 if args.quick else 64)
+
+
+if __name__ == "__main__":
+    main()
