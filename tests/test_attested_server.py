@@ -367,3 +367,19 @@ def test_persistence_restart_dedup_and_sealing(tmp_path):
                 c.delete_model("c", credential=user_c)
     finally:
         srv.close()
+
+
+def test_cli_attest_verifies_and_refuses_simulation_without_opt_in(server):
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "veil.attested", "attest", f"127.0.0.1:{server.port}",
+            "--measurement", server.info["measurement"], "--simulation-signer", server.info["simulation_signer"]]
+    ok = subprocess.run([*base, "--hazmat-allow-simulation"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "verified" in ok.stdout and "SIMULATED" in ok.stdout and server.info["tls_spki_sha256"][:20] in ok.stdout
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "SimulationNotAllowedError" in refused.stderr
+    other = subprocess.run([*base[:5], "--measurement", "0" * 64, "--hazmat-allow-simulation"],
+                           capture_output=True, text=True, timeout=60)
+    assert other.returncode == 2 and "MeasurementMismatchError" in other.stderr
