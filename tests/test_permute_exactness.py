@@ -168,3 +168,36 @@ def test_unknown_parameter_in_a_known_family_is_refused(decoders):
     key = generate_key(src.adapter.hidden_size(src.config), seed=1)
     with pytest.raises(UnsupportedFamilyError, match="q_norm"):
         transform_state_dict(src.adapter, src.config, sd, key)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("mode", ["embed", "vocab"])
+def test_batched_steps_of_sessions_with_different_lengths_match_unbatched(decoders, name, mode):
+    """Left-padded, masked caches: each session's output equals running it alone (ATOL/RTOL)."""
+    src = decoders[name]
+    client = client_for(src, mode)
+    rt = client.transport.runtime
+    prompts = [np.array([1, 5, 9, 11, 40]), np.array([1, 7]), np.array([1, 3, 3])]
+    nxt = [np.array([17]), np.array([23]), np.array([29])]
+    alone = []
+    for p, n in zip(prompts, nxt, strict=True):
+        sid = rt.open_session()
+        rt.step_batch([(sid, client.permute_input(p))])
+        alone.append(rt.step_batch([(sid, client.permute_input(n))])[0])
+        rt.close_session(sid)
+    sids = [rt.open_session() for _ in prompts]
+    first = rt.step_batch([(s, client.permute_input(p)) for s, p in zip(sids, prompts, strict=True)])
+    assert not any(isinstance(f, Exception) for f in first)
+    together = rt.step_batch([(s, client.permute_input(n)) for s, n in zip(sids, nxt, strict=True)])
+    for a, b in zip(alone, together, strict=True):
+        close(b, a)
+    assert [rt.sessions[s].length for s in sids] == [6, 3, 4]
+
+
+def test_idle_sessions_expire(decoders):
+    client = client_for(decoders["gpt2"], "vocab")
+    rt = client.transport.runtime
+    rt.session_ttl_s = 0.0
+    old = rt.open_session()
+    rt.open_session()
+    assert old not in rt.sessions

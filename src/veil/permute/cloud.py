@@ -5,6 +5,8 @@ permuted hidden states ``x pi`` (the user embedded the tokens) and returns the p
 states; in ``vocab`` mode it gets permuted token ids and returns logits in permuted vocabulary order
 (decoders) or permuted final hidden states (encoders).
 
+Sessions idle for longer than ``session_ttl_s`` are dropped when a new one is opened.
+
 Generation: a session keeps one sequence's key/value cache on the cloud, so each generated token
 costs one round trip carrying one position. ``step_batch`` runs the pending steps of several
 sessions as one batch: caches of different lengths are left-padded with zeros and masked out, and
@@ -16,6 +18,7 @@ The runtime is not thread-safe; the HTTP server calls it from one worker thread.
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,12 +40,13 @@ class Session:
 
     length: int = 0
     cache: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
 
 
 class CloudRuntime:
     """Transformed model + sessions. Inputs are NumPy arrays already decoded from the wire."""
 
-    def __init__(self, package: CloudPackage, max_sessions: int = 256):
+    def __init__(self, package: CloudPackage, max_sessions: int = 256, session_ttl_s: float = 600.0):
         self.config = config_from_dict(package.config)
         self.adapter = adapter_for(self.config)
         self.meta = dict(package.meta)
@@ -54,7 +58,7 @@ class CloudRuntime:
         self.hidden_size = self.adapter.hidden_size(self.config)
         self.vocab_size = self.adapter.vocab_size(self.config)
         self.max_positions = self.adapter.max_positions(self.config)
-        self.max_sessions = max_sessions
+        self.max_sessions, self.session_ttl_s = max_sessions, session_ttl_s
         self.sessions: dict[str, Session] = {}
 
     # --- public facts ---------------------------------------------------------------------------
@@ -109,6 +113,9 @@ class CloudRuntime:
     def open_session(self) -> str:
         if not self.adapter.is_decoder:
             raise CloudError(f"{self.adapter.family} is an encoder: sessions are for decoder models only")
+        now = time.monotonic()
+        for stale in [k for k, v in self.sessions.items() if now - v.last_used > self.session_ttl_s]:
+            del self.sessions[stale]  # a user that vanished does not hold memory forever
         if len(self.sessions) >= self.max_sessions:
             raise CloudError(f"too many open sessions ({self.max_sessions}); close one first")
         sid = secrets.token_hex(16)
@@ -173,7 +180,9 @@ class CloudRuntime:
             cache = DynamicCache(ddp_cache_data=layers, config=self.config)
         else:
             cache = DynamicCache(config=self.config)
-        out = self._call(np.stack(xs), attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        extra = {"logits_to_keep": 1} if self.mode == "vocab" else {}
+        out = self._call(np.stack(xs), attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                         **extra)
         result = self._output(out)[:, -1].float().numpy()
         new = out.past_key_values
         for i, s in enumerate(sessions):
@@ -181,6 +190,7 @@ class CloudRuntime:
             s.cache = [(lay.keys[i:i + 1, :, start:].clone(), lay.values[i:i + 1, :, start:].clone())
                        for lay in new.layers]
             s.length += t
+            s.last_used = time.monotonic()
         return [result[i] for i in range(n)]
 
     @staticmethod
