@@ -6,7 +6,7 @@ instead splits each operand into three signed limbs of 22 bits held in float64::
     a = a0 + a1 * 2^22 + a2 * 2^44   (mod 2^64),  a0, a1 in [-2^21, 2^21),  a2 in [-2^19, 2^19)
 
 and evaluates only the six limb products that touch bits below 64 (i + j <= 2). Each partial dot
-product is a sum of at most ``CHUNK = 2048`` terms of magnitude <= 2^42, so it stays below 2^53 and
+product is a sum of at most ``CHUNK = 1024`` terms of magnitude <= 2^42, so it stays below 2^53 and
 float64 computes it exactly; longer inner dimensions are split into chunks. The partial products are
 rounded back to int64 and recombined with wrap-around. Cost: three BLAS calls of total work 6x a
 float64 product. A fixed operand (weights) can be decomposed once with :class:`Limbs`.
@@ -23,7 +23,7 @@ from veil.plain import kernels as PK
 __all__ = ["Limbs", "matmul", "conv2d", "to_ring", "LIMB_BITS", "CHUNK"]
 
 LIMB_BITS = 22
-CHUNK = 2048
+CHUNK = 1024
 _MASK = np.uint64((1 << LIMB_BITS) - 1)
 _HALF = np.uint64(1 << (LIMB_BITS - 1))
 _S = np.uint64(LIMB_BITS)
@@ -61,18 +61,16 @@ class Limbs:
 
 
 def _matmul_chunk(al: list[np.ndarray], bcat: np.ndarray, n: int) -> np.ndarray:
+    """The six limb products of one inner-dimension chunk, recombined mod 2^64."""
     t0 = al[0] @ bcat  # a0 b0 | a0 b1 | a0 b2
     t1 = al[1] @ bcat[:, : 2 * n]  # a1 b0 | a1 b1
     t2 = al[2] @ bcat[:, :n]  # a2 b0
-    # group by shift, converting each product to int64 before adding (sums may exceed 2^53)
-    p0 = t0[:, :n]
-    s1 = t0[:, n : 2 * n].astype(np.int64) + t1[:, :n].astype(np.int64)
-    s2 = (t0[:, 2 * n :].astype(np.int64) + t1[:, n:].astype(np.int64)
-          + t2.astype(np.int64))
-    r = p0.astype(np.int64).view(np.uint64)
-    r = r + (s1.view(np.uint64) << _S)
-    r = r + (s2.view(np.uint64) << np.uint64(2 * LIMB_BITS))
-    return r
+    # group by shift; with k <= CHUNK = 1024 every group sum is below 2^53, so it is added exactly in
+    # float64 (|a_i b_j| <= 2^42 for i, j < 2 and <= 2^40 with the 20-bit top limb)
+    s0 = t0[:, :n].astype(np.int64).view(np.uint64)
+    s1 = (t0[:, n : 2 * n] + t1[:, :n]).astype(np.int64).view(np.uint64)
+    s2 = (t0[:, 2 * n :] + t1[:, n:] + t2).astype(np.int64).view(np.uint64)
+    return s0 + (s1 << _S) + (s2 << np.uint64(2 * LIMB_BITS))
 
 
 def matmul(a: np.ndarray, b: np.ndarray | Limbs) -> np.ndarray:
@@ -106,6 +104,15 @@ def conv2d(x: np.ndarray, w: np.ndarray | Limbs, strides: Sequence[int], pads: S
         lw = Limbs(np.ascontiguousarray(to_ring(w).reshape(o, -1).T))
     n, _, h, wd = x.shape
     oh, ow = PK.conv_out_hw(h, wd, (kh, kw), strides, pads)
-    cols = PK.im2col(to_ring(x), (kh, kw), strides, pads)
-    y = matmul(cols, lw)
+    # split the (small) input into limbs before im2col expands it kh*kw times
+    limbs = np.concatenate(_split(to_ring(x)))  # (3N, C, H, W) float64
+    cols = PK.im2col(limbs, (kh, kw), strides, pads)  # (3M, K): limb blocks stacked by rows
+    m, k = cols.shape[0] // 3, cols.shape[1]
+    blocks = [cols[i * m : (i + 1) * m] for i in range(3)]
+    if k <= CHUNK:
+        y = _matmul_chunk(blocks, lw.cat, o)
+    else:
+        y = np.zeros((m, o), np.uint64)
+        for s in range(0, k, CHUNK):
+            y += _matmul_chunk([b[:, s : s + CHUNK] for b in blocks], lw.cat[s : s + CHUNK], o)
     return np.ascontiguousarray(y.reshape(n, oh, ow, o).transpose(0, 3, 1, 2))
