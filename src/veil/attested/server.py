@@ -266,6 +266,10 @@ def create_app(state: ServerState) -> FastAPI:
         if not data:
             raise Refusal(400, "invalid_model", "the upload is empty")
         sha = hashlib.sha256(data).hexdigest()
+        with state.lock:  # identical bytes already served: share the onnxruntime session
+            same = next((m for m in state.models.values() if m.sha256 == sha), None)
+        if same is not None:
+            return data, sha, same
         try:
             model = await run_in_threadpool(load_served_model, data, sha, state.intra_op_threads)
         except ModelRejected as e:
@@ -324,7 +328,10 @@ def create_app(state: ServerState) -> FastAPI:
         _owned(request, model_id, "replace")
         data, sha, model = await _receive_model(request)
         async with state.mutation:
-            _old, dedup = await run_in_threadpool(state.store.replace, model_id, data, sha)
+            try:
+                _old, dedup = await run_in_threadpool(state.store.replace, model_id, data, sha)
+            except StoreError:
+                raise Refusal(404, "model_not_found", f"model {model_id!r} was deleted meanwhile") from None
             with state.lock:
                 state.models[model_id] = model
                 state.unavailable.pop(model_id, None)

@@ -3,6 +3,8 @@
 The trusted side creates a fresh ECDSA P-256 key pair at every start and a self-signed
 certificate for it. Clients never trust the certificate through a CA: they trust it because the
 SHA-256 of its SubjectPublicKeyInfo (:func:`spki_sha256`) is bound into attestation evidence.
+The certificate is valid for ten years: the key lives only as long as the process, and an expiry
+would only turn a long-running server into a spurious key mismatch.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def generate_tls_identity(hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
+        .not_valid_after(now + dt.timedelta(days=3650))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
