@@ -203,6 +203,10 @@ def test_every_access_control_refusal(server, conn):
     finally:
         conn.delete_model("acl-b", credential=b.owner_credential)
     _healthy(conn)
+    log = server.log_text()
+    assert "SIMULATED" in log  # the server says it is a simulation
+    for secret in (conn.credential, a.owner_credential, b.owner_credential, run_a):
+        assert secret not in log  # credentials never reach the server's log
 
 
 def _external_data_model() -> bytes:
