@@ -312,7 +312,7 @@ def test_malformed_and_oversized_inputs(conn):
 
 
 def test_rate_limit_per_credential(tmp_path):
-    with ServerProcess(tmp_path / "s", extra_args=("--rate", "1", "--burst", "3")) as srv:
+    with ServerProcess(tmp_path / "s", extra_args=("--rate", "0.05", "--burst", "3")) as srv:
         c = _connect(srv, srv.upload_token)
         with c:
             up = c.upload_model(tiny_model(), "rl")  # 1 token of the upload credential
@@ -321,6 +321,7 @@ def test_rate_limit_per_credential(tmp_path):
             with pytest.raises(RateLimitedError) as ei:
                 c.list_models()
             assert ei.value.status == 429 and ei.value.retry_after is not None and ei.value.retry_after >= 1
+            assert "retry in" in str(ei.value)
             # another credential has its own bucket
             assert c.run_model("rl", tiny_inputs(), credential=up.owner_credential)["y"].shape == (2, 3)
             assert c._request("GET", "/health", None).status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["Limits", "RateLimiter"]
@@ -28,14 +29,15 @@ class Limits:
 class RateLimiter:
     """Token buckets keyed by credential fingerprint; thread-safe."""
 
-    def __init__(self, rate_per_s: float, burst: int):
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic):
         self.rate, self.burst = float(rate_per_s), float(burst)
+        self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
     def take(self, key: str) -> float:
         """Take one token for ``key``; return 0.0 if allowed, else the seconds until one is available."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             tokens, last = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)
