@@ -142,7 +142,7 @@ def test_rate_limiter_token_bucket():
     assert rl.take("b") == 0.0  # buckets are per credential
     now[0] += 0.05
     assert rl.take("a") == pytest.approx(0.05)
-    now[0] += 0.05
+    now[0] += 0.06
     assert rl.take("a") == 0.0
     now[0] += 100
     assert [rl.take("a") for _ in range(4)][-1] > 0  # refills up to the burst, not beyond
