@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from veil.attested.tlskeys import generate_tls_identity
 
-__all__ = ["tiny_model", "tiny_inputs", "Relay", "free_port"]
+__all__ = ["tiny_model", "tiny_inputs", "Relay"]
 
 
 def tiny_model(scale: float = 0.1) -> onnx.ModelProto:
@@ -61,12 +61,6 @@ def tiny_inputs(n: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Relay:
     """A man in the middle on 127.0.0.1: terminates TLS with its *own* key and forwards every request
     to ``upstream``; ``rewrite`` may change the body of the ``/attestation`` answer. ``seen`` lists the
@@ -81,7 +75,7 @@ class Relay:
         key.write_bytes(tls.encrypted_key_pem(b"relay-password"))
         cert.write_bytes(tls.cert_pem)
         app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST", "PUT", "DELETE"])])
-        self._sock = socket.socket()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", port))
         self.port = self._sock.getsockname()[1]
