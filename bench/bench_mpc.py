@@ -36,7 +36,7 @@ from veil.mpc.report import Report, compare_with_plain  # noqa: E402
 from veil.plain import kernels as PK  # noqa: E402
 from veil.plain import run_plain  # noqa: E402
 
-console = Console()
+console = Console(width=240)
 CRYPTEN = {("A", 1): (0.110, 2.0e6), ("B", 1): (0.570, 20.5e6), ("C", 1): (0.703, 35.8e6), ("C", 64): (11.8, 1.86e9)}
 RING_SHAPES = [  # (label, m, k, n)
     ("A fc1, batch 64", 64, 784, 128),

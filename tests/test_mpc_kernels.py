@@ -93,7 +93,7 @@ def test_relu_a_exact_sign_and_cost(trunc):
     assert np.abs(y - want).max() <= (ULP if trunc else 0)
     assert (y[x < 0] == 0).all()  # exact: no polynomial stand-in
     check_cost(ch, select_a_cost(n))
-    assert select_a_cost(n).rounds == 8
+    assert select_a_cost(n).rounds == 6
 
 
 def test_relu_a_full_range_signs():

@@ -10,9 +10,9 @@ kind             contents                                            sent to ser
 fixed_product    ``A`` (mask of a layer input), ``C = op(A, B)``      8 bytes per output element
                  for the layer's fixed weight mask ``B``
 trunc            ``r``, ``(r mod 2^63) >> f``, ``r >> 63``            16 bytes per element
-compare          ``r``, bits of ``r`` (bit-sliced), 120 AND triples   ~39 bytes per element
-                 for the borrow tree, a random bit ``t`` (binary and  (+16 with truncation)
-                 arithmetic), ``u``, ``u * t``
+compare          ``r``, its top bit, borrow lookup tables for 16     ~83 bytes per element
+                 groups of 4 bits (512 bits), 26 AND triples, a      (+16 with truncation)
+                 random bit ``t`` (binary and arithmetic), ``u*t``
 beaver           ``a``, ``b``, ``c = op(a, b)``                       8 bytes per element of c
 ===============  ==================================================  ===========================
 
@@ -28,17 +28,37 @@ import numpy as np
 
 from veil.mpc.sharing import bitslice, unslice_row
 
-__all__ = ["fixed_product", "trunc", "compare", "beaver", "AND_ROWS", "M63", "packed_len"]
+__all__ = ["fixed_product", "trunc", "compare", "beaver", "AND_ROWS", "GROUPS", "M63", "packed_len", "borrow_tables"]
 
 M63 = np.uint64((1 << 63) - 1)
-# AND gates (rows of packed bits) per level of the 64-row borrow tree: 2k-1 for k pairs.
-AND_ROWS: tuple[int, ...] = (63, 31, 15, 7, 3, 1)
+# The low 63 bits are compared in 16 groups of 4 bits (the top group has 3) by dealer lookup tables;
+# the 16 group results are combined by a binary tree: AND gates (rows) per level, 2k-1 for k pairs.
+GROUPS = 16
+AND_ROWS: tuple[int, ...] = (15, 7, 3, 1)
 
 Shape = tuple[int, ...]
 
 
 def packed_len(n: int) -> int:
     return (n + 7) // 8
+
+
+def borrow_tables(r: np.ndarray) -> np.ndarray:
+    """Dealer-side lookup tables of the borrow of ``c - r`` for every 4-bit group of the low 63 bits.
+
+    For group ``k`` (bits 4k..4k+3; the top group has bits 60..62) and each possible public nibble
+    ``u`` of ``c``: generate ``G = [u < r_k]`` and propagate ``P = [u == r_k]``, where ``r_k`` is the
+    group's nibble of ``r``. Returned bit-sliced: (2, 16 values, 16 groups, packed elements)."""
+    n = r.shape[0]
+    shifts = (np.arange(GROUPS, dtype=np.uint64) * np.uint64(4))[:, None]
+    widths = np.full((GROUPS, 1), 15, np.uint64)
+    widths[-1] = 7
+    nib = ((r[None, :] >> shifts) & widths).astype(np.uint8)  # (16, n)
+    out = np.empty((2, 16, GROUPS, packed_len(n)), np.uint8)
+    for u in range(16):
+        out[0, u] = np.packbits(nib > u, axis=-1, bitorder="little")
+        out[1, u] = np.packbits(nib == u, axis=-1, bitorder="little")
+    return out
 
 
 def fixed_product(side: Any, label: str, a_shape: Shape, out_shape: Shape,
@@ -62,7 +82,8 @@ def compare(side: Any, label: str, n: int, width: int = 1, f: int | None = None)
     of ``width`` values per element (and, when ``f`` is given, a truncation of the compared value)."""
     nb = packed_len(n)
     r = side.rand(f"{label}/r", (n,))
-    out: dict[str, Any] = {"r": r, "rb": side.share_bits(f"{label}/rb", lambda: bitslice(r), (64, nb))}
+    out: dict[str, Any] = {"r": r, "r63": side.share_bits(f"{label}/r63", lambda: bitslice(r)[63], (nb,)),
+                           "tables": side.share_bits(f"{label}/tables", lambda: borrow_tables(r), (2, 16, GROUPS, nb))}
     ands = []
     for lvl, rows in enumerate(AND_ROWS):
         a = side.rand_bits(f"{label}/and{lvl}/a", (rows, nb))

@@ -6,20 +6,25 @@ the truncation of a product into the comparison's single opening. Protocol (deal
 decomposition in the style of ABY3's / Escudero et al.'s masked-opening comparison; the AND gates
 are Beaver AND triples, Beaver CRYPTO'91):
 
-1. Offline the dealer shares ``r`` arithmetically and its 64 bits as bit-sliced XOR shares, 120
-   AND triples (rows of packed bits), a random bit ``t`` in both binary and arithmetic form,
-   a random ``u`` and ``u * t``.
+1. Offline the dealer shares ``r`` arithmetically, its top bit ``r_63``, lookup tables of the
+   borrow of every 4-bit group (below), 26 AND triples (rows of packed bits), a random bit ``t`` in
+   both binary and arithmetic form, a random ``u`` and ``u * t``.
 2. Open ``c = x + r`` (round 1; uniform, so it reveals nothing). Then ``x = c - r`` and
    ``msb(x) = c_63 XOR r_63 XOR borrow`` where ``borrow = [c mod 2^63 < r mod 2^63]``.
-3. Borrow tree: per bit, generate ``g = NOT c_j AND r_j`` and propagate ``p = NOT(c_j XOR r_j)``
-   are local (``c`` is public). Six levels combine neighbour groups, ``G = G_hi XOR (P_hi AND G_lo)``,
-   ``P = P_hi AND P_lo``: one batched Beaver AND per level (rounds 2-7), 2k-1 gates for k pairs.
-   The opening of ``d = y - u`` (the value to multiply, masked) rides along with level 1.
-4. ``b = NOT msb(x)`` in XOR shares; open ``e = b XOR t`` (round 8, one bit per element).
+3. Borrow of ``c - r`` on the low 63 bits, split into 16 groups of 4 bits (the top one 3 bits).
+   For group k the dealer tabulated, for each of the 16 possible public nibbles ``u`` of ``c``, the
+   group's generate ``G = [u < r_k]`` and propagate ``P = [u == r_k]`` as XOR shares; each server
+   selects the entry of the actual nibble locally (a public selector ANDed with shared bits: no
+   communication), replacing the first two levels of a bit-wise carry tree (a dealer-assisted
+   lookup in the spirit of the one-time truth tables of Ishai et al., TCC'13).
+   A binary tree combines the 16 groups, ``G = G_hi XOR (P_hi AND G_lo)``, ``P = P_hi AND P_lo``:
+   one batched Beaver AND per level (rounds 2-5), 2k-1 gates for k pairs. The opening of
+   ``d = y - u`` (the value to multiply, masked) rides along with level 1.
+4. ``b = NOT msb(x)`` in XOR shares; open ``e = b XOR t`` (round 6, one bit per element).
 5. ``y * b = y * t`` if ``e = 0`` else ``y - y * t``, with ``y * t = d * [t] + [u * t]``: local.
 
-Rounds: 8 per call, whatever the number of elements (all elements of a layer go in one call).
-Bytes per server and element: 8 (c) + 30 (AND openings) + 8 * width (d) + 1/8 (e).
+Rounds: 6 per call, whatever the number of elements (all elements of a layer go in one call).
+Bytes per server and element: 8 (c) + 6.5 (AND openings) + 8 * width (d) + 1/8 (e).
 All values must satisfy ``|x| < 2^63`` (``< 2^62`` with truncation): see :mod:`veil.mpc.fixedpoint`.
 """
 
@@ -29,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from veil.mpc.dealer import AND_ROWS, packed_len
+from veil.mpc.dealer import AND_ROWS, GROUPS, packed_len
 from veil.mpc.kernels.arith import trunc_from_open
 from veil.mpc.kernels.base import Cost, Ctx, arr, lst
 from veil.mpc.sharing import bitslice, unslice_row
@@ -62,16 +67,25 @@ def and_bb(ctx: Ctx, x: np.ndarray, y: np.ndarray, trip: tuple[np.ndarray, ...],
     return _and_finish(ctx.party, both[:k], both[k:], trip), other_extra
 
 
+def _minterms(cb: np.ndarray) -> np.ndarray:
+    """Public selectors: ``m[u, k]`` = packed bits of the elements whose group-k nibble of c is u."""
+    rows = cb[:64].copy()
+    rows[63] = 0  # the top group holds bits 60..62 only: nibbles >= 8 never occur
+    c4 = rows.reshape(GROUPS, 4, -1)
+    lits = np.stack([~c4, c4])  # (2, 16, 4, nb): literal for bit value 0 / 1
+    idx = np.arange(4)
+    m01 = lits[idx & 1, :, 0] & lits[idx >> 1, :, 1]  # (4, 16, nb) by (u0, u1)
+    m23 = lits[idx & 1, :, 2] & lits[idx >> 1, :, 3]
+    u = np.arange(16)
+    return m01[u & 3] & m23[u >> 2]  # (16, 16, nb)
+
+
 def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None) -> tuple[np.ndarray, Any]:
     """XOR shares (one packed row) of ``msb(c - r)``; steps 2-3. ``extra`` rides with level 1."""
     cb = bitslice(c)  # (64, nb) public
-    rb = mat["rb"]
-    p0 = ctx.party == 0
-    g = ~cb[:63] & rb[:63]
-    p = rb[:63] ^ ~cb[:63] if p0 else rb[:63].copy()
+    sel = np.bitwise_xor.reduce(mat["tables"] & _minterms(cb)[None], axis=1)  # (2, 16, nb): local
+    g, p = sel[0], sel[1]
     nb = cb.shape[1]
-    g = np.concatenate([g, np.zeros((1, nb), np.uint8)])  # padding group: g = 0, p = 1
-    p = np.concatenate([p, np.full((1, nb), 0xFF if p0 else 0, np.uint8)])
     got = None
     for lvl, trip in enumerate(mat["ands"]):
         lo_g, hi_g, lo_p, hi_p = g[0::2], g[1::2], p[0::2], p[1::2]
@@ -83,28 +97,27 @@ def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None) ->
             got = o
         g = hi_g ^ z[:k]
         p = np.concatenate([np.zeros((1, nb), np.uint8), z[k:]])  # P of the lowest group is never used
-    borrow = g[0]
-    s = rb[63] ^ borrow
-    if p0:
+    s = mat["r63"] ^ g[0]
+    if ctx.party == 0:
         s ^= cb[63]
     return s, got
 
 
 def select_a(ctx: Ctx, x: np.ndarray, ys: np.ndarray | None, mat: dict[str, Any], trunc: bool = False) -> np.ndarray:
     """``ys * [x >= 0]`` element-wise. ``x``: shares (n,); ``ys``: shares (width, n), or ``None`` with
-    ``trunc=True`` to select ``trunc(x)`` (then returns (1, n)). 8 rounds."""
+    ``trunc=True`` to select ``trunc(x)`` (then returns (1, n)). 6 rounds."""
     n = x.shape[0]
     c = ctx.open(x + mat["r"])  # round 1
     if trunc:
         ys = trunc_from_open(ctx.party, c + _OFF, mat["tt"], mat["tu"], ctx.fp.frac_bits)[None, :]
     assert ys is not None
     d_mine = ys - mat["u"]
-    s, d_theirs = msb_bits(ctx, c, mat, extra=d_mine)  # rounds 2-7
+    s, d_theirs = msb_bits(ctx, c, mat, extra=d_mine)  # rounds 2-5
     d = d_mine + d_theirs
     b = s ^ mat["t"]
     if ctx.party == 0:
         b = ~b  # b = NOT msb
-    e = unslice_row(ctx.open_bits(b), n).astype(bool)  # round 8
+    e = unslice_row(ctx.open_bits(b), n).astype(bool)  # round 6
     yt = d * mat["tA"][None, :] + mat["w"]
     return np.where(e[None, :], ys - yt, yt)
 
