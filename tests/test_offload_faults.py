@@ -83,6 +83,52 @@ def test_every_single_element_lie_is_caught_over_many_positions(graph_b, runtime
             run_offload_local(enc, [x_batch(1)], accelerator_factory=lambda name, lw=(layer, where): Liar(*lw))
 
 
+class Replayer(Accelerator):
+    """Answers every query of a layer with its first (correct) answer: a replay of an old result."""
+
+    def __init__(self) -> None:
+        super().__init__("numpy")
+        self.cache: dict[int, np.ndarray] = {}
+
+    def compute(self, layer: int, z: np.ndarray) -> np.ndarray:
+        return self.cache.setdefault(layer, super().compute(layer, z))
+
+
+class WrongWeights(Accelerator):
+    """Computes honestly with one weight changed by one quantisation step."""
+
+    def _setup(self, msg):
+        msg["layers"][1]["w"] = msg["layers"][1]["w"].copy()
+        msg["layers"][1]["w"].reshape(-1)[5] += 1
+        return super()._setup(msg)
+
+
+def test_replayed_results_are_caught(graph_b, runtime) -> None:
+    enc = OffloadEnclave(graph_b, runtime)
+    enc.precompute(2)
+    with pytest.raises(IntegrityError, match="Freivalds"):
+        run_offload_local(enc, [x_batch(1), x_batch(1)], accelerator_factory=lambda name: Replayer())
+    assert enc.counters["queries"] == 1  # the first, honest query went through
+
+
+def test_subtly_wrong_weights_are_caught(graph_b, runtime) -> None:
+    enc = OffloadEnclave(graph_b, runtime)
+    enc.precompute(1)
+    with pytest.raises(IntegrityError, match="/3/Conv"):
+        run_offload_local(enc, [x_batch(1)], accelerator_factory=lambda name: WrongWeights("numpy"))
+
+
+def test_more_freivalds_repetitions(graph_b, runtime) -> None:
+    enc = OffloadEnclave(graph_b, runtime, freivalds_reps=3)
+    assert enc.soundness_error == pytest.approx(float(P) ** -3)
+    enc.precompute(2)
+    run = run_offload_local(enc, [x_batch(2)])
+    assert run.counters["freivalds_checks"] == 2 * 3 * len(enc.plan.layers)
+    enc.precompute(1)
+    with pytest.raises(IntegrityError):
+        run_offload_local(enc, [x_batch(1)], accelerator_factory=lambda name: Liar(3))
+
+
 def test_lying_share_holder_is_named(graph_b, runtime) -> None:
     enc = OffloadEnclave(graph_b, runtime, weight_privacy="shares")
     enc.precompute(2)

@@ -57,12 +57,12 @@ def recorded(runtime):
     Recorder.seen = []
     enc = OffloadEnclave(graph, runtime)
     enc.precompute(64)
-    run_offload_local(enc, [x], backend="numpy", accelerator_factory=lambda name: Recorder("numpy"), keep=True)
-    return enc, x, list(Recorder.seen)
+    run = run_offload_local(enc, [x], backend="numpy", accelerator_factory=lambda name: Recorder("numpy"), keep=True)
+    return enc, x, list(Recorder.seen), run.outputs[0]
 
 
 def test_blinded_first_layer_input_has_no_linear_signal(recorded) -> None:
-    enc, x, seen = recorded
+    enc, x, seen, _ = recorded
     layer0 = [z for lid, z in seen if lid == 0][0]
     plain = x.reshape(64, -1)
     n = plain.size
@@ -71,6 +71,30 @@ def test_blinded_first_layer_input_has_no_linear_signal(recorded) -> None:
     # and per position across samples (the correlation an attacker averaging many queries would use)
     per_pos = [pearson(plain[:, j], layer0[:, j]) for j in range(0, 784, 7) if plain[:, j].std() > 0]
     assert abs(np.mean(per_pos)) < 5 / np.sqrt(len(per_pos) * 64)
+
+
+def test_no_layer_leaks_its_activations(recorded) -> None:
+    """Every offloaded layer: the hidden activations (after ReLU, mostly sparse) vs what the accelerator saw."""
+    enc, _, seen, env = recorded
+    assert len(seen) == len(enc.plan.layers)
+    for lid, z in seen:
+        plain = env[enc.plan.layers[lid].node.inputs[0]]
+        r = pearson(plain, z)
+        assert abs(r) < 5 / np.sqrt(plain.size), (lid, r)
+
+
+def test_weight_shares_are_uniform_and_reconstruct_the_weights(runtime) -> None:
+    """Option 'shares': each accelerator's share alone is uniform in F_p; together they give W_q."""
+    graph, _ = mnist_graph("C")
+    enc = OffloadEnclave(graph, runtime, weight_privacy="shares")
+    lay = enc.plan.layers[2]  # the 800 x 500 linear layer
+    w0, w1 = enc.acc_weights[2]
+    assert (((w0 + w1) % P) == lay.w_q % P).all()
+    for share in (w0, w1):
+        counts = np.bincount((share.ravel() * 64) // P, minlength=64)
+        exp = share.size / 64
+        assert ((counts - exp) ** 2 / exp).sum() < 130
+        assert abs(pearson(share, lay.w_q)) < 5 / np.sqrt(share.size)
 
 
 def test_conflow_style_block_split_leaks(rng) -> None:

@@ -96,3 +96,34 @@ def test_enclave_refuses_to_start_without_the_simulation_opt_in(deployment) -> N
     with pytest.raises(SimulationNotAllowedError):
         offload_party.run_party(dep, "enclave", None)  # fails before touching the channel
 
+
+
+def test_enclave_role_reports_bad_user_input_and_keeps_serving(deployment) -> None:
+    from veil.net.local import run_local
+
+    dep, graph_path, x = deployment
+    replies = []
+
+    def user(ch):
+        ch.send("enclave", {"type": "infer", "x": np.zeros((1, 1, 27, 28), np.float32)})
+        replies.append(ch.recv("enclave", timeout=30))
+        ch.send("enclave", {"type": "infer", "x": x[:2]})
+        replies.append(ch.recv("enclave", timeout=30))
+        ch.send("enclave", {"type": "bye"})
+        return "ok"
+
+    def role(name):
+        def body(ch):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return offload_party.run_party(dep, name, ch)
+        return body
+
+    results, _ = run_local({"enclave": role("enclave"), "accelerator": role("accelerator"), "user": user}, timeout=30)
+    assert replies[0]["type"] == "error" and "shape" in replies[0]["message"]
+    from veil.graph import load_model
+
+    ref = next(iter(run_plain(load_model(graph_path), x[:2], dtype=np.float64).values()))
+    got = next(iter(replies[1]["outputs"].values()))
+    assert np.abs(got - ref).max() <= 2e-3 * max(1.0, np.abs(ref).max())
+    assert results["enclave"]["counters"]["queries"] == 1
