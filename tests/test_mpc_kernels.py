@@ -26,6 +26,7 @@ from veil.mpc.kernels import (
     trunc_a,
     trunc_a_cost,
 )
+from veil.mpc.kernels.compare import and_bb, monomials_bb
 from veil.mpc.kernels.pool import tournament_sizes
 from veil.mpc.kernels.products import FixedWeight, linear_aw, prepare_aw, weight_op
 from veil.mpc.simulate import simulate
@@ -93,7 +94,7 @@ def test_relu_a_exact_sign_and_cost(trunc):
     assert np.abs(y - want).max() <= (ULP if trunc else 0)
     assert (y[x < 0] == 0).all()  # exact: no polynomial stand-in
     check_cost(ch, select_a_cost(n))
-    assert select_a_cost(n).rounds == 6
+    assert select_a_cost(n).rounds == 4
 
 
 def test_relu_a_full_range_signs():
@@ -171,3 +172,30 @@ def test_fixed_weight_products(conv):
                           [[xa[0]], [xa[1]]])
     assert np.array_equal(S.reconstruct(*out), want)
     check_cost(ch, product_aw_cost(ex.shape))
+
+
+def test_and_bb_and_one_round_monomials():
+    """Beaver AND on packed rows, and products of up to four shared bits in one round."""
+    bits = [RNG.integers(0, 256, (3, 9), dtype=np.uint8) for _ in range(4)]
+    shares = [S.share_bits(b, RNG.integers(0, 256, b.shape, dtype=np.uint8)) for b in bits]
+    monos = ((0, 1), (3, 2, 1), (0, 1, 2, 3))
+
+    def mat(side):
+        return D.monomials(side, "m", 4, monos, (3, 9))
+
+    out, ch, _ = simulate(lambda ctx, m, *xs: monomials_bb(ctx, list(xs), monos, m)[0], mat,
+                          [[s[0] for s in shares], [s[1] for s in shares]])
+    for k, t in enumerate(monos):
+        want = bits[t[0]].copy()
+        for i in t[1:]:
+            want &= bits[i]
+        assert np.array_equal(out[0][k] ^ out[1][k], want)
+    assert ch["server0"].stats.rounds == 1
+
+    def trip(side):
+        a, b = side.rand_bits("a", (3, 9)), side.rand_bits("b", (3, 9))
+        return (a, b, side.share_bits("c", lambda: a & b, (3, 9)))
+
+    out, ch, _ = simulate(lambda ctx, m, x, y: and_bb(ctx, x, y, m)[0], trip,
+                          [[shares[0][0], shares[1][0]], [shares[0][1], shares[1][1]]])
+    assert np.array_equal(out[0] ^ out[1], bits[0] & bits[1]) and ch["server1"].stats.rounds == 1

@@ -10,9 +10,10 @@ kind             contents                                            sent to ser
 fixed_product    ``A`` (mask of a layer input), ``C = op(A, B)``      8 bytes per output element
                  for the layer's fixed weight mask ``B``
 trunc            ``r``, ``(r mod 2^63) >> f``, ``r >> 63``            16 bytes per element
-compare          ``r``, its top bit, borrow lookup tables for 16     ~83 bytes per element
-                 groups of 4 bits (512 bits), 26 AND triples, a      (+16 with truncation)
-                 random bit ``t`` (binary and arithmetic), ``u*t``
+compare          ``r``, its top bit, borrow lookup tables for 16     ~93 bytes per element
+                 groups of 4 bits (512 bits), mask products for two  (+16 with truncation)
+                 one-round levels (103 bits), a random bit ``t``
+                 (binary and arithmetic), ``u*t``
 beaver           ``a``, ``b``, ``c = op(a, b)``                       8 bytes per element of c
 ===============  ==================================================  ===========================
 
@@ -28,19 +29,53 @@ import numpy as np
 
 from veil.mpc.sharing import bitslice, unslice_row
 
-__all__ = ["fixed_product", "trunc", "compare", "beaver", "AND_ROWS", "GROUPS", "M63", "packed_len", "borrow_tables"]
+__all__ = ["fixed_product", "trunc", "compare", "beaver", "TREE", "GROUPS", "M63", "packed_len", "borrow_tables",
+           "product_subsets", "monomials"]
 
 M63 = np.uint64((1 << 63) - 1)
 # The low 63 bits are compared in 16 groups of 4 bits (the top group has 3) by dealer lookup tables;
-# the 16 group results are combined by a binary tree: AND gates (rows) per level, 2k-1 for k pairs.
+# the 16 group results are combined 4 at a time in two rounds. A level is (variables, combos,
+# monomials): the monomials (products of variables, by index) are evaluated in one round.
 GROUPS = 16
-AND_ROWS: tuple[int, ...] = (15, 7, 3, 1)
+# level 1, variables G0 G1 G2 P0 P1 P2 P3 of 4 adjacent groups: P3G2, P3P2G1, P3P2P1G0, P3P2P1P0
+# level 2, variables G0 G1 G2 P1 P2 P3 (no P needed at the top): P3G2, P3P2G1, P3P2P1G0
+TREE: tuple[tuple[int, int, tuple[tuple[int, ...], ...]], ...] = (
+    (7, 4, ((6, 2), (6, 5, 1), (6, 5, 4, 0), (6, 5, 4, 3))),
+    (6, 1, ((5, 2), (5, 4, 1), (5, 4, 3, 0))),
+)
+
+
+def product_subsets(monos: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
+    """Every subset of at least two variables of some monomial (the dealer shares their mask products)."""
+    out: set[tuple[int, ...]] = set()
+    for t in monos:
+        for bits in range(1, 1 << len(t)):
+            u = tuple(sorted(t[i] for i in range(len(t)) if bits >> i & 1))
+            if len(u) >= 2:
+                out.add(u)
+    return sorted(out)
 
 Shape = tuple[int, ...]
 
 
 def packed_len(n: int) -> int:
     return (n + 7) // 8
+
+
+def monomials(side: Any, label: str, nvars: int, monos: tuple[tuple[int, ...], ...], shape: Shape) -> dict[str, Any]:
+    """Material to evaluate products of XOR-shared bits in one round: a random mask per variable
+    and the XOR shares of the product of the masks of every subset that a monomial needs."""
+    a = [side.rand_bits(f"{label}/a{v}", shape) for v in range(nvars)]
+
+    def prod(u: tuple[int, ...]) -> np.ndarray:
+        r = a[u[0]].copy()
+        for i in u[1:]:
+            r &= a[i]
+        return r
+
+    prods = {u: side.share_bits(f"{label}/p{'.'.join(map(str, u))}", lambda u=u: prod(u), shape)
+             for u in product_subsets(monos)}
+    return {"a": a, "prods": prods}
 
 
 def borrow_tables(r: np.ndarray) -> np.ndarray:
@@ -84,13 +119,7 @@ def compare(side: Any, label: str, n: int, width: int = 1, f: int | None = None)
     r = side.rand(f"{label}/r", (n,))
     out: dict[str, Any] = {"r": r, "r63": side.share_bits(f"{label}/r63", lambda: bitslice(r)[63], (nb,)),
                            "tables": side.share_bits(f"{label}/tables", lambda: borrow_tables(r), (2, 16, GROUPS, nb))}
-    ands = []
-    for lvl, rows in enumerate(AND_ROWS):
-        a = side.rand_bits(f"{label}/and{lvl}/a", (rows, nb))
-        b = side.rand_bits(f"{label}/and{lvl}/b", (rows, nb))
-        c = side.share_bits(f"{label}/and{lvl}/c", lambda a=a, b=b: a & b, (rows, nb))
-        ands.append((a, b, c))
-    out["ands"] = ands
+    out["levels"] = [monomials(side, f"{label}/lvl{i}", nv, monos, (nc, nb)) for i, (nv, nc, monos) in enumerate(TREE)]
     t = side.rand_bits(f"{label}/t", (nb,))
     ta = side.share(f"{label}/tA", lambda: unslice_row(t, n), (n,))
     u = side.rand(f"{label}/u", (width, n))

@@ -3,28 +3,29 @@
 ``select_a(x, ys)`` returns ``ys * [x >= 0]`` for every element (``relu_a(x) = select_a(x, x)``,
 ``max(a, b) = b + select_a(a - b, a - b)``); optionally the selected value is ``trunc(x)``, fusing
 the truncation of a product into the comparison's single opening. Protocol (dealer-assisted bit
-decomposition in the style of ABY3's / Escudero et al.'s masked-opening comparison; the AND gates
-are Beaver AND triples, Beaver CRYPTO'91):
+decomposition with a masked opening, as in ABY3 / Escudero et al. CRYPTO'20, with one-round
+multi-input AND gates from dealer mask products, cf. Damgard et al.'s "unbounded fan-in"
+multiplication and the one-time truth tables of Ishai et al. TCC'13):
 
 1. Offline the dealer shares ``r`` arithmetically, its top bit ``r_63``, lookup tables of the
-   borrow of every 4-bit group (below), 26 AND triples (rows of packed bits), a random bit ``t`` in
-   both binary and arithmetic form, a random ``u`` and ``u * t``.
+   borrow of every 4-bit group (step 3), masks and mask products for two tree levels (step 4), a
+   random bit ``t`` in both binary and arithmetic form, a random ``u`` and ``u * t``.
 2. Open ``c = x + r`` (round 1; uniform, so it reveals nothing). Then ``x = c - r`` and
    ``msb(x) = c_63 XOR r_63 XOR borrow`` where ``borrow = [c mod 2^63 < r mod 2^63]``.
-3. Borrow of ``c - r`` on the low 63 bits, split into 16 groups of 4 bits (the top one 3 bits).
-   For group k the dealer tabulated, for each of the 16 possible public nibbles ``u`` of ``c``, the
-   group's generate ``G = [u < r_k]`` and propagate ``P = [u == r_k]`` as XOR shares; each server
-   selects the entry of the actual nibble locally (a public selector ANDed with shared bits: no
-   communication), replacing the first two levels of a bit-wise carry tree (a dealer-assisted
-   lookup in the spirit of the one-time truth tables of Ishai et al., TCC'13).
-   A binary tree combines the 16 groups, ``G = G_hi XOR (P_hi AND G_lo)``, ``P = P_hi AND P_lo``:
-   one batched Beaver AND per level (rounds 2-5), 2k-1 gates for k pairs. The opening of
-   ``d = y - u`` (the value to multiply, masked) rides along with level 1.
-4. ``b = NOT msb(x)`` in XOR shares; open ``e = b XOR t`` (round 6, one bit per element).
-5. ``y * b = y * t`` if ``e = 0`` else ``y - y * t``, with ``y * t = d * [t] + [u * t]``: local.
+3. The low 63 bits form 16 groups of 4 bits (the top one 3 bits). For group k the dealer tabulated,
+   for each of the 16 possible public nibbles ``u`` of ``c``, the group's borrow generate
+   ``G = [u < r_k]`` and propagate ``P = [u == r_k]`` as XOR shares; each server selects the entry of
+   the actual nibble locally (public selectors ANDed with shares: no communication).
+4. Two rounds combine 4 adjacent groups at a time: ``G = G3 ^ P3 G2 ^ P3 P2 G1 ^ P3 P2 P1 G0`` (the
+   terms are mutually exclusive) and ``P = P3 P2 P1 P0``, each product of up to four shared bits in
+   one round (:func:`monomials_bb`: open every variable masked once, the products follow from the
+   dealer's mask products). 16 groups -> 4 -> 1 (rounds 2-3). The opening of ``d = y - u`` (the value
+   to multiply, masked) rides along with round 2.
+5. ``b = NOT msb(x)`` in XOR shares; open ``e = b XOR t`` (round 4, one bit per element).
+6. ``y * b = y * t`` if ``e = 0`` else ``y - y * t``, with ``y * t = d * [t] + [u * t]``: local.
 
-Rounds: 6 per call, whatever the number of elements (all elements of a layer go in one call).
-Bytes per server and element: 8 (c) + 6.5 (AND openings) + 8 * width (d) + 1/8 (e).
+Rounds: 4 per call, whatever the number of elements (all elements of a layer go in one call).
+Bytes per server and element: 8 (c) + 34/8 (tree openings) + 8 * width (d) + 1/8 (e).
 All values must satisfy ``|x| < 2^63`` (``< 2^62`` with truncation): see :mod:`veil.mpc.fixedpoint`.
 """
 
@@ -34,12 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from veil.mpc.dealer import AND_ROWS, GROUPS, packed_len
+from veil.mpc.dealer import GROUPS, TREE, packed_len
 from veil.mpc.kernels.arith import trunc_from_open
 from veil.mpc.kernels.base import Cost, Ctx, arr, lst
 from veil.mpc.sharing import bitslice, unslice_row
 
-__all__ = ["and_bb", "select_a", "select_a_cost", "relu_a", "msb_bits"]
+__all__ = ["and_bb", "monomials_bb", "select_a", "select_a_cost", "relu_a", "msb_bits"]
 
 _OFF = np.uint64(1 << 62)
 
@@ -67,6 +68,37 @@ def and_bb(ctx: Ctx, x: np.ndarray, y: np.ndarray, trip: tuple[np.ndarray, ...],
     return _and_finish(ctx.party, both[:k], both[k:], trip), other_extra
 
 
+def monomials_bb(ctx: Ctx, xs: list[np.ndarray], monos: tuple[tuple[int, ...], ...], mat: dict[str, Any],
+                 extra: Any = None) -> tuple[list[np.ndarray], Any]:
+    """Products of several XOR-shared bits in one round: open ``D_i = x_i XOR a_i``, then
+    ``prod_{i in T} x_i = XOR_{U subset of T} (prod_{i in T minus U} D_i) AND a_U`` with the dealer's
+    shares of the mask products ``a_U`` (``a_{}`` = 1 is public: party 0 adds that term)."""
+    a, prods = mat["a"], mat["prods"]
+    mine = np.stack([x ^ m for x, m in zip(xs, a, strict=True)])
+    theirs = ctx.exchange(mine if extra is None else [mine, extra])
+    other_extra = None
+    if extra is not None:
+        theirs, other_extra = theirs
+    d = mine ^ theirs
+    outs = []
+    for t in monos:
+        acc = np.zeros_like(xs[0])
+        for bits in range(1 << len(t)):
+            u = tuple(sorted(t[i] for i in range(len(t)) if bits >> i & 1))
+            rest = [t[i] for i in range(len(t)) if not bits >> i & 1]
+            pub = d[rest[0]].copy() if rest else None
+            for i in rest[1:]:
+                pub &= d[i]
+            if not u:
+                if ctx.party == 0:
+                    acc ^= pub
+                continue
+            sh = a[u[0]] if len(u) == 1 else prods[u]
+            acc ^= sh if pub is None else (pub & sh)
+        outs.append(acc)
+    return outs, other_extra
+
+
 def _minterms(cb: np.ndarray) -> np.ndarray:
     """Public selectors: ``m[u, k]`` = packed bits of the elements whose group-k nibble of c is u."""
     rows = cb[:64].copy()
@@ -85,18 +117,16 @@ def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None) ->
     cb = bitslice(c)  # (64, nb) public
     sel = np.bitwise_xor.reduce(mat["tables"] & _minterms(cb)[None], axis=1)  # (2, 16, nb): local
     g, p = sel[0], sel[1]
-    nb = cb.shape[1]
     got = None
-    for lvl, trip in enumerate(mat["ands"]):
-        lo_g, hi_g, lo_p, hi_p = g[0::2], g[1::2], p[0::2], p[1::2]
-        k = lo_g.shape[0]
-        x = np.concatenate([hi_p, hi_p[1:]])
-        y = np.concatenate([lo_g, lo_p[1:]])
-        z, o = and_bb(ctx, x, y, trip, extra if lvl == 0 else None)
+    for lvl, level in enumerate(mat["levels"]):
+        # combine 4 adjacent groups: G = G3 ^ P3G2 ^ P3P2G1 ^ P3P2P1G0 (terms are exclusive), P = P3P2P1P0
+        gs, ps = [g[i::4] for i in range(4)], [p[i::4] for i in range(4)]
+        xs = [gs[0], gs[1], gs[2], ps[0], ps[1], ps[2], ps[3]] if lvl == 0 else [gs[0], gs[1], gs[2], ps[1], ps[2], ps[3]]
+        terms, o = monomials_bb(ctx, xs, TREE[lvl][2], level, extra if lvl == 0 else None)
         if lvl == 0:
             got = o
-        g = hi_g ^ z[:k]
-        p = np.concatenate([np.zeros((1, nb), np.uint8), z[k:]])  # P of the lowest group is never used
+        g = gs[3] ^ terms[0] ^ terms[1] ^ terms[2]
+        p = terms[3] if len(terms) > 3 else None
     s = mat["r63"] ^ g[0]
     if ctx.party == 0:
         s ^= cb[63]
@@ -105,19 +135,19 @@ def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None) ->
 
 def select_a(ctx: Ctx, x: np.ndarray, ys: np.ndarray | None, mat: dict[str, Any], trunc: bool = False) -> np.ndarray:
     """``ys * [x >= 0]`` element-wise. ``x``: shares (n,); ``ys``: shares (width, n), or ``None`` with
-    ``trunc=True`` to select ``trunc(x)`` (then returns (1, n)). 6 rounds."""
+    ``trunc=True`` to select ``trunc(x)`` (then returns (1, n)). 4 rounds."""
     n = x.shape[0]
     c = ctx.open(x + mat["r"])  # round 1
     if trunc:
         ys = trunc_from_open(ctx.party, c + _OFF, mat["tt"], mat["tu"], ctx.fp.frac_bits)[None, :]
     assert ys is not None
     d_mine = ys - mat["u"]
-    s, d_theirs = msb_bits(ctx, c, mat, extra=d_mine)  # rounds 2-5
+    s, d_theirs = msb_bits(ctx, c, mat, extra=d_mine)  # rounds 2-3
     d = d_mine + d_theirs
     b = s ^ mat["t"]
     if ctx.party == 0:
         b = ~b  # b = NOT msb
-    e = unslice_row(ctx.open_bits(b), n).astype(bool)  # round 6
+    e = unslice_row(ctx.open_bits(b), n).astype(bool)  # round 4
     yt = d * mat["tA"][None, :] + mat["w"]
     return np.where(e[None, :], ys - yt, yt)
 
@@ -132,7 +162,7 @@ def relu_a(ctx: Ctx, x: np.ndarray, mat: dict[str, Any], trunc: bool = False) ->
 def select_a_cost(n: int, width: int = 1) -> Cost:
     nb = packed_len(n)
     cost = Cost().send(arr("uint64", (n,)), "masked value c")
-    for lvl, rows in enumerate(AND_ROWS):
-        bits = arr("uint8", (2 * rows, nb))
-        cost.send(lst(bits, arr("uint64", (width, n))) if lvl == 0 else bits, f"AND level {lvl + 1}")
+    for lvl, (nv, nc, _) in enumerate(TREE):
+        bits = arr("uint8", (nv, nc, nb))
+        cost.send(lst(bits, arr("uint64", (width, n))) if lvl == 0 else bits, f"tree level {lvl + 1}")
     return cost.send(arr("uint8", (nb,)), "masked bit e")
