@@ -16,9 +16,9 @@ from veil.offload import party as offload_party
 from veil.plain import run_plain
 
 
-@pytest.fixture()
-def deployment(tmp_path):
-    ports = free_ports(3)
+def make_deployment(tmp_path, accelerators=("accelerator",), weight_privacy="none"):
+    names = ["enclave", *accelerators, "user"]
+    ports = free_ports(len(names))
     graph_path = tmp_path / "D.onnx"
     import torch
 
@@ -31,16 +31,22 @@ def deployment(tmp_path):
     x = np.random.default_rng(2).random((6, 1, 28, 28)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     dep = write_deployment(
-        tmp_path / "offload.toml", "offload-test", "offload",
-        {"enclave": f"127.0.0.1:{ports[0]}", "accelerator": f"127.0.0.1:{ports[1]}", "user": f"127.0.0.1:{ports[2]}"},
+        tmp_path / "offload.toml", "offload-test", "offload", {n: f"127.0.0.1:{p}" for n, p in zip(names, ports, strict=True)},
         timeout=20, options={"model": str(graph_path), "precompute": 8, "hazmat_simulate": True, "backend": "numpy",
-                             "inputs": str(tmp_path / "x.npy"), "batch": 4})
+                             "inputs": str(tmp_path / "x.npy"), "batch": 4, "weight_privacy": weight_privacy})
     create_keys(dep)
     return dep, graph_path, x
 
 
-def test_three_parties_over_mutual_tls_in_threads(deployment) -> None:
-    dep, graph_path, x = deployment
+@pytest.fixture()
+def deployment(tmp_path):
+    return make_deployment(tmp_path)
+
+
+@pytest.mark.parametrize("weight_privacy", ["none", "shares"])
+def test_parties_over_mutual_tls_in_threads(tmp_path, weight_privacy) -> None:
+    accs = ("accelerator",) if weight_privacy == "none" else ("accelerator0", "accelerator1")
+    dep, graph_path, x = make_deployment(tmp_path, accs, weight_privacy)
     results: dict[str, object] = {}
     errors: dict[str, BaseException] = {}
 
@@ -56,7 +62,7 @@ def test_three_parties_over_mutual_tls_in_threads(deployment) -> None:
         except BaseException as e:  # noqa: BLE001
             errors[name] = e
 
-    threads = [threading.Thread(target=body, args=(n,), daemon=True) for n in ("enclave", "accelerator", "user")]
+    threads = [threading.Thread(target=body, args=(n,), daemon=True) for n in ("enclave", *accs, "user")]
     for t in threads:
         t.start()
     for t in threads:
