@@ -177,14 +177,15 @@ class OffloadEnclave:
             if x.size != n * lay.in_size:
                 raise InputError(f"layer {lay.node.name!r}: input of shape {x.shape} does not hold {n} samples of "
                                  f"shape {lay.in_shape1}")
-            fx = self._choose_fx(lay, x, n)
+            stats = self._row_stats(lay, x, n)
+            fx = self._choose_fx(lay, stats)
             xq = np.rint(x.reshape(n, -1) * np.exp2(fx)[:, None]).astype(np.int64)
             mat = self.material.open(lid, slots)
             z = ((xq + mat.r.reshape(n, -1)) % P).reshape(n * lay.in_shape1[0], *lay.in_shape1[1:])
             items.append({"id": lid, "z": z.astype(np.uint32)})
             prepared.append((lay, z, fx, mat))
             trace["fx"][lay.node.name] = fx
-            trace["bound"][lay.node.name] = self._error_bound(lay, x, n, fx)
+            trace["bound"][lay.node.name] = self._error_bound(lay, stats, fx)
         msg = {"type": "compute", "round": rnd, "items": items}
         what = f"round {rnd} (" + ", ".join(p[0].node.name for p in prepared) + ")"
         for acc in self.accelerators:
@@ -233,9 +234,10 @@ class OffloadEnclave:
             l2 = np.sqrt(window_max(x**2))
         return m, l1, l2
 
-    def _choose_fx(self, lay: OffloadLayer, x: np.ndarray, n: int) -> np.ndarray:
+    @staticmethod
+    def _choose_fx(lay: OffloadLayer, stats: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
         """Largest fx <= FX_MAX such that |W_q x_q| < p/2 is guaranteed for every output (per sample)."""
-        m, _, l2 = self._row_stats(lay, x, n)
+        m, _, l2 = stats
         limit = HALF * (1 - 1e-9)
         with np.errstate(divide="ignore", invalid="ignore"):
             c1 = (limit / max(lay.l1_q, 1.0) - 0.5) / m  # L1 bound: l1_q (m 2^fx + 1/2) <= limit
@@ -248,10 +250,11 @@ class OffloadEnclave:
                 f"with weight scale 2^{lay.fw}; rescale the model's inputs")
         return np.minimum(np.floor(np.log2(allowed)), FX_MAX).astype(np.int64)
 
-    def _error_bound(self, lay: OffloadLayer, x: np.ndarray, n: int, fx: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _error_bound(lay: OffloadLayer, stats: tuple[np.ndarray, np.ndarray, np.ndarray], fx: np.ndarray) -> np.ndarray:
         """Per sample, a bound on |offloaded - exact| for every output of the layer:
         2^-(fw+1) ||x_row||_1 + 2^-(fx+1) ||W_row||_1 + K 2^-(fw+fx+2)."""
-        _, l1, _ = self._row_stats(lay, x, n)
+        l1 = stats[1]
         fw = float(lay.fw)
         return l1 * 2.0 ** -(fw + 1) + lay.l1_w * np.exp2(-(fx + 1.0)) + lay.inner * np.exp2(-(fw + fx + 2.0))
 
