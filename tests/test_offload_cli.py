@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
-import veil.offload
 from veil.cli.offload_cmd import app
 
 runner = CliRunner()
 
 
-def test_public_surface_is_complete() -> None:
-    for name in veil.offload.__all__:
-        assert hasattr(veil.offload, name), name
+MODULES = ["veil.offload", "veil.offload.field", "veil.offload.backend", "veil.offload.runtime",
+           "veil.offload.compile", "veil.offload.material", "veil.offload.enclave", "veil.offload.accelerator",
+           "veil.offload.local", "veil.offload.party", "veil.offload.errors", "veil.offload.examples"]
+
+
+@pytest.mark.parametrize("modname", MODULES)
+def test_public_surface_is_explicit_and_documented(modname) -> None:
+    mod = importlib.import_module(modname)
+    assert mod.__doc__ and isinstance(mod.__all__, list) and mod.__all__
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        if callable(obj):
+            assert obj.__doc__, f"{modname}.{name} has no docstring"
+
+
+def test_offload_errors_derive_from_veil_error() -> None:
+    from veil.errors import VeilError
+    from veil.offload import errors
+
+    assert all(issubclass(getattr(errors, n), VeilError) for n in errors.__all__)
 
 
 def test_plan_command_shows_the_split() -> None:

@@ -68,6 +68,8 @@ class Backend(FieldOps):
 
 
 class NumpyBackend(Backend):
+    """float64 BLAS on the CPU through NumPy (the enclave's own backend, and the accelerator's without a GPU)."""
+
     name = "numpy"
 
     def put(self, a: np.ndarray) -> np.ndarray:

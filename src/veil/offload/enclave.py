@@ -35,7 +35,7 @@ from veil.net.channel import Channel
 from veil.offload.backend import NumpyBackend
 from veil.offload.compile import OffloadLayer, OffloadPlan, compile_offload
 from veil.offload.errors import AcceleratorProtocolError, AcceleratorUnavailableError, FieldRangeError
-from veil.offload.field import HALF, P, centered, limbs_f64, mul_full, to_field, uniform_field
+from veil.offload.field import HALF, WEIGHT_BITS, P, centered, limbs_f64, mul_full, to_field, uniform_field
 from veil.offload.material import LayerMaterial, MaterialStore
 from veil.offload.runtime import EnclaveRuntime
 from veil.plain import check_inputs, run_plain
@@ -48,6 +48,7 @@ FX_MAX = 24  #: cap on the activation fractional bits
 
 
 def default_accelerators(weight_privacy: str) -> tuple[str, ...]:
+    """Party names of the accelerators: one for visible weights, two share holders for ``"shares"``."""
     return ("accelerator0", "accelerator1") if weight_privacy == "shares" else ("accelerator",)
 
 
@@ -107,7 +108,7 @@ class OffloadEnclave:
         for j, acc in enumerate(self.accelerators):
             layers = []
             for lay, ws in zip(self.plan.layers, self.acc_weights, strict=True):
-                w = ws[j].astype(np.uint32) if full else ws[j].astype(np.int16)
+                w = ws[j].astype(np.uint32) if full else ws[j].astype(np.int16 if WEIGHT_BITS < 15 else np.int32)
                 spec: dict[str, Any] = {"id": lay.index, "kind": lay.kind, "w": w, "full": full}
                 if lay.kind == "conv2d":
                     spec["strides"] = list(lay.node.attrs["strides"])

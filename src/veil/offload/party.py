@@ -61,6 +61,7 @@ def load_offload_model(spec: str) -> Any:
 
 
 def run_party(dep: Deployment, name: str, channel: Channel, console: Any = None) -> Any:
+    """Play party ``name`` of an offload deployment over ``channel`` (see module docstring); return a summary."""
     opts = dep.options
     say = console.print if console is not None else (lambda *a, **k: None)
     if name == "enclave":
