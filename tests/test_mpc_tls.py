@@ -45,3 +45,38 @@ def test_wrong_certificate_stops_every_party(tmp_path):
     assert time.perf_counter() - t0 < 60
     msg = str(exc.value)
     assert all(p in msg for p in ("owner", "user", "server0", "server1", "dealer"))  # every party failed
+
+
+def test_python_user_against_a_running_deployment(tmp_path):
+    """Four parties as `veil party` processes, the user from Python (veil.mpc.party.run_user)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from veil.mpc.demo import free_ports
+    from veil.mpc.party import run_user
+    from veil.mpc.roles import PARTIES
+    from veil.net import create_keys, write_deployment
+
+    ports = free_ports(5)
+    dep = write_deployment(tmp_path / "d.toml", "t", "mpc", {p: f"127.0.0.1:{q}" for p, q in zip(PARTIES, ports, strict=True)},
+                           timeout=30, options={"model": str(model_path("D"))})
+    create_keys(dep)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "veil.cli.main", "party", "-d", str(dep.path), "--as", p],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+             for p in PARTIES if p != "user"]
+    try:
+        x, _ = load_slice(3)
+        pred, rep = run_user(dep, x, batch_size=2, timeout=30)
+        ref = run_plain(load_model(model_path("D")), x)["logits"]
+        assert np.array_equal(pred.argmax(1), ref.argmax(1)) and np.abs(pred - ref).max() < 5e-3
+        assert rep.queries == 2 and rep.rounds == rep.declared_rounds
+        for pr in procs:
+            assert pr.wait(30) == 0
+    finally:
+        for pr in procs:
+            if pr.poll() is None:
+                os.killpg(pr.pid, signal.SIGKILL)
+                pr.wait(10)

@@ -25,7 +25,7 @@ from veil.mpc.roles import PARTIES, dealer_role, owner_role, server_role, user_r
 from veil.net.channel import Channel
 from veil.net.deployment import Deployment
 
-__all__ = ["run_party", "peers_of", "load_inputs", "report_path"]
+__all__ = ["run_party", "run_user", "peers_of", "load_inputs", "report_path"]
 
 
 def peers_of(deployment: Deployment, name: str) -> list[str]:
@@ -90,3 +90,20 @@ def run_party(deployment: Deployment, name: str, channel: Channel, console: Any 
         if console is not None:
             console.print(f"user: {res['report'].summary()}")
         return res
+
+
+def run_user(deployment: str | Path | Deployment, x: Any, batch_size: int | None = None,
+             timeout: float | None = None) -> tuple[Any, Any]:
+    """Python entry point for the user of a running deployment: connect as ``user`` over mutual TLS,
+    run the queries, return (outputs, :class:`~veil.mpc.report.Report`)."""
+    from veil.net import connect_tls, load_deployment
+
+    dep = deployment if isinstance(deployment, Deployment) else load_deployment(deployment)
+    ch = connect_tls(dep, "user", peers_of(dep, "user"), timeout=timeout)
+    try:
+        with _blas_single_thread():
+            res = user_role(ch, x, batch_size)
+    finally:
+        ch.close()
+    outs = res["outputs"]
+    return (next(iter(outs.values())) if len(outs) == 1 else outs), res["report"]
