@@ -52,7 +52,7 @@ class Accelerator:
             if kind == "bye":
                 return None
             return _error(f"unknown request type {kind!r}; expected setup, compute or bye")
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch failures
             return _error(f"malformed {kind} request: {type(e).__name__}: {e}")
 
     def _setup(self, msg: dict[str, Any]) -> dict[str, Any]:
