@@ -10,8 +10,8 @@ kind             contents                                            sent to ser
 fixed_product    ``A`` (mask of a layer input), ``C = op(A, B)``      8 bytes per output element
                  for the layer's fixed weight mask ``B``
 trunc            ``r``, ``(r mod 2^63) >> f``, ``r >> 63``            16 bytes per element
-compare          ``r``, its top bit, borrow lookup tables for 16     ~93 bytes per element
-                 groups of 4 bits (512 bits), mask products for two  (+16 with truncation)
+compare          ``r``, its top bit, borrow lookup tables for 16     ~61 bytes per element
+                 groups of 4 bits (256 bits), mask products for two  (+16 with truncation)
                  one-round levels (103 bits), a random bit ``t``
                  (binary and arithmetic), ``u*t``
 beaver           ``a``, ``b``, ``c = op(a, b)``                       8 bytes per element of c
@@ -82,17 +82,17 @@ def borrow_tables(r: np.ndarray) -> np.ndarray:
     """Dealer-side lookup tables of the borrow of ``c - r`` for every 4-bit group of the low 63 bits.
 
     For group ``k`` (bits 4k..4k+3; the top group has bits 60..62) and each possible public nibble
-    ``u`` of ``c``: generate ``G = [u < r_k]`` and propagate ``P = [u == r_k]``, where ``r_k`` is the
-    group's nibble of ``r``. Returned bit-sliced: (2, 16 values, 16 groups, packed elements)."""
+    ``u`` of ``c``: the generate bit ``G_u = [u < r_k]``, where ``r_k`` is the group's nibble of ``r``.
+    (The propagate bit ``[u == r_k] = G_{u-1} XOR G_u`` with ``G_{-1} = 1`` follows locally.)
+    Returned bit-sliced: (16 values, 16 groups, packed elements)."""
     n = r.shape[0]
     shifts = (np.arange(GROUPS, dtype=np.uint64) * np.uint64(4))[:, None]
     widths = np.full((GROUPS, 1), 15, np.uint64)
     widths[-1] = 7
     nib = ((r[None, :] >> shifts) & widths).astype(np.uint8)  # (16, n)
-    out = np.empty((2, 16, GROUPS, packed_len(n)), np.uint8)
+    out = np.empty((16, GROUPS, packed_len(n)), np.uint8)
     for u in range(16):
-        out[0, u] = np.packbits(nib > u, axis=-1, bitorder="little")
-        out[1, u] = np.packbits(nib == u, axis=-1, bitorder="little")
+        out[u] = np.packbits(nib > u, axis=-1, bitorder="little")
     return out
 
 
@@ -118,7 +118,7 @@ def compare(side: Any, label: str, n: int, width: int = 1, f: int | None = None)
     nb = packed_len(n)
     r = side.rand(f"{label}/r", (n,))
     out: dict[str, Any] = {"r": r, "r63": side.share_bits(f"{label}/r63", lambda: bitslice(r)[63], (nb,)),
-                           "tables": side.share_bits(f"{label}/tables", lambda: borrow_tables(r), (2, 16, GROUPS, nb))}
+                           "tables": side.share_bits(f"{label}/tables", lambda: borrow_tables(r), (16, GROUPS, nb))}
     out["levels"] = [monomials(side, f"{label}/lvl{i}", nv, monos, (nc, nb)) for i, (nv, nc, monos) in enumerate(TREE)]
     t = side.rand_bits(f"{label}/t", (nb,))
     ta = side.share(f"{label}/tA", lambda: unslice_row(t, n), (n,))

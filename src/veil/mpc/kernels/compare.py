@@ -14,8 +14,9 @@ multiplication and the one-time truth tables of Ishai et al. TCC'13):
    ``msb(x) = c_63 XOR r_63 XOR borrow`` where ``borrow = [c mod 2^63 < r mod 2^63]``.
 3. The low 63 bits form 16 groups of 4 bits (the top one 3 bits). For group k the dealer tabulated,
    for each of the 16 possible public nibbles ``u`` of ``c``, the group's borrow generate
-   ``G = [u < r_k]`` and propagate ``P = [u == r_k]`` as XOR shares; each server selects the entry of
-   the actual nibble locally (public selectors ANDed with shares: no communication).
+   ``G_u = [u < r_k]`` as XOR shares (256 bits per element); the propagate ``P_u = [u == r_k]`` is
+   ``G_{u-1} XOR G_u``. Each server selects the entries of the actual nibble locally (public
+   selectors ANDed with shares: no communication).
 4. Two rounds combine 4 adjacent groups at a time: ``G = G3 ^ P3 G2 ^ P3 P2 G1 ^ P3 P2 P1 G0`` (the
    terms are mutually exclusive) and ``P = P3 P2 P1 P0``, each product of up to four shared bits in
    one round (:func:`monomials_bb`: open every variable masked once, the products follow from the
@@ -115,8 +116,11 @@ def _minterms(cb: np.ndarray) -> np.ndarray:
 def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None) -> tuple[np.ndarray, Any]:
     """XOR shares (one packed row) of ``msb(c - r)``; steps 2-3. ``extra`` rides with level 1."""
     cb = bitslice(c)  # (64, nb) public
-    sel = np.bitwise_xor.reduce(mat["tables"] & _minterms(cb)[None], axis=1)  # (2, 16, nb): local
-    g, p = sel[0], sel[1]
+    gt = mat["tables"]  # (16 values, 16 groups, nb): shares of G_u = [u < r_k]
+    prev = np.concatenate([np.full_like(gt[:1], 0xFF if ctx.party == 0 else 0), gt[:-1]])  # G_{u-1}, G_{-1} = 1
+    m = _minterms(cb)
+    g = np.bitwise_xor.reduce(gt & m, axis=0)  # (16 groups, nb): select the actual nibble, locally
+    p = np.bitwise_xor.reduce((prev ^ gt) & m, axis=0)  # P = [u == r_k] = G_{u-1} ^ G_u
     got = None
     for lvl, level in enumerate(mat["levels"]):
         # combine 4 adjacent groups: G = G3 ^ P3G2 ^ P3P2G1 ^ P3P2P1G0 (terms are exclusive), P = P3P2P1P0

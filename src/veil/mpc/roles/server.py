@@ -66,6 +66,7 @@ def server_role(ch: Channel, i: int) -> dict[str, Any]:
         # offline: material from the dealer, expanded and precomputed
         t0 = time.perf_counter()
         got = recv_msg(ch, "dealer")
+        t_recv = time.perf_counter()
         if got.get("q") != q:
             raise ProtocolError(f"server{i}: dealer material is for query {got.get('q')!r}, expected {q!r}")
         if batch not in programs:
@@ -74,7 +75,9 @@ def server_role(ch: Channel, i: int) -> dict[str, Any]:
         store = MaterialStore(q)
         for key, item in prog.materials(ServerSide(i, dealer_prg, got.get("corrections")), q, {}).items():
             store.put(key, item)
+        t_expand = time.perf_counter()
         prog.prepare(st, store)
+        t_prep = time.perf_counter()
         if i == 0:
             assert user_prg is not None
             x = {s.name: user_prg.words(f"{q}/input/{s.name}", s.concrete(batch)) for s in graph.inputs}
@@ -90,7 +93,8 @@ def server_role(ch: Channel, i: int) -> dict[str, Any]:
             raise ProtocolError(f"server{i}: {len(store)} material items of query {q!r} were not consumed")
         ch.send("user", out)
         online = ch.stats - before
-        log.append({"q": q, "offline_s": offline_s, "online_s": time.perf_counter() - t1,
+        log.append({"q": q, "offline_s": offline_s, "online_s": time.perf_counter() - t1, "wait_dealer_s": t_recv - t0,
+                    "expand_s": t_expand - t_recv, "prepare_s": t_prep - t_expand,
                     "online": online.as_dict()})
         ch.send("user", log[-1])
     ch.send("user", {"setup": setup.as_dict(), "total": ch.stats.as_dict()})

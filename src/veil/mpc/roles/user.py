@@ -77,7 +77,8 @@ def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, A
             outs[o].append(z)
         on_bytes = (ch.stats.bytes_sent - sent_before) + sum(lg["online"]["bytes_sent"] for lg in logs)
         rep.per_query.append({"q": q, "batch": b, "online_s": t2 - t1, "offline_s": t1 - t0, "online_bytes": on_bytes,
-                              "rounds": logs[0]["online"]["rounds"]})
+                              "rounds": logs[0]["online"]["rounds"],
+                              "servers": [{k: v for k, v in lg.items() if k.endswith("_s")} for lg in logs]})
         rep.online_s += t2 - t1
         rep.offline_s += t1 - t0
         rep.online_bytes += on_bytes
