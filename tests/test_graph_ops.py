@@ -141,6 +141,10 @@ def test_softmax_argmax(rng, axis):
     check(m, {"x": f32(rng, 3, 4, 10)})
 
 
+def test_erf(rng):
+    check(make_model([helper.make_node("Erf", ["x"], ["y"])], {"x": [None, 7]}, ["y"]), {"x": 3 * f32(rng, 50, 7)})
+
+
 def test_layernorm_gelu_tanh_sigmoid(rng):
     d = 16
     nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["l"], axis=-1, epsilon=1e-5),

@@ -53,3 +53,30 @@ def test_load_model_needs_example():
 
     with pytest.raises(ModelError, match="example input"):
         load_model(Net())
+
+
+class Encoderish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(self.ln(x))
+        a = torch.softmax(h @ h.transpose(1, 2) / 2.0, dim=-1)
+        return nn.functional.gelu(a @ h) + x
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_transformer_pieces_at_both_opsets(opset):
+    """opset 17 exports GELU as Erf arithmetic, opset 20 as Gelu: both import and match torch."""
+    torch.manual_seed(1)
+    net = Encoderish().eval()
+    with torch.no_grad():
+        net.ln.weight.uniform_(0.5, 2)
+        net.ln.bias.uniform_(-1, 1)
+    x = torch.randn(2, 5, 8)
+    graph = load_model(net, example=x, opset=opset)
+    assert ("erf" in graph.ops) == (opset == 17) and ("gelu" in graph.ops) == (opset == 20)
+    got = next(iter(run_plain(graph, x.numpy()).values()))
+    np.testing.assert_allclose(got, net(x).detach().numpy(), rtol=1e-4, atol=1e-5)

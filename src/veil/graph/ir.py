@@ -25,7 +25,7 @@ softmax            attrs ``axis``
 argmax             attrs ``axis``, ``keepdims`` (bool); output dtype int64
 layernorm          over the last axis; params ``gamma``, ``beta``; attrs ``eps``
 gelu               exact (erf) GELU
-tanh, sigmoid      element-wise
+erf, tanh, sigmoid element-wise
 =================  ===============================================================================
 
 Modes may support a subset; each checks the graph at load time (:func:`Graph.require_ops`).
@@ -47,7 +47,7 @@ OPS: frozenset[str] = frozenset(
     {
         "linear", "matmul", "conv2d", "relu", "maxpool", "avgpool", "global_avgpool", "flatten",
         "reshape", "transpose", "add", "sub", "mul", "add_const", "mul_const", "softmax", "argmax",
-        "layernorm", "gelu", "tanh", "sigmoid",
+        "layernorm", "gelu", "erf", "tanh", "sigmoid",
     }
 )
 

@@ -280,6 +280,7 @@ _CONVERTERS: dict[str, Converter] = {
     "Conv": _conv,
     "Relu": _simple("relu"),
     "Tanh": _simple("tanh"),
+    "Erf": _simple("erf"),
     "Sigmoid": _simple("sigmoid"),
     "Gelu": _gelu,
     "MaxPool": _pool("maxpool"),

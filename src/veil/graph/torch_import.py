@@ -42,7 +42,7 @@ def torch_to_onnx_bytes(module: Any, example: Any, input_names: Sequence[str] = 
 
 
 def from_torch(module: Any, example: Any, input_names: Sequence[str] = ("x",),
-               output_names: Sequence[str] = ("y",), dynamic_batch: bool = True) -> Graph:
-    """Convert a PyTorch module into a veil :class:`Graph` (through ONNX)."""
-    data = torch_to_onnx_bytes(module, example, input_names, output_names, dynamic_batch)
+               output_names: Sequence[str] = ("y",), dynamic_batch: bool = True, opset: int = 17) -> Graph:
+    """Convert a PyTorch module into a veil :class:`Graph` (through ONNX at ``opset``; 20 exports GELU as Gelu)."""
+    data = torch_to_onnx_bytes(module, example, input_names, output_names, dynamic_batch, opset)
     return from_onnx(data, name=type(module).__name__)

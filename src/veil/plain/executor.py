@@ -54,6 +54,7 @@ _OPS: dict[str, OpFn] = {
     "layernorm": lambda n, xs: K.layernorm(xs[0], n.params["gamma"].astype(xs[0].dtype),
                                            n.params["beta"].astype(xs[0].dtype), n.attrs["eps"]),
     "gelu": lambda n, xs: K.gelu(xs[0]),
+    "erf": lambda n, xs: K.erf(xs[0]),
     "tanh": lambda n, xs: np.tanh(xs[0]),
     "sigmoid": lambda n, xs: 1.0 / (1.0 + np.exp(-xs[0])),
 }
