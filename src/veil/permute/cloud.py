@@ -187,8 +187,11 @@ class CloudRuntime:
         new = out.past_key_values
         for i, s in enumerate(sessions):
             start = past - s.length
-            s.cache = [(lay.keys[i:i + 1, :, start:].clone(), lay.values[i:i + 1, :, start:].clone())
-                       for lay in new.layers]
+            if n == 1:
+                s.cache = [(lay.keys, lay.values) for lay in new.layers]
+            else:
+                s.cache = [(lay.keys[i:i + 1, :, start:].clone(), lay.values[i:i + 1, :, start:].clone())
+                           for lay in new.layers]
             s.length += t
             s.last_used = time.monotonic()
         return [result[i] for i in range(n)]
