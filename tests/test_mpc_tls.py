@@ -80,3 +80,18 @@ def test_python_user_against_a_running_deployment(tmp_path):
             if pr.poll() is None:
                 os.killpg(pr.pid, signal.SIGKILL)
                 pr.wait(10)
+
+
+def test_killed_server_stops_every_party(tmp_path):
+    """server1's process is killed mid-run: every other party exits with an error, none keeps running."""
+    x, _ = load_slice(256)
+    t0 = time.perf_counter()
+    with pytest.raises(VeilError) as exc:
+        run_local_deployment(model_path("C"), x, tmp_path, batch_size=32, timeout=90, recv_timeout=20,
+                             kill_after=("server1", 4.0))
+    msg = str(exc.value)
+    assert "server1 (exit -9)" in msg
+    for p in ("owner", "user", "server0", "dealer"):
+        assert f"{p} (exit 2)" in msg, msg
+    assert "closed the connection or died" in msg.split("user (exit 2)")[1].split(";")[0]  # names a peer that went away
+    assert time.perf_counter() - t0 < 60

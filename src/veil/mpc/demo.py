@@ -49,10 +49,11 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_size: int | None = None,
                          frac_bits: int = 16, timeout: float = 300.0, recv_timeout: float = 60.0,
-                         tamper: Any = None) -> dict[str, Any]:
+                         tamper: Any = None, kill_after: tuple[str, float] | None = None) -> dict[str, Any]:
     """Run the five parties as processes over loopback TLS; return the user's outputs and report.
 
-    ``tamper(keys_dir)`` (tests) may alter the keys before the processes start. Raises
+    ``tamper(keys_dir)`` (tests) may alter the keys before the processes start; ``kill_after =
+    (party, seconds)`` (tests) kills that party's process mid-run. Raises
     :class:`VeilError` naming the failing parties and their last error lines."""
     from veil.net import create_keys, write_deployment
 
@@ -82,6 +83,9 @@ def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_s
         first_fail: float | None = None
         while any(pr.poll() is None for pr in procs.values()):
             now = time.perf_counter()
+            if kill_after is not None and now - t0 > kill_after[1] and procs[kill_after[0]].poll() is None:
+                os.killpg(procs[kill_after[0]].pid, signal.SIGKILL)
+                kill_after = None
             if any(pr.returncode not in (None, 0) for pr in procs.values()) and first_fail is None:
                 first_fail = now
             if now > deadline or (first_fail is not None and now - first_fail > 15):

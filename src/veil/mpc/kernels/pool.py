@@ -3,7 +3,7 @@
 ``maxpool_a``: the windows of each output (``kh*kw`` values) are reduced pairwise,
 ``max(a, b) = b + (a - b) * [a - b >= 0]`` with :func:`~veil.mpc.kernels.compare.select_a`; all pairs
 of all windows of a level go in one call, so a k-element window costs ``ceil(log2 k)`` calls of
-8 rounds each (2x2 pooling: 16 rounds). Padding is a public very negative value (-2^61 in the ring).
+4 rounds each (2x2 pooling: 8 rounds). Padding is a public very negative value (-2^61 in the ring).
 
 ``argmax_a``: the same tournament along the last axis carrying the index: one comparison per pair
 selects both the value and the index (``width = 2`` in the bit-times-value step), so the cost is
