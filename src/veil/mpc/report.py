@@ -19,8 +19,9 @@ class Report:
     * ``offline_*``: the dealer producing and sending a query's material and the servers
       expanding it and precomputing (before the input exists).
     * ``setup_*``: once per session (weights shared, fixed weight masks opened).
-    * ``rounds``: communication rounds of server0 in the online phase (all queries), which is the
-      latency the protocol pays; ``declared_rounds`` is the same from the kernels' declarations.
+    * ``rounds``: communication rounds of server0 in the online phase (all queries), counted by its
+      channel, including the round that sends its output share to the user: the latency the
+      protocol pays. ``declared_rounds`` is the same from the kernels' declarations (+1 per query).
     """
 
     images: int = 0

@@ -87,7 +87,9 @@ def server_role(ch: Channel, i: int) -> dict[str, Any]:
         before = ch.stats.copy()
         t1 = time.perf_counter()
         if i == 1:
-            x = recv_msg(ch, "user")
+            x = recv_msg(ch, "user")  # its input share
+        else:
+            recv_msg(ch, "user")  # the input exists: go (server0's share comes from the user's seed)
         out = prog.run(st, {k: np.asarray(v, np.uint64) for k, v in x.items()}, store)
         if len(store):
             raise ProtocolError(f"server{i}: {len(store)} material items of query {q!r} were not consumed")

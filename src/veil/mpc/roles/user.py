@@ -67,6 +67,7 @@ def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, A
         sent_before = ch.stats.bytes_sent
         ch.send("server1", {k: v[start : start + b] - prg.words(f"{q}/input/{k}", v[start : start + b].shape)
                             for k, v in enc.items()})
+        ch.send("server0", {"go": q})
         shares = [recv_msg(ch, p) for p in SERVERS]
         t2 = time.perf_counter()
         logs = [recv_msg(ch, p) for p in SERVERS]
@@ -84,7 +85,7 @@ def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, A
         rep.online_bytes += on_bytes
         rep.server_bytes += logs[0]["online"]["sent_to"].get("server1", 0)
         rep.rounds += logs[0]["online"]["rounds"]
-        rep.declared_rounds += prog.cost.rounds
+        rep.declared_rounds += prog.cost.rounds + 1  # + the round that sends the outputs to the user
         rep.declared_server_bytes += prog.cost.bytes
         rep.queries += 1
     for p in ("owner", "dealer", *SERVERS):
