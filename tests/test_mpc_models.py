@@ -9,6 +9,7 @@ import pytest
 import veil.mpc as M
 from veil.assets import load_slice, model_path
 from veil.errors import (
+    InputDtypeError,
     InputRangeError,
     InputShapeError,
     MaterialExhaustedError,
@@ -140,6 +141,7 @@ def _small_graph():
 @pytest.mark.parametrize("bad,err", [
     (np.zeros((2, 3, 6, 6), np.float32), InputShapeError),
     (np.full((2, 2, 6, 6), 1e9, np.float32), InputRangeError),
+    (np.zeros((2, 2, 6, 6), np.int32), InputDtypeError),
 ])
 def test_bad_input_fails_on_every_party_before_anything_is_sent(bad, err):
     parties, errors = _parties(_small_graph(), bad)

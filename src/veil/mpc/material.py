@@ -68,8 +68,18 @@ class ServerSide:
     def __init__(self, party: int, g: Prg, corrections: dict[str, np.ndarray] | None = None):
         self.party, self.g = party, g
         self.corrections = dict(corrections or {})
+        self._early: dict[str, np.ndarray] = {}
+
+    def prefetch(self, label: str, shape: Shape) -> np.ndarray:
+        """Draw a seeded value before the dealer's corrections arrive (to precompute with it); the
+        later ``rand`` of the same label returns it instead of drawing again."""
+        v = self.g.words(label, shape)
+        self._early[label] = v
+        return v
 
     def rand(self, label: str, shape: Shape) -> np.ndarray:
+        if label in self._early:
+            return self._early.pop(label)
         return self.g.words(label, shape)
 
     def rand_bits(self, label: str, shape: Shape) -> np.ndarray:

@@ -52,6 +52,7 @@ class Instr:
     materials: list[tuple[str, Maker]] = field(default_factory=list)
     cost: Cost = field(default_factory=Cost)
     prepare: str | None = None  # node name of a fixed product to precompute offline
+    inputs: tuple[str, ...] = ()  # tensors read (recorded for fixed products)
 
 
 def fixed_spec(node: Node) -> tuple[Any, ...] | None:
@@ -84,12 +85,27 @@ class Program:
         """Run the material plan on a side (dealer: full values + corrections; server: its shares)."""
         return {key: maker(side, f"{query}/{key}", fixed) for ins in self.instrs for key, maker in ins.materials}
 
-    def prepare(self, st: ServerState, store: Any) -> None:
+    def precompute(self, st: ServerState, side: Any, query: str) -> dict[str, np.ndarray]:
+        """Offline, before the dealer's message arrives: ``A_i op F`` for every fixed product
+        (``A_i`` is drawn from the dealer seed, so the servers need not wait for the dealer)."""
+        out = {}
+        for ins in self.instrs:
+            if ins.prepare is not None:
+                key = f"{ins.name}/aw"
+                a = side.prefetch(f"{query}/{key}/A", self.shapes[ins.inputs[0]])
+                fw = st.fixed[ins.prepare]
+                out[key] = fw.apply(a, fw.f_limbs)
+        return out
+
+    def prepare(self, st: ServerState, store: Any, early: dict[str, np.ndarray] | None = None) -> None:
         """Offline precomputation on a server (fixed products: ``P_i = A_i op F + C_i``)."""
         for ins in self.instrs:
             if ins.prepare is not None:
-                fw = st.fixed[ins.prepare]
-                store.transform(f"{ins.name}/aw", lambda item, fw=fw: products.prepare_aw(fw, item))
+                fw, key = st.fixed[ins.prepare], f"{ins.name}/aw"
+                if early is not None and key in early:
+                    store.transform(key, lambda item, af=early[key]: {"A": item["A"], "P": af + item["C"]})
+                else:
+                    store.transform(key, lambda item, fw=fw: products.prepare_aw(fw, item))
 
     def run(self, st: ServerState, inputs: dict[str, np.ndarray], store: Any) -> dict[str, np.ndarray]:
         env = dict(inputs)
@@ -163,7 +179,7 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint) -> Program:
                     z = z + (b if z.ndim == 2 else b.reshape(-1, 1, 1))
                 env[out] = z
 
-            instrs.append(Instr(name, run, [(key, mk)], products.product_aw_cost(shapes[x]), prepare=name))
+            instrs.append(Instr(name, run, [(key, mk)], products.product_aw_cost(shapes[x]), prepare=name, inputs=(x,)))
             scale[node.output] = 2 * f
         elif op in ("relu", "maxpool", "argmax"):
             t = src[0]
