@@ -191,3 +191,34 @@ def test_softmax_inside_the_graph_is_rejected():
     g.outputs = ["out"]
     with pytest.raises(UnsupportedOpError, match="softmax"):
         M.compile_program(g, 1, FixedPoint())
+
+
+def test_matmul_of_two_activations_and_other_frac_bits():
+    r = np.random.default_rng(9)
+    nodes = [Node("l1", "linear", ("x",), "h", {"W": r.normal(0, 0.5, (6, 4)), "b": r.normal(0, 0.1, 6)}),
+             Node("t", "transpose", ("h",), "ht", attrs={"perm": (1, 0)}),
+             Node("mm", "matmul", ("h", "ht"), "y")]
+    g = Graph(nodes, [TensorSpec("x", (3, 4))], ["y"], "mm")
+    x = r.normal(0, 1, (3, 4)).astype(np.float32)
+    for f in (12, 16, 20):
+        pred, rep = M.run(g, x, frac_bits=f)
+        ref = run_plain(g, x, dtype=np.float64)["y"]
+        assert np.abs(pred - ref).max() < 40 * 2.0**-f, f  # a few ulps after two products
+        assert rep.rounds == rep.declared_rounds
+
+
+def test_input_limit_follows_the_weights_and_the_format():
+    from veil.mpc.bounds import input_limit
+
+    w = np.array([[3.0, -1.0], [0.5, 0.5]])
+    g = Graph([Node("l", "linear", ("x",), "y", {"W": w, "b": np.array([2.0, 0.0])}),
+               Node("r", "relu", ("y",), "z")], [TensorSpec("x", (None, 2))], ["z"])
+    fp = FixedPoint(16)
+    lim, uncovered = input_limit(g, fp)
+    assert lim == pytest.approx((2.0 ** (61 - 32) - 2.0) / 4.0) and uncovered == []
+    assert input_limit(g, FixedPoint(20))[0] < lim / 200  # more fractional bits, less integer range
+    x = np.full((1, 2), lim * 1.01, np.float32)
+    parties, errors = _parties(g, x)
+    with pytest.raises(InputRangeError, match="fixed-point range"):
+        run_local(parties, timeout=10)
+    assert isinstance(errors["server0"], ProtocolError)

@@ -42,7 +42,7 @@ def input_limit(graph: Graph, fp: FixedPoint) -> tuple[float, list[str]]:
         elif n.op == "mul_const":
             c = float(np.abs(n.params["c"]).max())
             g, h = g * c, h * c
-        elif n.op == "mul":
+        elif n.op in ("mul", "matmul"):
             g, h = 0.0, 0.0
             uncovered.append(n.output)
         elif n.op in ("softmax", "argmax"):

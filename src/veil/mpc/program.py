@@ -23,6 +23,7 @@ import numpy as np
 from veil.errors import UnsupportedOpError
 from veil.graph.ir import Graph, Node
 from veil.mpc import dealer as D
+from veil.mpc import ring
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.kernels import arith, compare, pool, products
 from veil.mpc.kernels.base import Cost, Ctx
@@ -33,7 +34,7 @@ from veil.plain.executor import trace_shapes
 __all__ = ["MPC_OPS", "Program", "ServerState", "compile_program", "fixed_spec"]
 
 MPC_OPS = frozenset({"linear", "conv2d", "relu", "maxpool", "avgpool", "global_avgpool", "flatten", "reshape",
-                     "transpose", "add", "sub", "mul", "add_const", "mul_const", "argmax", "softmax"})
+                     "transpose", "add", "sub", "mul", "matmul", "add_const", "mul_const", "argmax", "softmax"})
 
 Maker = Callable[[Any, str, dict[str, Any]], Any]
 
@@ -271,6 +272,22 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint) -> Program:
 
             def mk(side, lab, fx, sa=sa, sb=sb, sc=sc):
                 return (D.beaver(side, lab, sa, sb, sc, np.multiply))
+            instrs.append(Instr(name, run, [(key, mk)], products.beaver_cost(sa, sb)))
+            scale[node.output] = 2 * f
+        elif op == "matmul":
+            xs = [at_f(i, name) for i in src]
+            sa, sb, sc = shapes[xs[0]], shapes[xs[1]], shapes[node.output]
+            if len(sa) != 2 or len(sb) != 2:
+                raise UnsupportedOpError(name, op, MPC_OPS, f"matmul of two secret tensors is supported for 2-D "
+                                         f"operands, got {sa} and {sb}", where="mpc mode")
+            key = f"{name}/beaver"
+
+            def run(st: ServerState, env: dict, store: Any, xs=xs, key=key, out=node.output) -> None:
+                env[out] = products.matmul_aa(st.ctx, env[xs[0]], env[xs[1]], store.take(key))
+
+            def mk(side: Any, lab: str, fx: dict, sa=sa, sb=sb, sc=sc) -> Any:
+                return D.beaver(side, lab, sa, sb, sc, ring.matmul)
+
             instrs.append(Instr(name, run, [(key, mk)], products.beaver_cost(sa, sb)))
             scale[node.output] = 2 * f
         elif op == "softmax":
