@@ -154,6 +154,28 @@ def encode(
     console.print(np.array2string(emb[:8], precision=4) + f" ... ({emb.shape[0]} dims, L2-normalised)")
 
 
+def _corpus_ids(model: Path, corpus: Path) -> tuple[np.ndarray, np.ndarray]:
+    from veil.errors import InputError
+
+    tok_path = model / "tokenizer.json"
+    if not tok_path.is_file():
+        raise InputError(f"--corpus needs {tok_path} to tokenise the text")
+    try:
+        text = corpus.read_text(errors="replace")
+    except OSError as exc:
+        raise InputError(f"cannot read corpus {corpus}: {exc.__class__.__name__}") from None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_path))
+    tok.no_truncation()
+    tok.no_padding()
+    ids = np.array(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    if ids.size < 20:
+        raise InputError(f"corpus {corpus} gives only {ids.size} tokens; need at least 20")
+    half = ids.size // 2
+    return ids[:half][None, :], ids[half:2 * half][None, :]
+
+
 @app.command()
 @_clear_errors
 def audit(
@@ -162,6 +184,9 @@ def audit(
     noise: str = typer.Option("0,0.1,1", help="simulated fine-tuning noise levels, in std units"),
     sequences: int = typer.Option(32, help="sampled sequences of traffic (decoders)"),
     length: int = typer.Option(64, help="tokens per sampled sequence"),
+    corpus: Path | None = typer.Option(None, help="text file for traffic (encoders; needs tokenizer.json "
+                                                  "in the model directory): first half is the user's traffic, "
+                                                  "second half the attacker's reference"),
 ) -> None:
     """Run the attacks a reviewer would run and print how much of the secrets they recover."""
     from veil.permute.audit import run_audit
@@ -171,12 +196,16 @@ def audit(
     pkey, meta = read_key(key)
     source = load_source(model)
     noises = tuple(float(x) for x in noise.split(",") if x.strip())
-    results = run_audit(source, pkey, noises=noises, n_seq=sequences, length=length)
-    table = Table(title=f"permute leakage audit: {meta['family']}, mode {meta['mode']}")
+    traffic = reference = None
+    if corpus is not None:
+        traffic, reference = _corpus_ids(model, corpus)
+    results = run_audit(source, pkey, noises=noises, n_seq=sequences, length=length, traffic=traffic,
+                        reference=reference)
+    table = Table(title=f"permute leakage audit: {meta['family']}, key mode {meta['mode']}")
     for col in ("attack", "attacker knows", "recovered", "of what"):
         table.add_column(col)
     for r in results:
         table.add_row(r.attack, r.attacker_knows, f"{100 * r.recovered:.1f}%", r.detail)
-    console.print(table)
+    Console(width=max(console.width, 120)).print(table)
     console.print("[yellow]permute mode is obfuscation, not cryptography; hidden states can also be inverted "
                   "(Hidden No More, arXiv 2505.18332). See docs/permute.md.[/yellow]")

@@ -159,8 +159,8 @@ def run_audit(
         transformed = transform_state_dict(a, c, private, key)
         pi_hat = match_columns(base_f, hidden_features(a, transformed))
         results.append(AuditResult(
-            "column matching", f"public base model; private weights = base + {noise:g} std noise",
-            float(np.mean(pi_hat == key.hidden)), f"pi entries recovered out of {len(key.hidden)}",
+            "column matching", f"public base; noise {noise:g}",
+            float(np.mean(pi_hat == key.hidden)), f"pi entries of {len(key.hidden)}",
         ))
         undo = np.argsort(pi_hat)
         if key.vocab is not None:
@@ -168,8 +168,8 @@ def run_audit(
             sigma_hat = nearest_rows(cloud_rows, public_emb)
             results.append(AuditResult(
                 "embedding-row matching (vocab mode)",
-                f"public base model, noise {noise:g}; cloud's own embedding table, pi from column matching",
-                float(np.mean(sigma_hat == key.vocab)), f"sigma entries recovered out of {len(key.vocab)}",
+                f"public base; noise {noise:g}; own embedding table; pi from column matching",
+                float(np.mean(sigma_hat == key.vocab)), f"sigma entries of {len(key.vocab)}",
             ))
         if traffic is not None:
             private_emb = private[a.embedding_name].float().numpy()
@@ -177,8 +177,8 @@ def run_audit(
             tokens = nearest_rows(seen[:, undo], public_emb)
             results.append(AuditResult(
                 "input inversion (embed mode)",
-                f"public base model, noise {noise:g}; permuted input embeddings, pi from column matching",
-                float(np.mean(tokens == traffic.ravel())), f"token positions recovered out of {traffic.size}",
+                f"public base; noise {noise:g}; inputs seen; pi from column matching",
+                float(np.mean(tokens == traffic.ravel())), f"token positions of {traffic.size}",
             ))
     if traffic is not None and reference is not None and key.vocab is not None:
         sigma_inv = key.vocab_inverse
@@ -187,9 +187,9 @@ def run_audit(
         decoded = guess[observed]
         distinct = np.unique(traffic)
         results.append(AuditResult(
-            "frequency analysis (vocab mode)", f"a reference sample of {reference.size} ordinary tokens only",
+            "frequency analysis (vocab mode)", f"{reference.size} reference tokens only (no weights)",
             float(np.mean(decoded == traffic)),
-            f"token positions recovered out of {traffic.size}; distinct tokens right: "
+            f"token positions of {traffic.size}; distinct tokens right: "
             f"{int(np.sum(guess[sigma_inv[distinct]] == distinct))}/{len(distinct)}",
         ))
     return results
