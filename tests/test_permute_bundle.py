@@ -169,3 +169,11 @@ def test_too_long_sequences_are_refused_by_client_and_cloud(written, mode):
     (err,) = runtime.step_batch([(sid, client.permute_input(np.ones(3, dtype=np.int64)))])
     assert isinstance(err, SequenceTooLongError)
     assert client.generate([1, 2, 3], 30)  # exactly at the limit is fine
+
+
+def test_key_for_another_model_is_refused_by_transform(src):
+    from veil.permute.testing import random_gpt2
+
+    key, meta = make_key(random_gpt2(seed=1), "embed")
+    with pytest.raises(KeyBundleError, match="family='gpt2'"):
+        make_packages(src, key, meta)
