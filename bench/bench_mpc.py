@@ -12,6 +12,8 @@
     python bench/bench_mpc.py                 # everything
     python bench/bench_mpc.py --ring          # ring arithmetic only
     python bench/bench_mpc.py --nets C --batches 64
+
+A last table runs the same networks in one process (threads, in-memory channels).
 """
 
 from __future__ import annotations
@@ -117,16 +119,40 @@ def bench_networks(nets: list[str], batches: list[int], images: int) -> None:
     console.print(tab)
 
 
+def bench_in_process(nets: list[str], batches: list[int]) -> None:
+    """The same protocol with the parties as threads over in-memory channels: its cost without TLS,
+    sockets and process scheduling (CrypTen's figures are for two processes)."""
+    import veil.mpc as M
+
+    x_all, _ = load_slice(64)
+    tab = Table(title="in one process (parties as threads, in-memory channels); times per query")
+    for c in ("net", "batch", "online", "offline", "rounds", "agreement", "CrypTen (2 processes)"):
+        tab.add_column(c)
+    for net in nets:
+        for b in batches:
+            n = 16 if b == 1 else 64
+            _, rep = M.run(str(model_path(net)), x_all[:n], batch_size=b)
+            q = rep.queries
+            ref = CRYPTEN.get((net, b))
+            tab.add_row(net, str(b), f"{rep.online_s / q * 1e3:.1f} ms", f"{rep.offline_s / q * 1e3:.1f} ms",
+                        str(rep.rounds // q), f"{rep.agreement:.2%}", f"{ref[0] * 1e3:.0f} ms" if ref else "-")
+    console.print(tab)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ring", action="store_true", help="ring arithmetic only")
     ap.add_argument("--nets", default="A,B,C,D")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--images", type=int, default=256, help="images of the shipped slice for agreement")
+    ap.add_argument("--no-inproc", action="store_true", help="skip the in-process table")
     a = ap.parse_args()
+    nets, batches = a.nets.split(","), [int(b) for b in a.batches.split(",")]
     bench_ring()
     if not a.ring:
-        bench_networks(a.nets.split(","), [int(b) for b in a.batches.split(",")], a.images)
+        bench_networks(nets, batches, a.images)
+        if not a.no_inproc:
+            bench_in_process(nets, batches)
 
 
 if __name__ == "__main__":
