@@ -162,3 +162,17 @@ def test_minilm_sentence_embedding_over_http_and_cli(minilm, servers):
     assert r.exit_code == 0, r.output
     first = ref[0] / np.linalg.norm(ref[0])
     assert f"{first[0]:.4f}"[:5] in r.output
+
+
+def test_generate_cli_against_the_server(stories, stories_server):
+    from typer.testing import CliRunner
+
+    from veil.cli.permute_cmd import app
+
+    url, user_dir = stories_server
+    r = CliRunner().invoke(app, ["generate", "--user", str(user_dir), "--url", url, "--prompt-ids", "1",
+                                 "--max-new-tokens", "10"])
+    assert r.exit_code == 0, r.output
+    assert r.output.split("\n")[0].split() == [str(t) for t in hf_greedy(stories.model, [1], 10)]
+    r = CliRunner().invoke(app, ["generate", "--user", str(user_dir), "--url", url, "--max-new-tokens", "600"])
+    assert r.exit_code == 2 and "SequenceTooLongError" in r.output

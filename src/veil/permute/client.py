@@ -205,6 +205,8 @@ class PermuteClient:
         if not self.meta["is_decoder"]:
             raise InputError(f"{self.meta['family']} is an encoder; generation needs a decoder model")
         ids = self._ids(list(prompt_ids), 1)
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1; got {max_new_tokens}")
         needed = len(ids) + max_new_tokens - 1
         if needed > self.max_positions:
             raise SequenceTooLongError(needed, self.max_positions)

@@ -137,6 +137,11 @@ def create_app(runtime: CloudRuntime, max_batch: int = 16, window_ms: float = 0.
     async def veil_error(request, exc):  # noqa: ARG001
         return _error_response(exc)
 
+    @app.exception_handler(Exception)
+    async def other_error(request, exc):  # noqa: ARG001
+        log.error("request failed: %s", exc.__class__.__name__)  # no message: it could hold data
+        return _error_response(exc)
+
     @app.get("/info")
     async def info():
         return runtime.info()
