@@ -222,3 +222,20 @@ def test_input_limit_follows_the_weights_and_the_format():
     with pytest.raises(InputRangeError, match="fixed-point range"):
         run_local(parties, timeout=10)
     assert isinstance(errors["server0"], ProtocolError)
+
+
+def test_direct_first_layer_and_the_shared_input_path():
+    """When the input reaches the first linear/conv through shape ops only, the user masks it itself
+    (one round less); otherwise the input is secret-shared (server0's share from the user's seed)."""
+    prog = M.compile_program(load_model(str(model_path("A"))), 1, FixedPoint())
+    assert prog.direct is not None and [n.op for n in prog.direct["prefix"]] == ["flatten"]
+    assert prog.instrs[0].cost.rounds == 0
+    r = np.random.default_rng(4)
+    g = Graph([Node("r0", "relu", ("x",), "h"),
+               Node("l", "linear", ("h",), "y", {"W": r.normal(0, 0.5, (3, 5)), "b": r.normal(0, 0.1, 3)})],
+              [TensorSpec("x", (None, 5))], ["y"])
+    assert M.compile_program(g, 2, FixedPoint()).direct is None
+    x = r.normal(0, 1, (4, 5)).astype(np.float32)
+    pred, rep = M.run(g, x, batch_size=2)
+    assert np.abs(pred - run_plain(g, x, dtype=np.float64)["y"]).max() < TOL
+    assert rep.rounds == rep.declared_rounds == 2 * (4 + 1 + 1)  # relu, linear, output per query

@@ -5,7 +5,8 @@ product of two ``f``-scale values has ``2f`` until truncated. Truncation is lazy
 the next ReLU (one opening serves the comparison and the truncation), skipped at the outputs (the
 user decodes at ``2f``), and only run on its own (``trunc_a``, 1 round) before another product.
 Max pooling runs at whatever scale it gets. Scales being static, the dealer can plan the exact
-material of a query from the public graph and the batch size alone.
+material of a query from the public graph and the batch size alone. When the input reaches the first
+linear/conv layer through shape ops only, the user masks that layer's input itself (``direct``).
 
 Supported ops: see :data:`MPC_OPS`. ``softmax`` is only allowed on a graph output: the servers
 return its input and the user applies it after reconstruction (softmax is public post-processing
@@ -31,7 +32,9 @@ from veil.mpc.rewrite import pool_before_relu
 from veil.plain import kernels as PK
 from veil.plain.executor import trace_shapes
 
-__all__ = ["MPC_OPS", "Program", "ServerState", "compile_program", "fixed_spec"]
+__all__ = ["MPC_OPS", "Program", "ServerState", "compile_program", "fixed_spec", "apply_prefix", "DIRECT_INPUT"]
+
+DIRECT_INPUT = "__masked_input__"
 
 MPC_OPS = frozenset({"linear", "conv2d", "relu", "maxpool", "avgpool", "global_avgpool", "flatten", "reshape",
                      "transpose", "add", "sub", "mul", "matmul", "add_const", "mul_const", "argmax", "softmax"})
@@ -74,6 +77,7 @@ class Program:
     shapes: dict[str, tuple[int, ...]]
     post: dict[str, tuple[str, Any]]  # output -> ("softmax", axis) applied by the user
     final: dict[str, str]  # graph output -> tensor the servers reveal
+    direct: dict[str, Any] | None = None  # first layer masked by the user itself (see compile_program)
 
     @property
     def cost(self) -> Cost:
@@ -161,9 +165,33 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint) -> Program:
         instrs.append(Instr(node.name, run))
         scale[node.output] = out_scale
 
+    direct = _direct_first_layer(graph)
+    skip = {n.name for n in direct["prefix"]} if direct else set()
     for node in graph.nodes:
         op, name = node.op, node.name
         src = [alias.get(i, i) for i in node.inputs]
+        if name in skip:  # shape ops the user applies to its own input before masking it
+            scale[node.output] = f
+            continue
+        if direct is not None and name == direct["node"]:
+            key, x = f"{name}/aw", direct["tensor"]
+            wop = products.weight_op(fixed_spec(node))
+
+            def mk(side: Any, lab: str, fx: dict, x=x, out=node.output, wop=wop, name=name) -> Any:
+                return D.fixed_product(side, lab, shapes[x], shapes[out], wop, fx.get(name))
+
+            def run(st: ServerState, env: dict, store: Any, key=key, name=name, out=node.output) -> None:
+                fw, mat = st.fixed[name], store.take(key)
+                z = fw.apply(env[DIRECT_INPUT], fw.w_limbs) + mat["P"]  # E = X - A came from the user
+                if name in st.bias:
+                    b = st.bias[name]
+                    z = z + (b if z.ndim == 2 else b.reshape(-1, 1, 1))
+                env[out] = z
+
+            instrs.append(Instr(name, run, [(key, mk)], Cost(), prepare=name, inputs=(x,)))
+            scale[node.output] = 2 * f
+            direct["key"] = key
+            continue
         if op in ("linear", "conv2d"):
             x = at_f(src[0], name)
             spec = fixed_spec(node)
@@ -299,4 +327,38 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint) -> Program:
         else:  # pragma: no cover - guarded by require_ops
             raise UnsupportedOpError(name, op, MPC_OPS, where="mpc mode")
     final = {o: alias.get(o, o) for o in graph.outputs}
-    return Program(graph, batch, fp, instrs, scale, shapes, post, final)
+    return Program(graph, batch, fp, instrs, scale, shapes, post, final, direct)
+
+
+def _direct_first_layer(graph: Graph) -> dict[str, Any] | None:
+    """If the single input reaches a linear/conv layer through shape ops only (flatten, reshape,
+    transpose), the user can mask that layer's input itself: the dealer gives it the mask ``A`` (offline)
+    and it sends ``E = X - A`` to both servers, saving the servers' first opening (one round)."""
+    if len(graph.inputs) != 1:
+        return None
+    t, prefix = graph.inputs[0].name, []
+    for node in graph.nodes:
+        if node.inputs != (t,) or len(graph.consumers(t)) != 1 or t in graph.outputs:
+            return None
+        if node.op in ("flatten", "reshape", "transpose"):
+            prefix.append(node)
+            t = node.output
+            continue
+        if node.op in ("linear", "conv2d"):
+            return {"prefix": prefix, "node": node.name, "tensor": t}
+        return None
+    return None
+
+
+def apply_prefix(prog: Program, x: np.ndarray) -> np.ndarray:
+    """The user's side of the direct first layer: the shape ops before it, on its own input."""
+    assert prog.direct is not None
+    for node in prog.direct["prefix"]:
+        a = node.attrs
+        if node.op == "flatten":
+            x = PK.flatten(x, a["axis"])
+        elif node.op == "reshape":
+            x = PK.onnx_reshape(x, a["shape"])
+        else:
+            x = np.ascontiguousarray(np.transpose(x, a["perm"]))
+    return x

@@ -7,8 +7,10 @@ setup (once)   owner -> S0 {model, seed}, owner -> S1 {model, W - PRG(seed)}, ow
                S0 <-> S1 open ``F = W - B`` for every fixed weight (``B`` from the dealer seeds).
 offline        user -> dealer, S0, S1 {query, batch}; dealer -> S1 corrections, dealer -> S0 ack;
                S0, S1 expand and precompute, then -> user {ready}.
-online         user -> S1 its input share (S0's share comes from the user's seed);
-               S0 <-> S1 run the program; S0, S1 -> user output shares.
+online         user -> S1 its input share (S0's share comes from the user's seed), or, when the
+               first layer is masked by the user (``Program.direct``; the dealer sent it ``A``
+               offline), user -> S0, S1 ``E = X - A``; S0 <-> S1 run the program;
+               S0, S1 -> user output shares.
 end            user -> all {done}; every party -> user its channel counters.
 Any party may send {op: abort, reason} instead; the receivers raise :class:`ProtocolError`.
 """

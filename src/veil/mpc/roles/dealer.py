@@ -50,9 +50,12 @@ def dealer_role(ch: Channel) -> dict[str, Any]:
         if batch not in programs:
             programs[batch] = compile_program(graph, batch, fp)
         side = DealerSide(g0, g1)
-        programs[batch].materials(side, msg["q"], masks)
+        prog = programs[batch]
+        mats = prog.materials(side, msg["q"], masks)
         ch.send("server1", {"q": msg["q"], "corrections": side.corrections})
         ch.send("server0", {"q": msg["q"]})
+        if prog.direct is not None:  # the user masks the first layer's input itself
+            ch.send("user", {"q": msg["q"], "A": mats[prog.direct["key"]]["A"]})
         served.append({"q": msg["q"], "seconds": time.perf_counter() - t0, "bytes": (ch.stats - before).bytes_sent})
     ch.send("user", {"setup": setup.as_dict(), "total": ch.stats.as_dict(), "queries": served,
                      "labels": len(g0.labels) + len(g1.labels)})

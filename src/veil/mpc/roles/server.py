@@ -13,7 +13,7 @@ from veil.mpc.kernels.base import Ctx
 from veil.mpc.kernels.products import FixedWeight
 from veil.mpc.material import MaterialStore, ServerSide
 from veil.mpc.prg import Prg
-from veil.mpc.program import Program, ServerState, compile_program, fixed_spec
+from veil.mpc.program import DIRECT_INPUT, Program, ServerState, compile_program, fixed_spec
 from veil.mpc.public import from_public
 from veil.mpc.roles.common import QUERY_WAIT, recv_msg
 from veil.mpc.roles.dealer import weight_masks
@@ -82,7 +82,7 @@ def server_role(ch: Channel, i: int) -> dict[str, Any]:
         t_expand = time.perf_counter()
         prog.prepare(st, store, early)
         t_prep = time.perf_counter()
-        if i == 0:
+        if i == 0 and prog.direct is None:
             assert user_prg is not None
             x = {s.name: user_prg.words(f"{q}/input/{s.name}", s.concrete(batch)) for s in graph.inputs}
         offline_s = time.perf_counter() - t0
@@ -90,7 +90,9 @@ def server_role(ch: Channel, i: int) -> dict[str, Any]:
         # online
         before = ch.stats.copy()
         t1 = time.perf_counter()
-        if i == 1:
+        if prog.direct is not None:
+            x = {DIRECT_INPUT: recv_msg(ch, "user")}  # E = X - A for the first layer, from the user
+        elif i == 1:
             x = recv_msg(ch, "user")  # its input share
         else:
             recv_msg(ch, "user")  # the input exists: go (server0's share comes from the user's seed)

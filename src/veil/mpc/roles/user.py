@@ -10,7 +10,7 @@ import numpy as np
 from veil.errors import InputError, InputRangeError
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.prg import Prg, new_seed
-from veil.mpc.program import compile_program
+from veil.mpc.program import apply_prefix, compile_program
 from veil.mpc.public import from_public
 from veil.mpc.report import Report
 from veil.mpc.roles.common import abort_all, recv_msg
@@ -61,13 +61,19 @@ def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, A
         t0 = time.perf_counter()
         for p in ("dealer", *SERVERS):
             ch.send(p, {"op": "query", "q": q, "batch": b})
+        mask = recv_msg(ch, "dealer")["A"] if prog.direct is not None else None
         for p in SERVERS:
             recv_msg(ch, p)  # ready
         t1 = time.perf_counter()
         sent_before = ch.stats.bytes_sent
-        ch.send("server1", {k: v[start : start + b] - prg.words(f"{q}/input/{k}", v[start : start + b].shape)
-                            for k, v in enc.items()})
-        ch.send("server0", {"go": q})
+        if mask is not None:  # mask the first layer's input directly: E = X - A to both servers
+            e = apply_prefix(prog, next(iter(enc.values()))[start : start + b]) - mask
+            for p in SERVERS:
+                ch.send(p, e)
+        else:
+            ch.send("server1", {k: v[start : start + b] - prg.words(f"{q}/input/{k}", v[start : start + b].shape)
+                                for k, v in enc.items()})
+            ch.send("server0", {"go": q})
         shares = [recv_msg(ch, p) for p in SERVERS]
         t2 = time.perf_counter()
         logs = [recv_msg(ch, p) for p in SERVERS]
