@@ -68,3 +68,20 @@ def test_run_audit_reports_every_attack_with_rates(llama):
     assert all(0.0 <= r.recovered <= 1.0 for r in results)
     exact = [r for r in results if "noise 0" in r.attacker_knows or "+ 0 std" in r.attacker_knows]
     assert exact and all(r.recovered == 1.0 for r in exact), by
+
+
+def test_bigram_hill_climbing_beats_plain_frequency_on_model_text():
+    """On text sampled from stories260K (2048 tokens of traffic, 2048 of reference; seeds fixed), the
+    bigram refinement recovers more positions than rank matching (measured here 0.18 -> 0.22; with
+    4096 tokens each, 0.09 -> 0.32). It is a search, not a guarantee: on synthetic Markov chains it can
+    also do worse than rank matching."""
+    from veil.permute import load_source
+    from veil.permute.audit import _sample_traffic, bigram_attack
+
+    src = load_source("/work/shared/models/stories260K.bin")
+    traffic, reference = _sample_traffic(src, 32, 64, seed=123), _sample_traffic(src, 32, 64, seed=456)
+    sigma = np.random.default_rng(5).permutation(512)
+    observed = np.argsort(sigma)[traffic]
+    plain = np.mean(frequency_attack(observed, reference, 512)[observed] == traffic)
+    refined = np.mean(bigram_attack(observed, reference, 512)[observed] == traffic)
+    assert refined > plain, (plain, refined)
