@@ -199,3 +199,33 @@ def test_and_bb_and_one_round_monomials():
     out, ch, _ = simulate(lambda ctx, m, x, y: and_bb(ctx, x, y, m)[0], trip,
                           [[shares[0][0], shares[1][0]], [shares[0][1], shares[1][1]]])
     assert np.array_equal(out[0] ^ out[1], bits[0] & bits[1]) and ch["server1"].stats.rounds == 1
+
+
+@pytest.mark.parametrize("trunc", [False, True])
+def test_select3_a_three_rounds_exact_and_cost(trunc):
+    """The 3-round variant used for small layers: same results, declared cost matches the channels."""
+    from veil.mpc.kernels.select3 import select3_a_cost
+
+    n = 2001
+    x = np.concatenate([RNG.normal(0, 100, n - 5), [0.0, -ULP, ULP, 1e6, -1e6]])
+    scale = 2 * F if trunc else F
+    a, b = split(FP.encode(x, scale=scale))
+    out, ch, _ = simulate(lambda ctx, m, s: relu_a(ctx, s, m, trunc=trunc),
+                          lambda side: D.compare3(side, "r", n, 1, F if trunc else None), [[a], [b]])
+    y = FP.decode(S.reconstruct(*out), F if trunc else scale)
+    want = np.maximum(FP.decode(FP.encode(x, scale=scale), scale), 0)
+    assert np.abs(y - want).max() <= (ULP if trunc else 0) and (y[x < 0] == 0).all()
+    check_cost(ch, select3_a_cost(n))
+    assert select3_a_cost(n).rounds == 3
+    raw = np.concatenate([RNG.integers(-(2**62) + 1, 2**62, 3000), [2**62 - 1, -(2**62) + 1, 1, -1, 0]]).astype(np.int64)
+    a, b = split(raw.view(np.uint64))
+    out, _, _ = simulate(lambda ctx, m, s: relu_a(ctx, s, m), lambda side: D.compare3(side, "r", raw.size), [[a], [b]])
+    assert (S.reconstruct(*out).view(np.int64) == np.maximum(raw, 0)).all()
+
+
+def test_argmax_with_three_round_comparisons():
+    x = RNG.normal(0, 1, (30, 7))
+    a, b = split(FP.encode(x))
+    mats = lambda side: [D.compare3(side, f"a{i}", 30 * q, 2) for i, q in enumerate(tournament_sizes(7))]  # noqa: E731
+    out, _, _ = simulate(lambda ctx, m, v: argmax_a(ctx, v, 1, m), mats, [[a], [b]])
+    assert np.array_equal(S.reconstruct(*out).astype(np.int64), x.argmax(1))

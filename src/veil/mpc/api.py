@@ -17,6 +17,7 @@ import numpy as np
 
 from veil.graph import load_model
 from veil.mpc.fixedpoint import FixedPoint
+from veil.mpc.party import blas_single_thread
 from veil.mpc.report import Report, compare_with_plain
 from veil.mpc.roles import dealer_role, owner_role, server_role, user_role
 from veil.net.local import run_local
@@ -46,7 +47,8 @@ def run_session(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None 
         "server1": lambda ch: server_role(ch, 1),
         "dealer": lambda ch: dealer_role(ch),
     }
-    return run_local(parties, timeout=timeout)
+    with blas_single_thread():  # several parties call BLAS at once: threaded BLAS would thrash
+        return run_local(parties, timeout=timeout)
 
 
 def run(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None = None, compare: bool = True,

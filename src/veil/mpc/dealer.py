@@ -30,7 +30,7 @@ import numpy as np
 from veil.mpc.sharing import bitslice, unslice_row
 
 __all__ = ["fixed_product", "trunc", "compare", "beaver", "TREE", "GROUPS", "M63", "packed_len", "borrow_tables",
-           "product_subsets", "monomials"]
+           "product_subsets", "monomials", "ARITH_MONOS", "all_subsets", "compare3"]
 
 M63 = np.uint64((1 << 63) - 1)
 # The low 63 bits are compared in 16 groups of 4 bits (the top group has 3) by dealer lookup tables;
@@ -136,3 +136,60 @@ def beaver(side: Any, label: str, a_shape: Shape, b_shape: Shape, c_shape: Shape
     a = side.rand(f"{label}/a", a_shape)
     b = side.rand(f"{label}/b", b_shape)
     return {"a": a, "b": b, "c": side.share(f"{label}/c", lambda: op(a, b), c_shape)}
+
+
+# 3-round comparison: the last level is evaluated arithmetically. Variables G0 G1 G2 G3 P1 P2 P3 of the
+# last 4 groups; borrow = G3 + P3G2 + P3P2G1 + P3P2P1G0 (exclusive terms, so XOR = integer sum).
+ARITH_MONOS: tuple[tuple[int, ...], ...] = ((3,), (6, 2), (6, 5, 1), (6, 5, 4, 0))
+
+
+def all_subsets(monos: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
+    """Every non-empty subset of some monomial's variables."""
+    out: set[tuple[int, ...]] = set()
+    for t in monos:
+        for bits in range(1, 1 << len(t)):
+            out.add(tuple(sorted(t[i] for i in range(len(t)) if bits >> i & 1)))
+    return sorted(out)
+
+
+def compare3(side: Any, label: str, n: int, width: int = 1, f: int | None = None) -> dict[str, Any]:
+    """Material for the 3-round comparison (:mod:`veil.mpc.kernels.select3`): as :func:`compare` for the
+    opening and the first tree level, then for the last level the masks ``a_i`` of its 7 variables and
+    arithmetic shares of ``a_U``, ``a_U r63``, ``u a_U``, ``u a_U r63`` for every subset ``U`` a
+    monomial needs (22 subsets), and of ``r63``, ``u r63``: about 90 words per element (width 1).
+    Heavier offline, one round less online: used for small layers."""
+    nb = packed_len(n)
+    r = side.rand(f"{label}/r", (n,))
+    out: dict[str, Any] = {"r": r, "tables": side.share_bits(f"{label}/tables", lambda: borrow_tables(r), (16, GROUPS, nb))}
+    nv, nc, monos = TREE[0]
+    out["level1"] = monomials(side, f"{label}/lvl0", nv, monos, (nc, nb))
+    a2 = [side.rand_bits(f"{label}/lvl1/a{v}", (1, nb)) for v in range(7)]
+    out["a2"] = a2
+    subs = all_subsets(ARITH_MONOS)
+    u = side.rand(f"{label}/u", (width, n))
+    out["u"] = u
+
+    def r63() -> np.ndarray:
+        return r >> np.uint64(63)
+
+    def a_u() -> np.ndarray:  # (S, n) products of the (full) mask bits, dealer only
+        bits = [unslice_row(a[0], n) for a in a2]
+        rows = []
+        for sub in subs:
+            v = bits[sub[0]].copy()
+            for i in sub[1:]:
+                v *= bits[i]
+            rows.append(v)
+        return np.stack(rows)
+
+    s = len(subs)
+    out["r63"] = side.share(f"{label}/r63a", r63, (n,))
+    out["ur63"] = side.share(f"{label}/ur63", lambda: u * r63(), (width, n))
+    out["fA"] = side.share(f"{label}/fA", a_u, (s, n))
+    out["fAR"] = side.share(f"{label}/fAR", lambda: a_u() * r63(), (s, n))
+    out["fUA"] = side.share(f"{label}/fUA", lambda: a_u()[:, None, :] * u[None], (s, width, n))
+    out["fUAR"] = side.share(f"{label}/fUAR", lambda: a_u()[:, None, :] * (u * r63())[None], (s, width, n))
+    if f is not None:
+        out["tt"] = side.share(f"{label}/tt", lambda: (r & M63) >> np.uint64(f), (n,))
+        out["tu"] = side.share(f"{label}/tu", lambda: r >> np.uint64(63), (n,))
+    return out

@@ -25,7 +25,7 @@ from veil.mpc.roles import PARTIES, dealer_role, owner_role, server_role, user_r
 from veil.net.channel import Channel
 from veil.net.deployment import Deployment
 
-__all__ = ["run_party", "run_user", "peers_of", "load_inputs", "report_path"]
+__all__ = ["run_party", "run_user", "peers_of", "load_inputs", "report_path", "blas_single_thread"]
 
 
 def peers_of(deployment: Deployment, name: str) -> list[str]:
@@ -60,7 +60,8 @@ def report_path(outputs: Path) -> Path:
     return outputs.with_suffix(".report.json")
 
 
-def _blas_single_thread() -> Any:
+def blas_single_thread() -> Any:
+    """A context limiting BLAS to one thread per process (threadpoolctl, when installed)."""
     try:
         from threadpoolctl import threadpool_limits
 
@@ -72,7 +73,7 @@ def _blas_single_thread() -> Any:
 def run_party(deployment: Deployment, name: str, channel: Channel, console: Any = None) -> Any:
     peers_of(deployment, name)
     opts = deployment.options
-    with _blas_single_thread():
+    with blas_single_thread():
         if name == "owner":
             graph = load_model(_path(deployment, "model"))
             return owner_role(channel, graph, FixedPoint(int(opts.get("frac_bits", 16))))
@@ -101,7 +102,7 @@ def run_user(deployment: str | Path | Deployment, x: Any, batch_size: int | None
     dep = deployment if isinstance(deployment, Deployment) else load_deployment(deployment)
     ch = connect_tls(dep, "user", peers_of(dep, "user"), timeout=timeout)
     try:
-        with _blas_single_thread():
+        with blas_single_thread():
             res = user_role(ch, x, batch_size)
     finally:
         ch.close()

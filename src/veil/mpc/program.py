@@ -26,15 +26,18 @@ from veil.graph.ir import Graph, Node
 from veil.mpc import dealer as D
 from veil.mpc import ring
 from veil.mpc.fixedpoint import FixedPoint
-from veil.mpc.kernels import arith, compare, pool, products
+from veil.mpc.kernels import arith, compare, pool, products, select3
 from veil.mpc.kernels.base import Cost, Ctx
 from veil.mpc.rewrite import pool_before_relu
 from veil.plain import kernels as PK
 from veil.plain.executor import trace_shapes
 
-__all__ = ["MPC_OPS", "Program", "ServerState", "compile_program", "fixed_spec", "apply_prefix", "DIRECT_INPUT"]
+__all__ = ["MPC_OPS", "Program", "ServerState", "compile_program", "fixed_spec", "apply_prefix", "DIRECT_INPUT", "LOW_LATENCY_ELEMENTS"]
 
 DIRECT_INPUT = "__masked_input__"
+# Comparison layers up to this many elements (per query) use the 3-round protocol: one round less for
+# about 90 words of dealer material per element instead of ~8 (worth it where latency dominates).
+LOW_LATENCY_ELEMENTS = 2048
 
 MPC_OPS = frozenset({"linear", "conv2d", "relu", "maxpool", "avgpool", "global_avgpool", "flatten", "reshape",
                      "transpose", "add", "sub", "mul", "matmul", "add_const", "mul_const", "argmax", "softmax"})
@@ -119,8 +122,17 @@ class Program:
         return {o: env[t] for o, t in self.final.items()}
 
 
-def compile_program(graph: Graph, batch: int, fp: FixedPoint) -> Program:
+def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int = LOW_LATENCY_ELEMENTS) -> Program:
+    """Compile ``graph`` for ``batch`` samples. Comparison layers of at most ``low_latency`` elements use
+    the 3-round protocol (:mod:`veil.mpc.kernels.select3`), larger ones the 4-round one."""
     graph.require_ops(MPC_OPS, where="mpc mode")
+
+    def cmp_material(n: int) -> Callable[..., Any]:
+        return D.compare3 if n <= low_latency else D.compare
+
+    def cmp_cost(n: int) -> Callable[..., Cost]:
+        return select3.select3_a_cost if n <= low_latency else compare.select_a_cost
+
     graph = pool_before_relu(graph)
     shapes = trace_shapes(graph, batch)
     f = fp.frac_bits
@@ -221,8 +233,8 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint) -> Program:
                     env[out] = compare.relu_a(st.ctx, env[t], store.take(key), trunc=tr)
 
                 def mk(side, lab, fx, n=n, tr=tr):
-                    return (D.compare(side, lab, n, 1, f if tr else None))
-                instrs.append(Instr(name, run, [(key, mk)], compare.select_a_cost(n)))
+                    return cmp_material(n)(side, lab, n, 1, f if tr else None)
+                instrs.append(Instr(name, run, [(key, mk)], cmp_cost(n)(n)))
                 scale[node.output] = f if tr else scale[t]
             else:
                 if op == "maxpool":
@@ -233,7 +245,7 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint) -> Program:
                     k = shapes[t][ax]
                     n_out, width = n_of(t) // k, 2
                 keys = [f"{name}/cmp{lvl}" for lvl in range(len(pool.tournament_sizes(k)))]
-                mats = [(kk, (lambda side, lab, fx, m=n_out * p, w=width: D.compare(side, lab, m, w)))
+                mats = [(kk, (lambda side, lab, fx, m=n_out * p, w=width: cmp_material(m)(side, lab, m, w)))
                         for kk, p in zip(keys, pool.tournament_sizes(k), strict=True)]
 
                 def run(st: ServerState, env: dict, store: Any, t=t, keys=keys, node=node) -> None:
@@ -245,7 +257,9 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint) -> Program:
                         i = pool.argmax_a(st.ctx, env[t], node.attrs["axis"], ms)
                         env[node.output] = np.expand_dims(i, node.attrs["axis"]) if node.attrs["keepdims"] else i
 
-                cost = pool.maxpool_a_cost(n_out, k) if op == "maxpool" else pool.argmax_a_cost(n_out, k)
+                cost = Cost()
+                for q in pool.tournament_sizes(k):
+                    cost = cost + cmp_cost(n_out * q)(n_out * q, width=width)
                 instrs.append(Instr(name, run, [(kk, m) for kk, m in mats], cost))
                 scale[node.output] = scale[t] if op == "maxpool" else 0
         elif op in ("avgpool", "global_avgpool"):

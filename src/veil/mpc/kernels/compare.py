@@ -41,7 +41,7 @@ from veil.mpc.kernels.arith import trunc_from_open
 from veil.mpc.kernels.base import Cost, Ctx, arr, lst
 from veil.mpc.sharing import bitslice, unslice_row
 
-__all__ = ["and_bb", "monomials_bb", "select_a", "select_a_cost", "relu_a", "msb_bits"]
+__all__ = ["and_bb", "monomials_bb", "group_borrows", "select_a", "select_a_cost", "relu_a", "msb_bits"]
 
 _OFF = np.uint64(1 << 62)
 
@@ -113,14 +113,20 @@ def _minterms(cb: np.ndarray) -> np.ndarray:
     return m01[u & 3] & m23[u >> 2]  # (16, 16, nb)
 
 
-def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None) -> tuple[np.ndarray, Any]:
-    """XOR shares (one packed row) of ``msb(c - r)``; steps 2-3. ``extra`` rides with level 1."""
-    cb = bitslice(c)  # (64, nb) public
+def group_borrows(ctx: Ctx, cb: np.ndarray, mat: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3 (local): XOR shares of generate and propagate of the 16 groups, (16, nb) each."""
     gt = mat["tables"]  # (16 values, 16 groups, nb): shares of G_u = [u < r_k]
     prev = np.concatenate([np.full_like(gt[:1], 0xFF if ctx.party == 0 else 0), gt[:-1]])  # G_{u-1}, G_{-1} = 1
     m = _minterms(cb)
-    g = np.bitwise_xor.reduce(gt & m, axis=0)  # (16 groups, nb): select the actual nibble, locally
+    g = np.bitwise_xor.reduce(gt & m, axis=0)  # select the actual nibble, locally
     p = np.bitwise_xor.reduce((prev ^ gt) & m, axis=0)  # P = [u == r_k] = G_{u-1} ^ G_u
+    return g, p
+
+
+def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None) -> tuple[np.ndarray, Any]:
+    """XOR shares (one packed row) of ``msb(c - r)``; steps 2-3. ``extra`` rides with level 1."""
+    cb = bitslice(c)  # (64, nb) public
+    g, p = group_borrows(ctx, cb, mat)
     got = None
     for lvl, level in enumerate(mat["levels"]):
         # combine 4 adjacent groups: G = G3 ^ P3G2 ^ P3P2G1 ^ P3P2P1G0 (terms are exclusive), P = P3P2P1P0
@@ -140,6 +146,10 @@ def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None) ->
 def select_a(ctx: Ctx, x: np.ndarray, ys: np.ndarray | None, mat: dict[str, Any], trunc: bool = False) -> np.ndarray:
     """``ys * [x >= 0]`` element-wise. ``x``: shares (n,); ``ys``: shares (width, n), or ``None`` with
     ``trunc=True`` to select ``trunc(x)`` (then returns (1, n)). 4 rounds."""
+    if "fA" in mat:  # material of the 3-round variant (small layers)
+        from veil.mpc.kernels.select3 import select3_a
+
+        return select3_a(ctx, x, ys, mat, trunc)
     n = x.shape[0]
     c = ctx.open(x + mat["r"])  # round 1
     if trunc:

@@ -64,10 +64,10 @@ def maxpool_a(ctx: Ctx, x: np.ndarray, kernel: Sequence[int], strides: Sequence[
     return out
 
 
-def maxpool_a_cost(n_out: int, k: int) -> Cost:
+def maxpool_a_cost(n_out: int, k: int, cost_fn: Any = select_a_cost) -> Cost:
     cost = Cost()
     for pairs in tournament_sizes(k):
-        cost = cost + select_a_cost(n_out * pairs)
+        cost = cost + cost_fn(n_out * pairs)
     return cost
 
 
@@ -82,8 +82,8 @@ def argmax_a(ctx: Ctx, x: np.ndarray, axis: int, mats: Sequence[dict[str, Any]])
     return i
 
 
-def argmax_a_cost(n_out: int, k: int) -> Cost:
+def argmax_a_cost(n_out: int, k: int, cost_fn: Any = select_a_cost) -> Cost:
     cost = Cost()
     for pairs in tournament_sizes(k):
-        cost = cost + select_a_cost(n_out * pairs, width=2)
+        cost = cost + cost_fn(n_out * pairs, width=2)
     return cost
