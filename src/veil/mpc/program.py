@@ -122,10 +122,13 @@ class Program:
         return {o: env[t] for o, t in self.final.items()}
 
 
-def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int = LOW_LATENCY_ELEMENTS) -> Program:
-    """Compile ``graph`` for ``batch`` samples. Comparison layers of at most ``low_latency`` elements use
+def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int | None = None) -> Program:
+    """Compile ``graph`` for ``batch`` samples. Comparison layers of at most ``low_latency`` elements
+    (default :data:`LOW_LATENCY_ELEMENTS`, read at call time; every party must use the same value) use
     the 3-round protocol (:mod:`veil.mpc.kernels.select3`), larger ones the 4-round one."""
     graph.require_ops(MPC_OPS, where="mpc mode")
+    if low_latency is None:
+        low_latency = LOW_LATENCY_ELEMENTS
 
     def cmp_material(n: int) -> Callable[..., Any]:
         return D.compare3 if n <= low_latency else D.compare
