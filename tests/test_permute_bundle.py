@@ -177,3 +177,37 @@ def test_key_for_another_model_is_refused_by_transform(src):
     key, meta = make_key(random_gpt2(seed=1), "embed")
     with pytest.raises(KeyBundleError, match="family='gpt2'"):
         make_packages(src, key, meta)
+
+
+def test_developer_signatures(src, tmp_path):
+    """Signed packages verify with the developer's public key; a forger who rewrites a bundle and
+    recomputes every hash and check value cannot produce the signature."""
+    from veil.permute.bundle import read_signing_key
+    from veil.permute.signing import new_signing_key, public_key_hex
+
+    key, meta = make_key(src, "vocab")
+    write_key(tmp_path / "key", key, meta)
+    sk = read_signing_key(tmp_path / "key")
+    pub = public_key_hex(sk)
+    assert read_key(tmp_path / "key")[1]["developer_public_key"] == pub
+    cloud, user = make_packages(src, key, meta)
+    write_user_bundle(tmp_path / "user", user, sk)
+    write_cloud_package(tmp_path / "cloud", cloud, sk)
+    read_user_bundle(tmp_path / "user", pub)
+    read_cloud_package(tmp_path / "cloud", pub)
+
+    other = public_key_hex(new_signing_key())
+    with pytest.raises(KeyBundleError, match="does not verify"):
+        read_user_bundle(tmp_path / "user", other)
+    write_user_bundle(tmp_path / "unsigned", user)
+    with pytest.raises(KeyBundleError, match="not signed"):
+        read_user_bundle(tmp_path / "unsigned", pub)
+    # forger: a bundle with its own key, signed by someone else, carrying the developer's key_id
+    forged_key, _ = make_key(src, "vocab")
+    forged = type(user)(key=type(key)(forged_key.hidden, forged_key.vocab, key.key_id), meta=dict(user.meta))
+    write_user_bundle(tmp_path / "forged", forged, new_signing_key())
+    read_user_bundle(tmp_path / "forged")  # self-consistent, so only a signature check can catch it
+    with pytest.raises(KeyBundleError, match="does not verify"):
+        read_user_bundle(tmp_path / "forged", pub)
+    with pytest.raises(KeyBundleError, match="64 hex digits"):
+        read_user_bundle(tmp_path / "user", "not-hex")

@@ -15,6 +15,7 @@ from veil.permute import CloudError, KeyBundleError, SequenceTooLongError, load_
 from veil.permute.bundle import read_user_bundle, write_cloud_package, write_user_bundle
 from veil.permute.client import HttpTransport, PermuteClient
 from veil.permute.developer import make_key, make_packages
+from veil.permute.signing import new_signing_key, public_key_hex
 from veil.permute.testing import MINILM_DIR, cloud_servers, random_gpt2
 
 STORIES = "/work/shared/models/stories260K.bin"
@@ -27,11 +28,15 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
+SIGNING_KEY = new_signing_key()
+DEVELOPER = public_key_hex(SIGNING_KEY)
+
+
 def deploy(src, mode, root, tokenizer_dir=None):
     key, meta = make_key(src, mode)
     cloud, user = make_packages(src, key, meta, tokenizer_dir=tokenizer_dir)
-    write_cloud_package(root / "cloud", cloud)
-    write_user_bundle(root / "user", user)
+    write_cloud_package(root / "cloud", cloud, SIGNING_KEY)
+    write_user_bundle(root / "user", user, SIGNING_KEY)
     return root / "cloud", root / "user"
 
 
@@ -56,7 +61,9 @@ def servers(stories, minilm, tmp_path_factory):
     s_cloud, s_user = deploy(stories, "embed", tmp_path_factory.mktemp("stories"))
     g_cloud, g_user = deploy(gpt2, "vocab", tmp_path_factory.mktemp("gpt2"))
     m_cloud, m_user = deploy(minilm, "vocab", tmp_path_factory.mktemp("minilm"), MINILM_DIR)
-    with cloud_servers([s_cloud, g_cloud, m_cloud], window_ms=20) as (s_url, g_url, m_url):
+    # the stories cloud insists on the developer's signature
+    with cloud_servers([s_cloud, g_cloud, m_cloud], window_ms=20,
+                       developer_keys=[DEVELOPER, None, None]) as (s_url, g_url, m_url):
         yield {"stories": (s_url, s_user), "gpt2": (gpt2, g_url, g_user), "minilm": (m_url, m_user)}
 
 
@@ -71,7 +78,7 @@ def gpt2_server(servers):
 
 
 def connect(url, user_dir):
-    return PermuteClient(read_user_bundle(user_dir), HttpTransport(url, timeout=30))
+    return PermuteClient(read_user_bundle(user_dir, DEVELOPER), HttpTransport(url, timeout=30))
 
 
 def test_stories_generation_over_http_is_identical(stories, stories_server):
@@ -179,3 +186,18 @@ def test_generate_cli_against_the_server(stories, stories_server):
     assert r.output.split("\n")[0].split() == [str(t) for t in hf_greedy(stories.model, [1], 10)]
     r = CliRunner().invoke(app, ["generate", "--user", str(user_dir), "--url", url, "--max-new-tokens", "600"])
     assert r.exit_code == 2 and "SequenceTooLongError" in r.output
+
+
+def test_server_refuses_a_package_not_signed_by_the_developer(tmp_path):
+    import subprocess
+    import sys
+
+    src = random_gpt2(seed=3, layers=1)
+    key, meta = make_key(src, "vocab")
+    cloud, _ = make_packages(src, key, meta)
+    write_cloud_package(tmp_path / "cloud", cloud, new_signing_key())
+    proc = subprocess.run([sys.executable, "-m", "veil.permute.server", "--cloud", str(tmp_path / "cloud"),
+                           "--port", "1", "--developer-key", DEVELOPER], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "KeyBundleError" in proc.stderr and "does not verify" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -71,18 +71,20 @@ def transform(
     user_out: Path = typer.Option(..., help="directory for the user's key bundle (secret)"),
 ) -> None:
     """Transform MODEL with KEY; write the cloud package and the user bundle."""
-    from veil.permute.bundle import read_key, write_cloud_package, write_user_bundle
+    from veil.permute.bundle import read_key, read_signing_key, write_cloud_package, write_user_bundle
     from veil.permute.developer import make_packages
     from veil.permute.models import load_source
+    from veil.permute.signing import public_key_hex
 
     pkey, meta = read_key(key)
+    signing_key = read_signing_key(key)
     source = load_source(model)
     tok_dir = model if model.is_dir() else None
     cloud, user = make_packages(source, pkey, meta, tokenizer_dir=tok_dir)
-    write_cloud_package(cloud_out, cloud)
-    write_user_bundle(user_out, user)
+    write_cloud_package(cloud_out, cloud, signing_key)
+    write_user_bundle(user_out, user, signing_key)
     console.print(f"cloud model: {cloud_out} ({len(cloud.state_dict)} tensors); user bundle: {user_out} "
-                  f"(mode {meta['mode']})")
+                  f"(mode {meta['mode']}); both signed by developer key\n{public_key_hex(signing_key)}")
 
 
 @app.command()
@@ -94,19 +96,23 @@ def serve(
     max_batch: int = typer.Option(16, help="most session steps run as one batch"),
     window_ms: float = typer.Option(0.0, help="wait this long for more steps before running a batch"),
     threads: int = typer.Option(0, help="torch threads (0: default)"),
+    developer_key: str | None = typer.Option(None, help="require the developer's signature (hex public key)"),
 ) -> None:
     """Serve the transformed model over HTTP (no TLS: put it behind a TLS terminator)."""
     from veil.permute.server import serve as run_server
 
     console.print(f"serving {cloud} on http://{host}:{port}")
-    run_server(str(cloud), host, port, max_batch, window_ms, threads)
+    run_server(str(cloud), host, port, max_batch, window_ms, threads, developer_key)
 
 
-def _connect(user: Path, url: str):
+def _connect(user: Path, url: str, developer_key: str | None):
     from veil.permute.bundle import read_user_bundle
     from veil.permute.client import HttpTransport, PermuteClient
 
-    return PermuteClient(read_user_bundle(user), HttpTransport(url))
+    return PermuteClient(read_user_bundle(user, developer_key), HttpTransport(url))
+
+
+_DEV_KEY = typer.Option(None, help="require the developer's signature on the bundle (hex public key)")
 
 
 @app.command()
@@ -117,11 +123,12 @@ def generate(
     prompt_ids: str = typer.Option("", help="space-separated prompt token ids (default: BOS)"),
     max_new_tokens: int = typer.Option(64),
     stop_at_eos: bool = typer.Option(False, help="stop at the model's EOS token"),
+    developer_key: str | None = _DEV_KEY,
 ) -> None:
     """Greedy generation through the cloud: one round trip per token, KV cache on the cloud."""
     import time
 
-    client = _connect(user, url)
+    client = _connect(user, url, developer_key)
     ids = [int(t) for t in prompt_ids.split()] or [int(client.meta.get("bos_token_id") or 0)]
     eos = client.meta.get("eos_token_id") if stop_at_eos else None
     t0 = time.perf_counter()
@@ -137,11 +144,12 @@ def encode(
     user: Path = typer.Option(..., help="user key bundle"),
     url: str = typer.Option("http://127.0.0.1:8470"),
     text: str = typer.Option(..., help="sentence to embed (tokenised with the bundle's tokenizer)"),
+    developer_key: str | None = _DEV_KEY,
 ) -> None:
     """Sentence embedding (mean pooling) from an encoder through the cloud."""
     from veil.permute.errors import KeyBundleError
 
-    client = _connect(user, url)
+    client = _connect(user, url, developer_key)
     tok_json = client.bundle.tokenizer_files.get("tokenizer.json")
     if tok_json is None:
         raise KeyBundleError("the user bundle has no tokenizer.json; cannot tokenise text")

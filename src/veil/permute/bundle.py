@@ -13,7 +13,9 @@ Check values. For key and user bundles the check is HMAC-SHA256 over the canonic
 with a hash of the permutations themselves: any change of a file, of the metadata, or a mix of files
 from two bundles fails. For the cloud directory it is a SHA-256 of the canonical manifest. These
 detect corruption and mismatched files; they are not signatures: whoever can write a whole new
-bundle can also write a new check. A user detects a bundle that belongs to another transformed model
+bundle can also write a new check. For authenticity the developer signs the user bundle and the
+cloud package with Ed25519 (:mod:`veil.permute.signing`); readers given the developer's public key
+verify it. A user detects a bundle that belongs to another transformed model
 by the random ``key_id``, which the cloud also holds and reports.
 """
 
@@ -32,6 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from veil.permute.errors import KeyBundleError
+from veil.permute.signing import new_signing_key, sign_manifest, verify_manifest
 from veil.permute.transform import PermutationKey, check_permutation
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "CloudPackage",
     "write_key",
     "read_key",
+    "read_signing_key",
     "write_user_bundle",
     "read_user_bundle",
     "write_cloud_package",
@@ -69,11 +73,12 @@ def _mac_key(key: PermutationKey | None) -> bytes:
 
 
 def _check_value(manifest: dict[str, Any], key: PermutationKey | None) -> str:
-    body = {k: v for k, v in manifest.items() if k != "check"}
+    body = {k: v for k, v in manifest.items() if k not in ("check", "signature")}
     return hmac.new(_mac_key(key), _canonical(body), hashlib.sha256).hexdigest()
 
 
-def _write_dir(path: Path, fmt: str, meta: dict[str, Any], files: dict[str, bytes], key: PermutationKey | None) -> None:
+def _write_dir(path: Path, fmt: str, meta: dict[str, Any], files: dict[str, bytes], key: PermutationKey | None,
+               signing_key: bytes | None = None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (path / name).write_bytes(data)
@@ -83,6 +88,8 @@ def _write_dir(path: Path, fmt: str, meta: dict[str, Any], files: dict[str, byte
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
     }
     manifest["check"] = _check_value(manifest, key)
+    if signing_key is not None:
+        manifest["signature"] = sign_manifest(manifest, signing_key)
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
@@ -162,10 +169,30 @@ def _key_from(path: Path, files: dict[str, bytes], meta: dict[str, Any]) -> Perm
 
 
 # --- developer key -----------------------------------------------------------------------------
-def write_key(path: str | Path, key: PermutationKey, meta: dict[str, Any]) -> None:
-    """Write the developer's key. ``meta`` must hold family, mode, hidden_size, vocab_size."""
-    meta = dict(meta, key_id=key.key_id)
-    _write_dir(Path(path), KEY_FORMAT, meta, {"keys.safetensors": _key_files(key)}, key)
+def write_key(path: str | Path, key: PermutationKey, meta: dict[str, Any], signing_key: bytes | None = None) -> None:
+    """Write the developer's key and its Ed25519 signing key (fresh unless given).
+    ``meta`` must hold family, mode, hidden_size, vocab_size."""
+    from veil.permute.signing import public_key_hex
+
+    signing_key = signing_key or new_signing_key()
+    meta = dict(meta, key_id=key.key_id, developer_public_key=public_key_hex(signing_key))
+    files = {"keys.safetensors": _key_files(key), "signing_key.safetensors": st_save(
+        {"ed25519": torch.frombuffer(bytearray(signing_key), dtype=torch.uint8)})}
+    _write_dir(Path(path), KEY_FORMAT, meta, files, key)
+
+
+def read_signing_key(path: str | Path) -> bytes:
+    """The developer's Ed25519 private key from its key directory (verified like :func:`read_key`)."""
+    path = Path(path)
+    read_key(path)
+    manifest = _read_manifest(path, KEY_FORMAT)
+    files = _read_files(path, manifest)
+    if "signing_key.safetensors" not in files:
+        raise KeyBundleError(f"{path}: has no signing key")
+    raw = _safetensors(path, "signing_key.safetensors", files["signing_key.safetensors"]).get("ed25519")
+    if raw is None or raw.numel() != 32:
+        raise KeyBundleError(f"{path}: signing key is not 32 bytes")
+    return bytes(raw.numpy().tobytes())
 
 
 def read_key(path: str | Path) -> tuple[PermutationKey, dict[str, Any]]:
@@ -198,7 +225,7 @@ class UserBundle:
         return str(self.meta["family"])
 
 
-def write_user_bundle(path: str | Path, bundle: UserBundle) -> None:
+def write_user_bundle(path: str | Path, bundle: UserBundle, signing_key: bytes | None = None) -> None:
     files = {"keys.safetensors": _key_files(bundle.key)}
     if bundle.embedding is not None:
         weights = {"embedding": bundle.embedding.contiguous()}
@@ -208,13 +235,16 @@ def write_user_bundle(path: str | Path, bundle: UserBundle) -> None:
     for name, data in bundle.tokenizer_files.items():
         if name in _TOKENIZER_FILES:
             files[name] = data
-    _write_dir(Path(path), USER_FORMAT, dict(bundle.meta, key_id=bundle.key.key_id), files, bundle.key)
+    _write_dir(Path(path), USER_FORMAT, dict(bundle.meta, key_id=bundle.key.key_id), files, bundle.key, signing_key)
 
 
-def read_user_bundle(path: str | Path) -> UserBundle:
-    """Read and verify a user key bundle; any problem is a :class:`KeyBundleError`."""
+def read_user_bundle(path: str | Path, developer_key: str | None = None) -> UserBundle:
+    """Read and verify a user key bundle; any problem is a :class:`KeyBundleError`.
+    ``developer_key`` (hex Ed25519 public key): also require the developer's signature."""
     path = Path(path)
     manifest = _read_manifest(path, USER_FORMAT)
+    if developer_key is not None:
+        verify_manifest(str(path), manifest, developer_key)
     files = _read_files(path, manifest)
     meta = manifest["meta"]
     key = _key_from(path, files, meta)
@@ -242,17 +272,20 @@ class CloudPackage:
     meta: dict[str, Any]
 
 
-def write_cloud_package(path: str | Path, package: CloudPackage) -> None:
+def write_cloud_package(path: str | Path, package: CloudPackage, signing_key: bytes | None = None) -> None:
     files = {
         "model.safetensors": st_save({k: v.contiguous() for k, v in package.state_dict.items()}),
         "config.json": json.dumps(package.config, sort_keys=True, default=str).encode(),
     }
-    _write_dir(Path(path), CLOUD_FORMAT, package.meta, files, None)
+    _write_dir(Path(path), CLOUD_FORMAT, package.meta, files, None, signing_key)
 
 
-def read_cloud_package(path: str | Path) -> CloudPackage:
+def read_cloud_package(path: str | Path, developer_key: str | None = None) -> CloudPackage:
+    """Read and verify a cloud package; ``developer_key`` as in :func:`read_user_bundle`."""
     path = Path(path)
     manifest = _read_manifest(path, CLOUD_FORMAT)
+    if developer_key is not None:
+        verify_manifest(str(path), manifest, developer_key)
     files = _read_files(path, manifest)
     _verify_check(path, manifest, None)
     for name in ("model.safetensors", "config.json"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -189,11 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--window-ms", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--developer-key", default=None, help="require the developer's signature (hex)")
     args = parser.parse_args(argv)
-    serve(args.cloud, args.host, args.port, args.max_batch, args.window_ms, args.threads)
+    try:
+        serve(args.cloud, args.host, args.port, args.max_batch, args.window_ms, args.threads, args.developer_key)
+    except VeilError as exc:
+        print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
-def serve(cloud_dir: str, host: str, port: int, max_batch: int = 16, window_ms: float = 0.0, threads: int = 0) -> None:
+def serve(cloud_dir: str, host: str, port: int, max_batch: int = 16, window_ms: float = 0.0, threads: int = 0,
+          developer_key: str | None = None) -> None:
     import torch
     import uvicorn
 
@@ -201,7 +208,7 @@ def serve(cloud_dir: str, host: str, port: int, max_batch: int = 16, window_ms: 
 
     if threads:
         torch.set_num_threads(threads)
-    runtime = CloudRuntime(read_cloud_package(cloud_dir))
+    runtime = CloudRuntime(read_cloud_package(cloud_dir, developer_key))
     app = create_app(runtime, max_batch=max_batch, window_ms=window_ms)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

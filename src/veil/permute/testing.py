@@ -83,7 +83,7 @@ def free_port() -> int:
 
 @contextmanager
 def cloud_servers(cloud_dirs: list[str | Path], window_ms: float = 0.0, startup_timeout: float = 90.0,
-                  threads: int = 1) -> Iterator[list[str]]:
+                  threads: int = 1, developer_keys: list[str | None] | None = None) -> Iterator[list[str]]:
     """Run one ``python -m veil.permute.server`` per directory, on 127.0.0.1 and free ports, started
     in parallel; yield their URLs; stop them all (terminate, then kill) on the way out."""
     import httpx
@@ -91,10 +91,12 @@ def cloud_servers(cloud_dirs: list[str | Path], window_ms: float = 0.0, startup_
     procs: list[subprocess.Popen] = []
     urls: list[str] = []
     try:
-        for cloud_dir in cloud_dirs:
+        for i, cloud_dir in enumerate(cloud_dirs):
             port = free_port()
             cmd = [sys.executable, "-m", "veil.permute.server", "--cloud", str(cloud_dir), "--host", "127.0.0.1",
                    "--port", str(port), "--window-ms", str(window_ms), "--threads", str(threads)]
+            if developer_keys and developer_keys[i]:
+                cmd += ["--developer-key", str(developer_keys[i])]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
             urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + startup_timeout
