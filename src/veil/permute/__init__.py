@@ -8,6 +8,19 @@ cloud runs ``f'`` unchanged Hugging Face code, the user un-permutes what comes b
 This is obfuscation, not cryptography: see docs/permute.md and ``veil permute audit``.
 """
 
+from veil.permute.bundle import (
+    CloudPackage,
+    UserBundle,
+    read_cloud_package,
+    read_key,
+    read_user_bundle,
+    write_cloud_package,
+    write_key,
+    write_user_bundle,
+)
+from veil.permute.client import HttpTransport, LocalTransport, PermuteClient
+from veil.permute.cloud import CloudRuntime
+from veil.permute.developer import make_key, make_packages
 from veil.permute.errors import (
     CloudError,
     KeyBundleError,
@@ -22,6 +35,20 @@ from veil.permute.transform import PermutationKey, generate_key, inverse, transf
 __all__ = [
     "ADAPTERS",
     "CloudError",
+    "CloudPackage",
+    "CloudRuntime",
+    "HttpTransport",
+    "LocalTransport",
+    "PermuteClient",
+    "UserBundle",
+    "make_key",
+    "make_packages",
+    "read_cloud_package",
+    "read_key",
+    "read_user_bundle",
+    "write_cloud_package",
+    "write_key",
+    "write_user_bundle",
     "FamilyAdapter",
     "KeyBundleError",
     "PermutationKey",
