@@ -170,7 +170,9 @@ def test_tls_dead_peer_is_an_error_not_a_hang(deployment):
         from veil.net import load_deployment, connect_tls
         dep = load_deployment({str(deployment.path)!r})
         ch = connect_tls(dep, "b", ["a", "b"])
+        import time
         ch.send("a", b"hello")
+        time.sleep(0.5)  # let the event loop write it (sends are asynchronous)
         os._exit(1)  # die without closing anything
     """)
     proc = subprocess.Popen([sys.executable, "-c", code])

@@ -38,6 +38,8 @@ log = logging.getLogger("veil.net.tls")
 _HEADER = struct.Struct("<Q")
 _MAX_FRAME = 16 << 30
 _EOF = object()
+_BUFFER = 16 << 20  # stream buffer: large frames are read without pausing the socket every 64 KiB
+_DRAIN_ABOVE = 64 << 20  # a sender waits for the socket only when this much is still unsent
 
 
 def _contexts(deployment: Deployment, me: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -122,7 +124,7 @@ class TLSChannel(Channel):
         if accept_from:
             me = self._dep.party(self.me)
             try:
-                self._server = await asyncio.start_server(on_client, me.host, me.port, ssl=self._server_ctx,
+                self._server = await asyncio.start_server(on_client, me.host, me.port, ssl=self._server_ctx, limit=_BUFFER,
                                                           ssl_handshake_timeout=min(10.0, self._connect_timeout))
             except OSError as e:
                 raise ChannelError(f"party {self.me!r} cannot listen on {me.address}: {e.strerror or e}") from None
@@ -145,7 +147,8 @@ class TLSChannel(Channel):
         while time.monotonic() < deadline:
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(addr.host, addr.port, ssl=self._client_ctx, server_hostname=peer),
+                    asyncio.open_connection(addr.host, addr.port, ssl=self._client_ctx, server_hostname=peer,
+                                            limit=_BUFFER),
                     max(0.1, deadline - time.monotonic()))
                 self._attach(peer, reader, writer)
                 return
@@ -188,12 +191,18 @@ class TLSChannel(Channel):
         if w is None or w.is_closing():
             raise PeerDisconnectedError(f"party {self.me!r}: connection to {peer!r} is closed")
 
-        async def write() -> None:
-            w.write(_HEADER.pack(len(data)))
-            w.write(data)
+        # Fast path: hand the frame to the event loop and return (one thread hand-off, no wait).
+        # A dead peer then shows up at the next receive; a slow peer makes senders wait below.
+        transport = w.transport
+        if transport.get_write_buffer_size() < _DRAIN_ABOVE:
+            self._loop.call_soon_threadsafe(self._write_frame, w, data)
+            return
+
+        async def write_and_drain() -> None:
+            self._write_frame(w, data)
             await w.drain()
 
-        fut = asyncio.run_coroutine_threadsafe(write(), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(write_and_drain(), self._loop)
         try:
             fut.result(self.timeout)
         except TimeoutError:
@@ -201,6 +210,13 @@ class TLSChannel(Channel):
             raise PeerTimeoutError(f"party {self.me!r}: {peer!r} did not take a message within {self.timeout:g} s") from None
         except (ConnectionError, OSError) as e:
             raise PeerDisconnectedError(f"party {self.me!r}: sending to {peer!r} failed ({type(e).__name__})") from None
+
+    @staticmethod
+    def _write_frame(w: asyncio.StreamWriter, data: bytes) -> None:
+        if not w.is_closing():
+            w.write(_HEADER.pack(len(data)) + data if len(data) < 65536 else _HEADER.pack(len(data)))
+            if len(data) >= 65536:
+                w.write(data)
 
     def _recv_bytes(self, peer: str, timeout: float) -> bytes:
         try:
@@ -222,7 +238,11 @@ class TLSChannel(Channel):
         self._closed = True
 
         async def shutdown() -> None:
-            for w in self._writers.values():
+            for w in self._writers.values():  # deliver what was sent before closing
+                try:
+                    await asyncio.wait_for(w.drain(), 5)
+                except (TimeoutError, ConnectionError, OSError):
+                    pass
                 w.close()
             if self._server is not None:
                 self._server.close()
