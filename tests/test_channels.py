@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import free_ports
 from veil.errors import ChannelError, PeerAuthError, PeerDisconnectedError, PeerTimeoutError, ProtocolError
 from veil.net import MemoryNetwork, connect_tls, create_keys, run_local, write_deployment
+from veil.net.ports import free_ports
 from veil.net.wire import decode, encode
 
 

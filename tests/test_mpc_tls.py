@@ -54,10 +54,10 @@ def test_python_user_against_a_running_deployment(tmp_path):
     import subprocess
     import sys
 
-    from veil.mpc.demo import free_ports
     from veil.mpc.party import run_user
     from veil.mpc.roles import PARTIES
     from veil.net import create_keys, write_deployment
+    from veil.net.ports import free_ports
 
     ports = free_ports(5)
     dep = write_deployment(tmp_path / "d.toml", "t", "mpc", {p: f"127.0.0.1:{q}" for p, q in zip(PARTIES, ports, strict=True)},

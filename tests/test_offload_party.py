@@ -10,8 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import free_ports
 from veil.net import connect_tls, create_keys, write_deployment
+from veil.net.ports import free_ports
 from veil.offload import party as offload_party
 from veil.plain import run_plain
 

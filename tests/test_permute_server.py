@@ -137,7 +137,7 @@ def test_wrong_bundle_is_refused_before_anything_is_sent(stories_server, gpt2_se
 
 
 def test_unreachable_cloud_is_a_clear_error(stories_server):
-    from veil.permute.testing import free_port
+    from veil.net.ports import free_port
 
     _, user_dir = stories_server
     with pytest.raises(CloudError, match="cannot reach"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,19 +23,9 @@ import numpy as np
 from veil.errors import VeilError
 from veil.mpc.party import report_path
 from veil.mpc.roles import PARTIES
+from veil.net.ports import free_ports
 
-__all__ = ["run_demo", "run_local_deployment", "free_ports"]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+__all__ = ["run_demo", "run_local_deployment"]
 
 
 def _tail(path: Path, lines: int = 3) -> str:

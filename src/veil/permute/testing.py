@@ -6,7 +6,6 @@ transform that forgot to permute them fails the exactness tests.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -16,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from veil.net.ports import free_port
 from veil.permute.families import adapter_for
 from veil.permute.models import SourceModel
 
-__all__ = ["random_gpt2", "random_llama", "randomise_norms", "free_port", "cloud_server", "cloud_servers", "MINILM_DIR"]
+__all__ = ["random_gpt2", "random_llama", "randomise_norms", "cloud_server", "cloud_servers", "MINILM_DIR"]
 
 
 def _minilm_dir() -> Path | None:
@@ -73,12 +73,6 @@ def random_llama(seed: int = 0, layers: int = 2, d: int = 48, heads: int = 6, kv
                       max_position_embeddings=positions, bos_token_id=1, eos_token_id=2,
                       tie_word_embeddings=tied, rms_norm_eps=1e-5)
     return _finish(LlamaForCausalLM(cfg), seed)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
