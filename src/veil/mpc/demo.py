@@ -38,11 +38,13 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_size: int | None = None,
                          frac_bits: int = 16, timeout: float = 300.0, recv_timeout: float = 60.0,
-                         tamper: Any = None, kill_after: tuple[str, float] | None = None) -> dict[str, Any]:
+                         tamper: Any = None, kill_after: tuple[str, float] | None = None,
+                         on_progress: Any = None) -> dict[str, Any]:
     """Run the five parties as processes over loopback TLS; return the user's outputs and report.
 
     ``tamper(keys_dir)`` (tests) may alter the keys before the processes start; ``kill_after =
-    (party, seconds)`` (tests) kills that party's process mid-run. Raises
+    (party, seconds)`` (tests) kills that party's process mid-run; ``on_progress(text, done, total)``
+    is called as keys are made and parties finish (for progress bars). Raises
     :class:`VeilError` naming the failing parties and their last error lines."""
     from veil.net import create_keys, write_deployment
 
@@ -56,7 +58,11 @@ def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_s
     dep = write_deployment(wd / "deployment.toml", "veil-mpc-demo", "mpc",
                            {p: f"127.0.0.1:{port}" for p, port in zip(PARTIES, ports, strict=True)},
                            timeout=recv_timeout, options=opts)
+    total = len(PARTIES) + 1
+    report_progress = on_progress or (lambda text, done, total: None)
+    report_progress("creating deployment keys", 0, total)
     create_keys(dep)
+    report_progress("parties running: TLS handshakes, weight sharing, offline and online phases", 1, total)
     if tamper is not None:
         tamper(dep.keys_dir)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -72,6 +78,8 @@ def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_s
         first_fail: float | None = None
         while any(pr.poll() is None for pr in procs.values()):
             now = time.perf_counter()
+            running = [p for p, pr in procs.items() if pr.poll() is None]
+            report_progress(f"parties running: {', '.join(running)}", total - len(running), total)
             if kill_after is not None and now - t0 > kill_after[1] and procs[kill_after[0]].poll() is None:
                 os.killpg(procs[kill_after[0]].pid, signal.SIGKILL)
                 kill_after = None
@@ -102,6 +110,14 @@ def run_demo(model: str = "C", n: int = 64, console: Any = None, batch_size: int
     """Network ``model`` on ``n`` images of the shipped held-out slice: secure (5 processes, TLS)
     next to plaintext; prints a table and returns the figures."""
     from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     from rich.table import Table
 
     from veil.assets import load_slice, model_path
@@ -118,8 +134,15 @@ def run_demo(model: str = "C", n: int = 64, console: Any = None, batch_size: int
     plain_s = time.perf_counter() - t
     console.print(f"[bold]veil mpc demo[/]: network {model.upper()}, {len(y)} images from the held-out 2k slice, "
                   "5 processes (owner, user, server0, server1, dealer) over mutual TLS on loopback")
-    with tempfile.TemporaryDirectory(prefix="veil-mpc-demo-") as tmp:
-        res = run_local_deployment(path, x, tmp, batch_size=batch_size, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="veil-mpc-demo-") as tmp, Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=len(PARTIES) + 1)
+
+        def show(text: str, done: int, total: int) -> None:
+            bar.update(task, description=text, completed=done, total=total)
+
+        res = run_local_deployment(path, x, tmp, batch_size=batch_size, timeout=timeout, on_progress=show)
     sec = res["outputs"]["logits"]
     rep = res["report"]
     acc_s, acc_p = float((sec.argmax(1) == y).mean()), float((plain.argmax(1) == y).mean())
