@@ -101,8 +101,9 @@ class Evidence:
             c = json.loads(self.claims)
         except (ValueError, UnicodeDecodeError) as e:
             raise EvidenceFormatError("evidence claims are not JSON") from e
-        expected = {"version": int, "platform": str, "code_measurement": str, "models": dict,
-                    "tls_spki_sha256": str, "nonce": str, "issued_at": (int, float), "runtime": dict}
+        expected: dict[str, type | tuple[type, ...]] = {
+            "version": int, "platform": str, "code_measurement": str, "models": dict,
+            "tls_spki_sha256": str, "nonce": str, "issued_at": (int, float), "runtime": dict}
         if not isinstance(c, dict):
             raise EvidenceFormatError("evidence claims must be a JSON object")
         for key, typ in expected.items():

@@ -107,6 +107,6 @@ def plan(model: str = typer.Argument(..., help="ONNX file or shipped network A-D
     for ins in prog.instrs:
         if ins.cost.rounds:
             t.add_row(ins.name, str(ins.cost.rounds), f"{ins.cost.bytes:,}")
-    c = prog.cost
-    t.add_row("[bold]total[/]", str(c.rounds), f"{c.bytes:,}")
+    total = prog.cost
+    t.add_row("[bold]total[/]", str(total.rounds), f"{total.bytes:,}")
     console.print(t)

@@ -158,18 +158,20 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
         if scale[t] == 2 * f:
             key = f"{node}/trunc:{t}"
 
-            def run(st: ServerState, env: dict, store: Any, t=t, new=new, key=key) -> None:
+            def run_trunc(st: ServerState, env: dict, store: Any, t=t, new=new, key=key) -> None:
                 env[new] = arith.trunc_a(st.ctx, env[t], store.take(key))
 
-            instrs.append(Instr(key, run, [(key, lambda side, lab, fx, n=n_of(t): D.trunc(side, lab, n, f))],
-                                arith.trunc_a_cost(n_of(t))))
+            def mk_trunc(side: Any, lab: str, fx: dict, n: int = n_of(t)) -> Any:
+                return D.trunc(side, lab, n, f)
+
+            instrs.append(Instr(key, run_trunc, [(key, mk_trunc)], arith.trunc_a_cost(n_of(t))))
         else:
             up = f - scale[t]
 
-            def run(st: ServerState, env: dict, store: Any, t=t, new=new, up=up) -> None:
+            def run_upscale(st: ServerState, env: dict, store: Any, t=t, new=new, up=up) -> None:
                 env[new] = arith.upscale_a(env[t], up)
 
-            instrs.append(Instr(f"{node}/upscale:{t}", run))
+            instrs.append(Instr(f"{node}/upscale:{t}", run_upscale))
         shapes[new], scale[new], truncated[t] = shapes[t], f, new
         return new
 
@@ -192,10 +194,10 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
             key, x = f"{name}/aw", direct["tensor"]
             wop = products.weight_op(fixed_spec(node))
 
-            def mk(side: Any, lab: str, fx: dict, x=x, out=node.output, wop=wop, name=name) -> Any:
+            def mk_direct(side: Any, lab: str, fx: dict, x=x, out=node.output, wop=wop, name=name) -> Any:
                 return D.fixed_product(side, lab, shapes[x], shapes[out], wop, fx.get(name))
 
-            def run(st: ServerState, env: dict, store: Any, key=key, name=name, out=node.output) -> None:
+            def run_direct(st: ServerState, env: dict, store: Any, key=key, name=name, out=node.output) -> None:
                 fw, mat = st.fixed[name], store.take(key)
                 z = fw.apply(env[DIRECT_INPUT], fw.w_limbs) + mat["P"]  # E = X - A came from the user
                 if name in st.bias:
@@ -203,7 +205,7 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
                     z = z + (b if z.ndim == 2 else b.reshape(-1, 1, 1))
                 env[out] = z
 
-            instrs.append(Instr(name, run, [(key, mk)], Cost(), prepare=name, inputs=(x,)))
+            instrs.append(Instr(name, run_direct, [(key, mk_direct)], Cost(), prepare=name, inputs=(x,)))
             scale[node.output] = 2 * f
             direct["key"] = key
             continue
@@ -213,17 +215,18 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
             key = f"{name}/aw"
             wop = products.weight_op(spec)
 
-            def mk(side: Any, lab: str, fx: dict, x=x, out=node.output, wop=wop, name=name) -> Any:
+            def mk_aw(side: Any, lab: str, fx: dict, x=x, out=node.output, wop=wop, name=name) -> Any:
                 return D.fixed_product(side, lab, shapes[x], shapes[out], wop, fx.get(name))
 
-            def run(st: ServerState, env: dict, store: Any, x=x, key=key, name=name, out=node.output) -> None:
+            def run_aw(st: ServerState, env: dict, store: Any, x=x, key=key, name=name, out=node.output) -> None:
                 z = products.linear_aw(st.ctx, env[x], st.fixed[name], store.take(key))
                 if name in st.bias:
                     b = st.bias[name]
                     z = z + (b if z.ndim == 2 else b.reshape(-1, 1, 1))
                 env[out] = z
 
-            instrs.append(Instr(name, run, [(key, mk)], products.product_aw_cost(shapes[x]), prepare=name, inputs=(x,)))
+            instrs.append(Instr(name, run_aw, [(key, mk_aw)], products.product_aw_cost(shapes[x]), prepare=name,
+                                inputs=(x,)))
             scale[node.output] = 2 * f
         elif op in ("relu", "maxpool", "argmax"):
             t = src[0]
@@ -232,12 +235,12 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
                 n = n_of(t)
                 key = f"{name}/cmp"
 
-                def run(st: ServerState, env: dict, store: Any, t=t, key=key, tr=tr, out=node.output) -> None:
+                def run_relu(st: ServerState, env: dict, store: Any, t=t, key=key, tr=tr, out=node.output) -> None:
                     env[out] = compare.relu_a(st.ctx, env[t], store.take(key), trunc=tr)
 
-                def mk(side, lab, fx, n=n, tr=tr):
+                def mk_relu(side: Any, lab: str, fx: dict, n: int = n, tr: bool = tr) -> Any:
                     return cmp_material(n)(side, lab, n, 1, f if tr else None)
-                instrs.append(Instr(name, run, [(key, mk)], cmp_cost(n)(n)))
+                instrs.append(Instr(name, run_relu, [(key, mk_relu)], cmp_cost(n)(n)))
                 scale[node.output] = f if tr else scale[t]
             else:
                 if op == "maxpool":
@@ -251,7 +254,7 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
                 mats = [(kk, (lambda side, lab, fx, m=n_out * p, w=width: cmp_material(m)(side, lab, m, w)))
                         for kk, p in zip(keys, pool.tournament_sizes(k), strict=True)]
 
-                def run(st: ServerState, env: dict, store: Any, t=t, keys=keys, node=node) -> None:
+                def run_tournament(st: ServerState, env: dict, store: Any, t=t, keys=keys, node=node) -> None:
                     ms = [store.take(kk) for kk in keys]
                     if node.op == "maxpool":
                         a = node.attrs
@@ -263,15 +266,16 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
                 cost = Cost()
                 for q in pool.tournament_sizes(k):
                     cost = cost + cmp_cost(n_out * q)(n_out * q, width=width)
-                instrs.append(Instr(name, run, [(kk, m) for kk, m in mats], cost))
+                instrs.append(Instr(name, run_tournament, [(kk, m) for kk, m in mats], cost))
                 scale[node.output] = scale[t] if op == "maxpool" else 0
         elif op in ("avgpool", "global_avgpool"):
             x = at_f(src[0], name)
             if op == "global_avgpool":
                 h, w = shapes[x][2:]
                 inv = np.full((1, 1, 1, 1), 1.0 / (h * w))
-                def fn(st, v):
+                def global_sum(st: Any, v: np.ndarray) -> np.ndarray:
                     return (v.sum(axis=(2, 3), keepdims=True))
+                window_sum: Callable[[Any, np.ndarray], np.ndarray] = global_sum
             else:
                 a = node.attrs
                 ones = np.ones((1, 1) + tuple(shapes[x][2:]))
@@ -279,11 +283,12 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
                 if a.get("count_include_pad", False) or not any(a["pads"]):
                     cnt = np.full_like(cnt, float(np.prod(a["kernel"])))
                 inv = 1.0 / cnt
-                def fn(st, v, a=a):
+                def pooled_sum(st: Any, v: np.ndarray, a: dict[str, Any] = a) -> np.ndarray:
                     return (PK.pool_windows(v, a["kernel"], a["strides"], a["pads"], 0).sum(-1))
+                window_sum = pooled_sum
             enc = fp.encode(inv)
 
-            local(node, lambda st, v, fn=fn, enc=enc: arith.mul_ap(fn(st, v), enc), 2 * f, x)
+            local(node, lambda st, v, fn=window_sum, enc=enc: arith.mul_ap(fn(st, v), enc), 2 * f, x)
         elif op in ("flatten", "reshape", "transpose"):
             a = node.attrs
             fns = {"flatten": lambda st, v, a=a: PK.flatten(v, a["axis"]),
@@ -294,11 +299,11 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
             s = max(scale[src[0]], scale[src[1]])
             ups = [s - scale[i] for i in src]
 
-            def fn(st: ServerState, u: np.ndarray, v: np.ndarray, ups=ups, op=op) -> np.ndarray:
+            def add_sub(st: ServerState, u: np.ndarray, v: np.ndarray, ups=ups, op=op) -> np.ndarray:
                 u, v = arith.upscale_a(u, ups[0]), arith.upscale_a(v, ups[1])
                 return u + v if op == "add" else u - v
 
-            local(node, fn, s, *src)
+            local(node, add_sub, s, *src)
         elif op == "add_const":
             s = scale[src[0]]
             c = fp.encode(node.params["c"], scale=s)
@@ -312,12 +317,12 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
             key = f"{name}/beaver"
             sa, sb, sc = shapes[xs[0]], shapes[xs[1]], shapes[node.output]
 
-            def run(st: ServerState, env: dict, store: Any, xs=xs, key=key, out=node.output) -> None:
+            def run_mul(st: ServerState, env: dict, store: Any, xs=xs, key=key, out=node.output) -> None:
                 env[out] = products.mul_aa(st.ctx, env[xs[0]], env[xs[1]], store.take(key))
 
-            def mk(side, lab, fx, sa=sa, sb=sb, sc=sc):
+            def mk_mul(side: Any, lab: str, fx: dict, sa=sa, sb=sb, sc=sc) -> Any:
                 return (D.beaver(side, lab, sa, sb, sc, np.multiply))
-            instrs.append(Instr(name, run, [(key, mk)], products.beaver_cost(sa, sb)))
+            instrs.append(Instr(name, run_mul, [(key, mk_mul)], products.beaver_cost(sa, sb)))
             scale[node.output] = 2 * f
         elif op == "matmul":
             xs = [at_f(i, name) for i in src]
@@ -327,13 +332,13 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
                                          f"operands, got {sa} and {sb}", where="mpc mode")
             key = f"{name}/beaver"
 
-            def run(st: ServerState, env: dict, store: Any, xs=xs, key=key, out=node.output) -> None:
+            def run_matmul(st: ServerState, env: dict, store: Any, xs=xs, key=key, out=node.output) -> None:
                 env[out] = products.matmul_aa(st.ctx, env[xs[0]], env[xs[1]], store.take(key))
 
-            def mk(side: Any, lab: str, fx: dict, sa=sa, sb=sb, sc=sc) -> Any:
+            def mk_matmul(side: Any, lab: str, fx: dict, sa=sa, sb=sb, sc=sc) -> Any:
                 return D.beaver(side, lab, sa, sb, sc, ring.matmul)
 
-            instrs.append(Instr(name, run, [(key, mk)], products.beaver_cost(sa, sb)))
+            instrs.append(Instr(name, run_matmul, [(key, mk_matmul)], products.beaver_cost(sa, sb)))
             scale[node.output] = 2 * f
         elif op == "softmax":
             if node.output not in graph.outputs or graph.consumers(node.output):

@@ -138,9 +138,9 @@ def compile_offload(graph: Graph, weight_privacy: str = "none") -> OffloadPlan:
     if weight_privacy not in WEIGHT_PRIVACY:
         raise OffloadModelError(f"unknown weight privacy option {weight_privacy!r}; choose one of {WEIGHT_PRIVACY}")
     s1, s2 = trace_shapes(graph, 1), trace_shapes(graph, 2)
-    for t, shp in s1.items():  # the batch must be the leading, sample-major axis of every tensor
-        if not shp or s2[t] != (2 * shp[0], *shp[1:]):
-            raise OffloadModelError(f"tensor {t!r} (shape {shp} at batch 1, {s2[t]} at batch 2) does not keep the "
+    for name, shp in s1.items():  # the batch must be the leading, sample-major axis of every tensor
+        if not shp or s2[name] != (2 * shp[0], *shp[1:]):
+            raise OffloadModelError(f"tensor {name!r} (shape {shp} at batch 1, {s2[name]} at batch 2) does not keep the "
                                     "batch as its leading axis; offload mode needs sample-major tensors")
     avail: dict[str, int] = {spec.name: 0 for spec in graph.inputs}
     stage: list[int] = []

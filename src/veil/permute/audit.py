@@ -226,8 +226,7 @@ def run_audit(
                 f"public base; noise {noise:g}; inputs seen; pi from column matching",
                 float(np.mean(tokens == traffic.ravel())), f"token positions of {traffic.size}",
             ))
-    if traffic is not None and reference is not None and key.vocab is not None:
-        sigma_inv = key.vocab_inverse
+    if traffic is not None and reference is not None and (sigma_inv := key.vocab_inverse) is not None:
         observed = sigma_inv[traffic]
         guess = frequency_attack(observed, reference, a.vocab_size(c))
         decoded = guess[observed]

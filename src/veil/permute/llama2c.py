@@ -43,7 +43,8 @@ def llama2c_config(path: str | Path):
     path = Path(path)
     with path.open("rb") as fh:
         dim, hidden, layers, heads, kv_heads, vocab, seq_len = _read_header(fh.read(_HEADER.size), path)
-    return LlamaConfig(
+    # transformers 5 typed LlamaConfig without rope_theta; it still accepts it (-> rope_parameters), 4.x needs it
+    return LlamaConfig(  # type: ignore[call-arg]
         vocab_size=abs(vocab), hidden_size=dim, intermediate_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=seq_len,
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=vocab > 0, hidden_act="silu",

@@ -14,7 +14,7 @@ from veil.errors import InputError
 
 __all__ = ["encode_array", "decode_array", "MAX_ELEMENTS"]
 
-_DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
+_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
 MAX_ELEMENTS = 1 << 26
 
 

@@ -7,6 +7,7 @@ with their own matrix product.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +17,7 @@ __all__ = [
 ]
 
 
-def pad2d(x: np.ndarray, pads: Sequence[int], value: float | int = 0) -> np.ndarray:
+def pad2d(x: np.ndarray, pads: Sequence[int], value: float | int | np.number[Any] = 0) -> np.ndarray:
     """Pad the last two axes of NCHW ``x`` by (top, left, bottom, right)."""
     t, left, b, r = pads
     if not any(pads):
@@ -51,7 +52,8 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, strides: Sequence
     return np.ascontiguousarray(y.reshape(n, oh, ow, o).transpose(0, 3, 1, 2))
 
 
-def pool_windows(x: np.ndarray, k: Sequence[int], s: Sequence[int], pads: Sequence[int], pad_value: float | int) -> np.ndarray:
+def pool_windows(x: np.ndarray, k: Sequence[int], s: Sequence[int], pads: Sequence[int],
+                 pad_value: float | int | np.number[Any]) -> np.ndarray:
     """Pooling windows of NCHW ``x``: shape (N, C, OH, OW, kh*kw)."""
     n, c, h, w = x.shape
     oh, ow = conv_out_hw(h, w, k, s, pads)

@@ -136,7 +136,8 @@ def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None) ->
         if lvl == 0:
             got = o
         g = gs[3] ^ terms[0] ^ terms[1] ^ terms[2]
-        p = terms[3] if len(terms) > 3 else None
+        if len(terms) > 3:  # the top level has no P output (and no level after it reads one)
+            p = terms[3]
     s = mat["r63"] ^ g[0]
     if ctx.party == 0:
         s ^= cb[63]

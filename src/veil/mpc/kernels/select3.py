@@ -43,7 +43,7 @@ def _coefficients(d: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Public per-element coefficients: constant term and one per subset U (uint64, mod 2^64)."""
     n = d[0].shape[0]
     one = np.ones(n, np.uint64)
-    sign = [one - np.uint64(2) * di for di in d]  # 1 - 2 D_i
+    sign: list[np.ndarray] = [one - np.uint64(2) * di for di in d]  # 1 - 2 D_i
     const = np.zeros(n, np.uint64)
     coef = {u: np.zeros(n, np.uint64) for u in _SUBS}
     for t in ARITH_MONOS:

@@ -67,9 +67,9 @@ def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, A
         t1 = time.perf_counter()
         sent_before = ch.stats.bytes_sent
         if mask is not None:  # mask the first layer's input directly: E = X - A to both servers
-            e = apply_prefix(prog, next(iter(enc.values()))[start : start + b]) - mask
+            masked = apply_prefix(prog, next(iter(enc.values()))[start : start + b]) - mask
             for p in SERVERS:
-                ch.send(p, e)
+                ch.send(p, masked)
         else:
             ch.send("server1", {k: v[start : start + b] - prg.words(f"{q}/input/{k}", v[start : start + b].shape)
                                 for k, v in enc.items()})
