@@ -125,7 +125,7 @@ def run(
     for k, v in result.items():
         console.print(f"{k}: shape {v.shape}, argmax {v.reshape(v.shape[0], -1).argmax(-1)[:16].tolist()}")
     if out:
-        np.savez(out, **result)
+        np.savez(out, **result)  # type: ignore[arg-type]  # numpy stubs check **kwds against allow_pickle
 
 
 def main() -> None:
