@@ -7,7 +7,8 @@
    forward of the whole model. Target: under 2%. In embed mode the user also does the embedding
    lookup and the head; that share is reported separately (it is model work moved, not added).
 3. End to end: ms per generated token through the HTTP server (uvicorn on 127.0.0.1, KV cache on
-   the cloud, one round trip per token), next to plain HF generation in-process.
+   the cloud, one round trip per token), over plain HTTP and over HTTPS with client certificates
+   (mutual TLS, certificates from ``veil keys``), next to plain HF generation in-process.
 
 Usage: python bench/bench_permute.py [--quick] [--threads N]
 """
@@ -24,12 +25,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from veil.net.keys import create_ca, issue_party_cert
 from veil.permute import load_source
 from veil.permute.bundle import write_cloud_package, write_user_bundle
 from veil.permute.client import HttpTransport, LocalTransport, PermuteClient
 from veil.permute.cloud import CloudRuntime
 from veil.permute.developer import make_key, make_packages
-from veil.permute.testing import MINILM_DIR, cloud_server, random_llama
+from veil.permute.testing import MINILM_DIR, ServerTLS, cloud_servers, random_llama
 
 console = Console()
 STORIES = "/work/shared/models/stories260K.bin"
@@ -152,7 +154,8 @@ def best_per_token(fn, tokens: int, runs: int) -> float:
 
 def bench_http(items, tokens: int, runs: int) -> None:
     table = Table(title=f"3. end to end: greedy generation of {tokens} tokens (fastest of {runs} runs)")
-    for col in ("model", "mode", "HTTP ms/token", "in-process permuted ms/token", "plain HF ms/token"):
+    for col in ("model", "mode", "HTTP ms/token", "HTTPS (mutual TLS) ms/token", "in-process permuted ms/token",
+                "plain HF ms/token"):
         table.add_column(col)
     for name, src, _ in items:
         if not src.adapter.is_decoder:
@@ -172,14 +175,25 @@ def bench_http(items, tokens: int, runs: int) -> None:
             local.generate([1], 4)
             loc = best_per_token(lambda local=local: local.generate([1], tokens), tokens, runs)
             with tempfile.TemporaryDirectory() as tmp:
+                keys = Path(tmp) / "keys"
+                ca_key, ca_cert = create_ca(keys, "bench")
+                for party in ("cloud", "user"):
+                    issue_party_cert(keys, party, ca_key, ca_cert)
                 write_cloud_package(Path(tmp) / "cloud", cloud)
                 write_user_bundle(Path(tmp) / "user", user)
-                with cloud_server(Path(tmp) / "cloud", threads=torch.get_num_threads()) as url:
-                    client = PermuteClient(user, HttpTransport(url))
-                    client.generate([1], 4)
-                    http = best_per_token(lambda client=client: client.generate([1], tokens), tokens, runs)
-                    client.transport.close()
-            table.add_row(name, mode, f"{1e3 * http:.1f}", f"{1e3 * loc:.1f}", f"{1e3 * hf_t:.1f}")
+                tls = ServerTLS(keys / "cloud.pem", keys / "cloud.key", client_ca=keys / "ca.pem")
+                with cloud_servers([Path(tmp) / "cloud"] * 2, threads=torch.get_num_threads(),
+                                   tls=[None, tls]) as (url, tls_url):
+                    clients = [PermuteClient(user, HttpTransport(url)),
+                               PermuteClient(user, HttpTransport(tls_url, ca=keys / "ca.pem", server_name="cloud",
+                                                                 client_cert=(keys / "user.pem", keys / "user.key")))]
+                    for c in clients:
+                        c.generate([1], 4)
+                    http, https = (t / tokens for t in interleaved(
+                        [lambda c=c: c.generate([1], tokens) for c in clients], runs))
+                    for c in clients:
+                        c.close()
+            table.add_row(name, mode, f"{1e3 * http:.1f}", f"{1e3 * https:.1f}", f"{1e3 * loc:.1f}", f"{1e3 * hf_t:.1f}")
     console.print(table)
 
 

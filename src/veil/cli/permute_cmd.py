@@ -2,8 +2,8 @@
 
 Developer: ``keygen`` (draw the secret permutations), ``transform`` (write the cloud's model and the
 user's key bundle), ``audit`` (run the attacks, print recovery rates).
-Cloud: ``serve`` (HTTP server with KV-cache sessions and batching).
-User: ``generate`` (decoders) and ``encode`` (encoders) against a running cloud.
+Cloud: ``serve`` (HTTP or HTTPS server with KV-cache sessions and batching; optional client certificates).
+User: ``generate`` (decoders) and ``encode`` (encoders) against a running cloud (``--ca`` etc. for HTTPS).
 """
 
 from __future__ import annotations
@@ -97,22 +97,55 @@ def serve(
     window_ms: float = typer.Option(0.0, help="wait this long for more steps before running a batch"),
     threads: int = typer.Option(0, help="torch threads (0: default)"),
     developer_key: str | None = typer.Option(None, help="require the developer's signature (hex public key)"),
+    tls_cert: Path | None = typer.Option(None, help="server certificate (PEM, e.g. from `veil keys`): serve HTTPS"),
+    tls_key: Path | None = typer.Option(None, help="private key of --tls-cert (PEM)"),
+    tls_client_ca: Path | None = typer.Option(None, help="require client certificates issued by this CA (PEM)"),
 ) -> None:
-    """Serve the transformed model over HTTP (no TLS: put it behind a TLS terminator)."""
+    """Serve the transformed model over HTTP, or HTTPS with --tls-cert/--tls-key."""
     from veil.permute.server import serve as run_server
+    from veil.permute.server import tls_options
 
-    console.print(f"serving {cloud} on http://{host}:{port}")
-    run_server(str(cloud), host, port, max_batch, window_ms, threads, developer_key)
+    def opt(p: Path | None) -> str | None:
+        return None if p is None else str(p)
+
+    tls_options(opt(tls_cert), opt(tls_key), opt(tls_client_ca))  # clear errors before loading the model
+    scheme = "https" if tls_cert is not None else "http"
+    extra = " (client certificates required)" if tls_client_ca is not None else ""
+    console.print(f"serving {cloud} on {scheme}://{host}:{port}{extra}")
+    if scheme == "http":
+        err_console.print("[yellow]plain HTTP: traffic is unencrypted and the cloud is not authenticated; "
+                          "use --tls-cert/--tls-key beyond this machine[/yellow]")
+    run_server(str(cloud), host, port, max_batch, window_ms, threads, developer_key, tls_cert=opt(tls_cert),
+               tls_key=opt(tls_key), tls_client_ca=opt(tls_client_ca))
 
 
-def _connect(user: Path, url: str, developer_key: str | None):
+def _connect(user: Path, url: str, developer_key: str | None, ca: Path | None = None,
+             server_name: str | None = None, client_cert: Path | None = None, client_key: Path | None = None):
+    from veil.errors import InputError
     from veil.permute.bundle import read_user_bundle
     from veil.permute.client import HttpTransport, PermuteClient
 
-    return PermuteClient(read_user_bundle(user, developer_key), HttpTransport(url))
+    if (client_cert is None) != (client_key is None):
+        raise InputError("--client-cert and --client-key go together")
+    pair = None if client_cert is None or client_key is None else (client_cert, client_key)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transport = HttpTransport(url, ca=ca, server_name=server_name, client_cert=pair)
+    for w in caught:
+        err_console.print(f"[yellow]warning: {w.message}[/yellow]")
+    try:
+        return PermuteClient(read_user_bundle(user, developer_key), transport)
+    except BaseException:
+        transport.close()
+        raise
 
 
 _DEV_KEY = typer.Option(None, help="require the developer's signature on the bundle (hex public key)")
+_CA = typer.Option(None, help="https: trust only this CA (PEM) for the cloud's certificate")
+_SERVER_NAME = typer.Option(None, help="https: name the cloud's certificate must carry if not the URL's host "
+                                       "(e.g. its party name in `veil keys`)")
+_CLIENT_CERT = typer.Option(None, help="https: this user's certificate (PEM), for a cloud that requires one")
+_CLIENT_KEY = typer.Option(None, help="private key of --client-cert (PEM)")
 
 
 @app.command()
@@ -124,16 +157,20 @@ def generate(
     max_new_tokens: int = typer.Option(64),
     stop_at_eos: bool = typer.Option(False, help="stop at the model's EOS token"),
     developer_key: str | None = _DEV_KEY,
+    ca: Path | None = _CA,
+    server_name: str | None = _SERVER_NAME,
+    client_cert: Path | None = _CLIENT_CERT,
+    client_key: Path | None = _CLIENT_KEY,
 ) -> None:
     """Greedy generation through the cloud: one round trip per token, KV cache on the cloud."""
     import time
 
-    client = _connect(user, url, developer_key)
-    ids = [int(t) for t in prompt_ids.split()] or [int(client.meta.get("bos_token_id") or 0)]
-    eos = client.meta.get("eos_token_id") if stop_at_eos else None
-    t0 = time.perf_counter()
-    out = client.generate(ids, max_new_tokens, eos_token_id=eos)
-    dt = time.perf_counter() - t0
+    with _connect(user, url, developer_key, ca, server_name, client_cert, client_key) as client:
+        ids = [int(t) for t in prompt_ids.split()] or [int(client.meta.get("bos_token_id") or 0)]
+        eos = client.meta.get("eos_token_id") if stop_at_eos else None
+        t0 = time.perf_counter()
+        out = client.generate(ids, max_new_tokens, eos_token_id=eos)
+        dt = time.perf_counter() - t0
     console.print(" ".join(str(t) for t in out))
     console.print(f"[dim]{len(out)} tokens in {dt:.2f} s ({1000 * dt / max(len(out), 1):.1f} ms/token)[/dim]")
 
@@ -145,19 +182,23 @@ def encode(
     url: str = typer.Option("http://127.0.0.1:8470"),
     text: str = typer.Option(..., help="sentence to embed (tokenised with the bundle's tokenizer)"),
     developer_key: str | None = _DEV_KEY,
+    ca: Path | None = _CA,
+    server_name: str | None = _SERVER_NAME,
+    client_cert: Path | None = _CLIENT_CERT,
+    client_key: Path | None = _CLIENT_KEY,
 ) -> None:
     """Sentence embedding (mean pooling) from an encoder through the cloud."""
     from veil.permute.errors import KeyBundleError
 
-    client = _connect(user, url, developer_key)
-    tok_json = client.bundle.tokenizer_files.get("tokenizer.json")
-    if tok_json is None:
-        raise KeyBundleError("the user bundle has no tokenizer.json; cannot tokenise text")
-    from tokenizers import Tokenizer
+    with _connect(user, url, developer_key, ca, server_name, client_cert, client_key) as client:
+        tok_json = client.bundle.tokenizer_files.get("tokenizer.json")
+        if tok_json is None:
+            raise KeyBundleError("the user bundle has no tokenizer.json; cannot tokenise text")
+        from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(tok_json.decode())
-    ids = np.array([tok.encode(text).ids], dtype=np.int64)
-    emb = client.sentence_embedding(ids)[0]
+        tok = Tokenizer.from_str(tok_json.decode())
+        ids = np.array([tok.encode(text).ids], dtype=np.int64)
+        emb = client.sentence_embedding(ids)[0]
     emb = emb / max(float(np.linalg.norm(emb)), 1e-12)
     console.print(np.array2string(emb[:8], precision=4) + f" ... ({emb.shape[0]} dims, L2-normalised)")
 

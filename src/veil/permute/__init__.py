@@ -22,6 +22,7 @@ from veil.permute.client import HttpTransport, LocalTransport, PermuteClient
 from veil.permute.cloud import CloudRuntime
 from veil.permute.developer import make_key, make_packages
 from veil.permute.errors import (
+    CloudAuthError,
     CloudError,
     KeyBundleError,
     PermuteError,
@@ -34,6 +35,7 @@ from veil.permute.transform import PermutationKey, generate_key, inverse, transf
 
 __all__ = [
     "ADAPTERS",
+    "CloudAuthError",
     "CloudError",
     "CloudPackage",
     "CloudRuntime",

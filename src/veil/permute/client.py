@@ -11,22 +11,31 @@ Inference steps (STIP):
 Generation keeps the key/value cache on the cloud (a session): one round trip per new token.
 Before anything is sent the client checks that its key bundle belongs to the cloud it talks to
 (``key_id``, family, mode, sizes) and that the sequence fits the model.
+
+Transport security: with an ``https://`` URL the client verifies the cloud's certificate (against
+``ca`` when given, else the system's trust store; verification is never turned off) and can present
+its own certificate (``client_cert``) to a cloud that requires one. Plain ``http://`` is accepted
+silently only to a loopback address; to any other host it warns that traffic is unencrypted.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import ssl
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from veil.errors import InputError, VeilError
+from veil.errors import DeploymentError, InputError, VeilError
 from veil.permute.bundle import UserBundle
 from veil.permute.cloud import CloudRuntime
-from veil.permute.errors import CloudError, KeyBundleError, SequenceTooLongError
+from veil.permute.errors import CloudAuthError, CloudError, KeyBundleError, SequenceTooLongError
 from veil.permute.wire import decode_array, encode_array
 
-__all__ = ["Transport", "LocalTransport", "HttpTransport", "PermuteClient", "mean_pool"]
+__all__ = ["Transport", "LocalTransport", "HttpTransport", "PermuteClient", "UnencryptedTrafficWarning", "mean_pool"]
 
 
 class Transport(Protocol):
@@ -64,23 +73,100 @@ class LocalTransport:
         self.runtime.close_session(sid)
 
 
-class HttpTransport:
-    """Talks to ``veil permute serve`` over HTTP (httpx, timeouts on every call)."""
+class UnencryptedTrafficWarning(UserWarning):
+    """A plain ``http://`` URL to a host other than this machine: anyone on the path sees the traffic."""
 
-    def __init__(self, url: str, timeout: float = 60.0):
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _ssl_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl`` error somewhere in ``exc``'s chain (httpx wraps httpcore wraps ssl)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+PathLike = str | Path
+
+
+class HttpTransport:
+    """Talks to ``veil permute serve`` over HTTP or HTTPS (httpx, timeouts on every call).
+
+    ``ca``: PEM file of the CA that must have issued the cloud's certificate (only that CA is
+    trusted; default: the system's trust store). ``server_name``: the name the cloud's certificate
+    must carry, when it differs from the URL's host (e.g. the party name of a ``veil keys``
+    certificate while the URL is ``https://127.0.0.1:8470``); it is sent as SNI and checked as the
+    TLS host name. ``client_cert``: ``(cert PEM, key PEM)`` for a cloud that requires client
+    certificates. A TLS failure is a :class:`~veil.permute.errors.CloudAuthError`.
+    """
+
+    def __init__(self, url: str, timeout: float = 60.0, *, ca: PathLike | None = None,
+                 client_cert: tuple[PathLike, PathLike] | None = None, server_name: str | None = None):
         import httpx
 
         self._httpx = httpx
-        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError):
+            raise InputError(f"not a valid cloud URL: {url!r}") from None
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise InputError(f"the cloud URL must be http://host:port or https://host:port; got {url!r}")
+        self.tls = parsed.scheme == "https"
+        self.server_name, self.ca = server_name, ca
+        self._answered = False  # a refused client certificate shows only on the first connection
+        self._extensions: dict[str, Any] = {}
+        verify: ssl.SSLContext | bool = True
+        if not self.tls:
+            if ca is not None or client_cert is not None or server_name is not None:
+                raise InputError(f"ca, client_cert and server_name need an https:// URL; got {url!r}")
+            if not _is_loopback(parsed.host):
+                warnings.warn(f"{url} is plain HTTP to another machine: the permuted traffic is unencrypted and "
+                              "the cloud is not authenticated; use https:// with ca=", UnencryptedTrafficWarning,
+                              stacklevel=2)
+        else:
+            verify = self._context(ca, client_cert)
+            if server_name is not None:
+                self._extensions["sni_hostname"] = server_name
+        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, verify=verify)
+
+    @staticmethod
+    def _context(ca: PathLike | None, client_cert: tuple[PathLike, PathLike] | None) -> ssl.SSLContext:
+        try:
+            ctx = ssl.create_default_context(cafile=None if ca is None else str(ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise DeploymentError(f"cannot load the CA file {ca}: {exc.__class__.__name__}") from None
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if client_cert is not None:
+            cert, key = client_cert
+            try:
+                ctx.load_cert_chain(str(cert), str(key))
+            except (ssl.SSLError, OSError) as exc:
+                raise DeploymentError(f"cannot load the client certificate {cert} with key {key}: "
+                                      f"{exc.__class__.__name__}") from None
+        return ctx
 
     def close(self) -> None:
         self.client.close()
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
-            resp = self.client.request(method, path, json=body)
+            resp = self.client.request(method, path, json=body, extensions=self._extensions)
         except self._httpx.HTTPError as exc:
+            self._raise_tls_failure(exc)
             raise CloudError(f"cannot reach the cloud at {self.client.base_url}: {exc.__class__.__name__}") from None
+        self._answered = True
         try:
             data = resp.json()
         except ValueError:
@@ -88,6 +174,29 @@ class HttpTransport:
         if resp.status_code != 200:
             _raise_remote(resp.status_code, data)
         return data
+
+    def _raise_tls_failure(self, exc: BaseException) -> None:
+        if not self.tls:
+            return
+        where = f"the cloud at {self.client.base_url}"
+        err = _ssl_failure(exc)
+        if isinstance(err, ssl.SSLCertVerificationError):
+            name = self.server_name or self.client.base_url.host
+            trusted = f"the CA in {self.ca}" if self.ca is not None else "the system's trusted CAs (no ca= given)"
+            raise CloudAuthError(f"{where} is not authenticated: its certificate does not verify as {name!r} "
+                                 f"against {trusted} ({err.verify_message})") from None
+        if err is not None:
+            reason = err.reason or err.__class__.__name__
+            if "ALERT" in reason.upper() or "CERTIFICATE" in reason.upper():
+                raise CloudAuthError(f"{where} refused the TLS handshake ({reason}): it requires a client "
+                                     "certificate from its CA (client_cert=, --client-cert)") from None
+            raise CloudAuthError(f"TLS with {where} failed ({reason})") from None
+        if not self._answered and isinstance(exc, (self._httpx.ReadError, self._httpx.RemoteProtocolError,
+                                                   self._httpx.WriteError)):
+            # TLS 1.3: the server checks the client's certificate after the client's handshake is done,
+            # so a refused (or missing) client certificate can surface as a dropped connection.
+            raise CloudAuthError(f"{where} closed the TLS connection without answering: it probably requires a "
+                                 "client certificate from its CA (client_cert=, --client-cert)") from None
 
     def info(self) -> dict[str, Any]:
         return self._request("GET", "/info")
@@ -138,6 +247,18 @@ class PermuteClient:
         head = bundle.head if bundle.head is not None else bundle.embedding
         self._head_t = None if head is None else np.ascontiguousarray(head.float().numpy().T)
         self.check_cloud(transport.info())
+
+    def close(self) -> None:
+        """Close the transport's connections (an HTTPS cloud then sees a clean TLS close)."""
+        close = getattr(self.transport, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> PermuteClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- checks ---------------------------------------------------------------------------------
     def check_cloud(self, info: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ Messages name files, shapes, families and sizes; never weights, permutations or 
 
 from __future__ import annotations
 
-from veil.errors import InputError, IntegrityError, ModelError, ProtocolError
+from veil.errors import InputError, IntegrityError, ModelError, PeerAuthError, ProtocolError
 
 __all__ = [
     "PermuteError",
@@ -13,6 +13,7 @@ __all__ = [
     "UnsupportedFamilyError",
     "SequenceTooLongError",
     "CloudError",
+    "CloudAuthError",
 ]
 
 
@@ -49,3 +50,9 @@ class SequenceTooLongError(InputError):
 
 class CloudError(PermuteError):
     """The cloud server refused a request or answered with something the client cannot use."""
+
+
+class CloudAuthError(CloudError, PeerAuthError):
+    """TLS between the user and the cloud failed: the server's certificate does not verify against
+    the user's CA (or is not for the expected name), or the cloud refused the user's client
+    certificate (or its absence)."""

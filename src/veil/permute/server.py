@@ -13,7 +13,13 @@ more) as one batch. Every model call goes through that one thread, so the runtim
 
 Errors come back as ``{"error": <class name>, "detail": <message>}`` with status 400 (bad input),
 404 (unknown session) or 409/503; messages hold no array contents. The server binds wherever it is
-told; tests use 127.0.0.1. Nothing here authenticates clients or encrypts traffic: put it behind TLS.
+told; tests use 127.0.0.1.
+
+TLS (``--tls-cert`` / ``--tls-key``, uvicorn's own TLS over Python's ``ssl``): traffic is encrypted
+and the user can check the cloud's certificate. ``--tls-client-ca`` also requires every client to
+present a certificate from that CA (mutual TLS): only users holding one can call the cloud.
+Certificates can come from ``veil keys`` (:mod:`veil.net.keys`). Without ``--tls-cert`` the server
+speaks plain HTTP: no encryption, no authentication of either side.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import ssl
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -30,14 +37,15 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from veil.errors import InputError, VeilError
+from veil.errors import DeploymentError, InputError, VeilError
 from veil.permute.cloud import CloudRuntime
 from veil.permute.errors import CloudError, SequenceTooLongError
 from veil.permute.wire import decode_array, encode_array
 
-__all__ = ["create_app", "StepBatcher", "main", "serve"]
+__all__ = ["create_app", "StepBatcher", "main", "serve", "tls_options"]
 
 log = logging.getLogger("veil.permute.server")
+_TLS_SHUTDOWN_S = 3
 
 
 class StepBatcher:
@@ -191,16 +199,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window-ms", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--developer-key", default=None, help="require the developer's signature (hex)")
+    parser.add_argument("--tls-cert", default=None, help="server certificate (PEM): serve HTTPS")
+    parser.add_argument("--tls-key", default=None, help="private key of --tls-cert (PEM)")
+    parser.add_argument("--tls-client-ca", default=None,
+                        help="require client certificates issued by this CA (PEM)")
     args = parser.parse_args(argv)
     try:
-        serve(args.cloud, args.host, args.port, args.max_batch, args.window_ms, args.threads, args.developer_key)
+        serve(args.cloud, args.host, args.port, args.max_batch, args.window_ms, args.threads, args.developer_key,
+              tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
     except VeilError as exc:
         print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
+def tls_options(tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None) -> dict[str, Any]:
+    """uvicorn's TLS keyword arguments, after checking that the files load (a clear
+    ``DeploymentError`` here instead of a traceback from inside uvicorn)."""
+    if tls_cert is None and tls_key is None:
+        if tls_client_ca is not None:
+            raise DeploymentError("--tls-client-ca needs --tls-cert and --tls-key (client certificates are a TLS feature)")
+        return {}
+    if tls_cert is None or tls_key is None:
+        raise DeploymentError("--tls-cert and --tls-key go together")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(tls_cert, tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise DeploymentError(f"cannot load the TLS certificate {tls_cert} with key {tls_key}: "
+                              f"{exc.__class__.__name__}: {getattr(exc, 'strerror', None) or exc}") from None
+    opts: dict[str, Any] = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key}
+    if tls_client_ca is not None:
+        try:
+            ctx.load_verify_locations(tls_client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise DeploymentError(f"cannot load the client CA {tls_client_ca}: {exc.__class__.__name__}") from None
+        opts.update(ssl_cert_reqs=ssl.CERT_REQUIRED, ssl_ca_certs=tls_client_ca)
+    return opts
+
+
 def serve(cloud_dir: str, host: str, port: int, max_batch: int = 16, window_ms: float = 0.0, threads: int = 0,
-          developer_key: str | None = None) -> None:
+          developer_key: str | None = None, *, tls_cert: str | None = None, tls_key: str | None = None,
+          tls_client_ca: str | None = None) -> None:
+    """Run the server until interrupted; HTTPS when ``tls_cert``/``tls_key`` are given, requiring
+    client certificates from ``tls_client_ca`` when that is given too."""
+    ssl_kwargs = tls_options(tls_cert, tls_key, tls_client_ca)
+
     import torch
     import uvicorn
 
@@ -210,7 +253,11 @@ def serve(cloud_dir: str, host: str, port: int, max_batch: int = 16, window_ms: 
         torch.set_num_threads(threads)
     runtime = CloudRuntime(read_cloud_package(cloud_dir, developer_key))
     app = create_app(runtime, max_batch=max_batch, window_ms=window_ms)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if ssl_kwargs:
+        # on shutdown, a client that keeps an idle TLS connection open without answering the close
+        # would hold the server for asyncio's SSL shutdown timeout (30 s); give up on it sooner
+        ssl_kwargs["timeout_graceful_shutdown"] = _TLS_SHUTDOWN_S
+    uvicorn.run(app, host=host, port=port, log_level="warning", **ssl_kwargs)
 
 
 if __name__ == "__main__":

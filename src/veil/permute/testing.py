@@ -6,11 +6,13 @@ transform that forgot to permute them fails the exactness tests.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +21,8 @@ from veil.net.ports import free_port
 from veil.permute.families import adapter_for
 from veil.permute.models import SourceModel
 
-__all__ = ["random_gpt2", "random_llama", "randomise_norms", "cloud_server", "cloud_servers", "MINILM_DIR"]
+__all__ = ["random_gpt2", "random_llama", "randomise_norms", "cloud_server", "cloud_servers", "ServerTLS",
+           "MINILM_DIR"]
 
 
 def _minilm_dir() -> Path | None:
@@ -75,13 +78,41 @@ def random_llama(seed: int = 0, layers: int = 2, d: int = 48, heads: int = 6, kv
     return _finish(LlamaForCausalLM(cfg), seed)
 
 
-@contextmanager
-def cloud_servers(cloud_dirs: list[str | Path], window_ms: float = 0.0, startup_timeout: float = 90.0,
-                  threads: int = 1, developer_keys: list[str | None] | None = None) -> Iterator[list[str]]:
-    """Run one ``python -m veil.permute.server`` per directory, on 127.0.0.1 and free ports, started
-    in parallel; yield their URLs; stop them all (terminate, then kill) on the way out."""
+@dataclass(frozen=True)
+class ServerTLS:
+    """TLS files for one test server: its certificate and key, and optionally the CA whose client
+    certificates it requires."""
+
+    cert: str | Path
+    key: str | Path
+    client_ca: str | Path | None = None
+
+
+def _ready(url: str, tls: bool) -> bool:
+    """Plain HTTP: ``/info`` answers. TLS: the port accepts connections (uvicorn binds only after its
+    startup is done), so the probe needs no client credentials."""
     import httpx
 
+    if tls:
+        host, port = url.removeprefix("https://").rsplit(":", 1)
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return True
+        except OSError:
+            return False
+    try:
+        return httpx.get(url + "/info", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def cloud_servers(cloud_dirs: list[str | Path], window_ms: float = 0.0, startup_timeout: float = 90.0,
+                  threads: int = 1, developer_keys: list[str | None] | None = None,
+                  tls: list[ServerTLS | None] | None = None) -> Iterator[list[str]]:
+    """Run one ``python -m veil.permute.server`` per directory, on 127.0.0.1 and free ports, started
+    in parallel; yield their URLs (``https://`` for those given ``tls``); stop them all (terminate,
+    then kill) on the way out."""
     procs: list[subprocess.Popen] = []
     urls: list[str] = []
     try:
@@ -91,19 +122,21 @@ def cloud_servers(cloud_dirs: list[str | Path], window_ms: float = 0.0, startup_
                    "--port", str(port), "--window-ms", str(window_ms), "--threads", str(threads)]
             if developer_keys and developer_keys[i]:
                 cmd += ["--developer-key", str(developer_keys[i])]
+            files = tls[i] if tls else None
+            if files is not None:
+                cmd += ["--tls-cert", str(files.cert), "--tls-key", str(files.key)]
+                if files.client_ca is not None:
+                    cmd += ["--tls-client-ca", str(files.client_ca)]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-            urls.append(f"http://127.0.0.1:{port}")
+            urls.append(f"{'https' if files is not None else 'http'}://127.0.0.1:{port}")
         deadline = time.monotonic() + startup_timeout
         for proc, url in zip(procs, urls, strict=True):
             while True:
                 if proc.poll() is not None:
                     err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
                     raise RuntimeError(f"cloud server exited with {proc.returncode}: {err}")
-                try:
-                    if httpx.get(url + "/info", timeout=1.0).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
+                if _ready(url, url.startswith("https://")):
+                    break
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"cloud server did not start within {startup_timeout} s")
                 time.sleep(0.1)
@@ -123,7 +156,7 @@ def cloud_servers(cloud_dirs: list[str | Path], window_ms: float = 0.0, startup_
 
 @contextmanager
 def cloud_server(cloud_dir: str | Path, window_ms: float = 0.0, startup_timeout: float = 90.0,
-                 threads: int = 1) -> Iterator[str]:
+                 threads: int = 1, tls: ServerTLS | None = None) -> Iterator[str]:
     """One cloud server (see :func:`cloud_servers`); yields its URL."""
-    with cloud_servers([cloud_dir], window_ms, startup_timeout, threads) as urls:
+    with cloud_servers([cloud_dir], window_ms, startup_timeout, threads, tls=[tls]) as urls:
         yield urls[0]
