@@ -8,9 +8,10 @@ Op vocabulary (``Node.op``), with the meaning of ``params`` and ``attrs``:
 op                 semantics
 =================  ===============================================================================
 linear             ``y = x @ W.T + b`` on the last axis; params ``W`` (out, in), optional ``b`` (out,)
-matmul             ``y = a @ b`` of two activations (numpy broadcasting rules)
-conv2d             NCHW convolution, group 1, dilation 1; params ``W`` (O, I, kh, kw), optional ``b``;
-                   attrs ``strides`` (sh, sw), ``pads`` (top, left, bottom, right)
+matmul             ``y = a @ b`` of two activations (numpy rules: batch dims broadcast)
+conv2d             NCHW convolution, dilation 1; params ``W`` (O, I/group, kh, kw), optional ``b``;
+                   attrs ``strides`` (sh, sw), ``pads`` (top, left, bottom, right), ``group``
+                   (optional, default 1; group == channels is a depthwise convolution)
 relu               ``max(x, 0)``
 maxpool            attrs ``kernel`` (kh, kw), ``strides``, ``pads`` (padding is -inf)
 avgpool            attrs ``kernel``, ``strides``, ``pads``, ``count_include_pad`` (bool)
@@ -18,15 +19,32 @@ global_avgpool     mean over H, W keeping dims (N, C, 1, 1)
 flatten            attrs ``axis``: reshape to (prod(shape[:axis]), prod(shape[axis:]))
 reshape            attrs ``shape``: ONNX semantics (0 copies the input dim, -1 is inferred)
 transpose          attrs ``perm``
+unsqueeze          attrs ``axes`` (non-negative, in the output's rank)
+squeeze            attrs ``axes`` (non-negative, in the input's rank)
+concat             attrs ``axis`` (non-negative); one or more activations
+slice              attrs ``starts``, ``ends``, ``axes`` (non-negative), ``steps``: ONNX Slice, clamped
+gather             attrs ``axis`` (non-negative), ``indices`` (public int64 array): ``np.take``
 add, sub, mul      element-wise on two activations (numpy broadcasting)
-add_const          ``x + c``; params ``c`` (broadcastable)
-mul_const          ``x * c``; params ``c`` (broadcastable)
-softmax            attrs ``axis``
+add_const          ``x + c``; params ``c`` (broadcastable, public)
+mul_const          ``x * c``; params ``c`` (broadcastable, public)
+reduce_mean        attrs ``axes`` (non-negative), ``keepdims`` (bool)
+reduce_sum         attrs ``axes`` (non-negative), ``keepdims`` (bool)
+softmax            attrs ``axis`` (non-negative); optional params ``mask``: a public additive constant
+                   broadcastable to x (0 or finite, ``-inf`` excludes an entry); ``softmax(x + mask)``
 argmax             attrs ``axis``, ``keepdims`` (bool); output dtype int64
 layernorm          over the last axis; params ``gamma``, ``beta``; attrs ``eps``
-gelu               exact (erf) GELU
+rmsnorm            over the last axis: ``x / sqrt(mean(x^2) + eps) * gamma``; params ``gamma``; attrs ``eps``
+gelu               exact (erf) GELU: ``x/2 (1 + erf(x/sqrt 2))``
+gelu_tanh          ``x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``
+silu               ``x * sigmoid(x)``
 erf, tanh, sigmoid element-wise
+reciprocal         ``1 / x``
+sqrt, rsqrt        ``sqrt(x)``, ``1 / sqrt(x)``
+embedding          input: integer ids; params ``table`` (V, D); ``y = table[ids]`` of shape ids.shape + (D,)
 =================  ===============================================================================
+
+``graph.meta["state"]`` (optional) maps input names to output names whose values of one call are the
+inputs of the next (a decoder's key/value cache, see :mod:`veil.models.llama`).
 
 Modes may support a subset; each checks the graph at load time (:func:`Graph.require_ops`).
 """
@@ -46,8 +64,9 @@ __all__ = ["Node", "TensorSpec", "Graph", "OPS"]
 OPS: frozenset[str] = frozenset(
     {
         "linear", "matmul", "conv2d", "relu", "maxpool", "avgpool", "global_avgpool", "flatten",
-        "reshape", "transpose", "add", "sub", "mul", "add_const", "mul_const", "softmax", "argmax",
-        "layernorm", "gelu", "erf", "tanh", "sigmoid",
+        "reshape", "transpose", "unsqueeze", "squeeze", "concat", "slice", "gather", "add", "sub", "mul",
+        "add_const", "mul_const", "reduce_mean", "reduce_sum", "softmax", "argmax", "layernorm", "rmsnorm",
+        "gelu", "gelu_tanh", "silu", "erf", "tanh", "sigmoid", "reciprocal", "sqrt", "rsqrt", "embedding",
     }
 )
 

@@ -24,7 +24,8 @@ def _linear(n: Node, xs: list[np.ndarray]) -> np.ndarray:
 def _conv(n: Node, xs: list[np.ndarray]) -> np.ndarray:
     dt = xs[0].dtype
     b = n.params.get("b")
-    return K.conv2d(xs[0], n.params["W"].astype(dt), None if b is None else b.astype(dt), n.attrs["strides"], n.attrs["pads"])
+    return K.conv2d(xs[0], n.params["W"].astype(dt), None if b is None else b.astype(dt), n.attrs["strides"],
+                    n.attrs["pads"], group=int(n.attrs.get("group", 1)))
 
 
 def _argmax(n: Node, xs: list[np.ndarray]) -> np.ndarray:
@@ -44,19 +45,33 @@ _OPS: dict[str, OpFn] = {
     "flatten": lambda n, xs: K.flatten(xs[0], n.attrs["axis"]),
     "reshape": lambda n, xs: K.onnx_reshape(xs[0], n.attrs["shape"]),
     "transpose": lambda n, xs: np.transpose(xs[0], n.attrs["perm"]),
+    "unsqueeze": lambda n, xs: np.expand_dims(xs[0], tuple(n.attrs["axes"])),
+    "squeeze": lambda n, xs: np.squeeze(xs[0], tuple(n.attrs["axes"])),
+    "concat": lambda n, xs: np.concatenate(xs, axis=n.attrs["axis"]),
+    "slice": lambda n, xs: K.onnx_slice(xs[0], n.attrs["starts"], n.attrs["ends"], n.attrs["axes"], n.attrs["steps"]),
+    "gather": lambda n, xs: np.take(xs[0], n.attrs["indices"], axis=n.attrs["axis"]),
+    "reduce_mean": lambda n, xs: xs[0].mean(axis=tuple(n.attrs["axes"]), keepdims=n.attrs["keepdims"]),
+    "reduce_sum": lambda n, xs: xs[0].sum(axis=tuple(n.attrs["axes"]), keepdims=n.attrs["keepdims"]),
     "add": lambda n, xs: xs[0] + xs[1],
     "sub": lambda n, xs: xs[0] - xs[1],
     "mul": lambda n, xs: xs[0] * xs[1],
     "add_const": lambda n, xs: xs[0] + n.params["c"].astype(xs[0].dtype),
     "mul_const": lambda n, xs: xs[0] * n.params["c"].astype(xs[0].dtype),
-    "softmax": lambda n, xs: K.softmax(xs[0], n.attrs["axis"]),
+    "softmax": lambda n, xs: K.softmax(xs[0], n.attrs["axis"], n.params.get("mask")),
     "argmax": _argmax,
     "layernorm": lambda n, xs: K.layernorm(xs[0], n.params["gamma"].astype(xs[0].dtype),
                                            n.params["beta"].astype(xs[0].dtype), n.attrs["eps"]),
+    "rmsnorm": lambda n, xs: K.rmsnorm(xs[0], n.params["gamma"].astype(xs[0].dtype), n.attrs["eps"]),
     "gelu": lambda n, xs: K.gelu(xs[0]),
+    "gelu_tanh": lambda n, xs: K.gelu_tanh(xs[0]),
+    "silu": lambda n, xs: K.silu(xs[0]),
+    "reciprocal": lambda n, xs: 1.0 / xs[0],
+    "sqrt": lambda n, xs: np.sqrt(xs[0]),
+    "rsqrt": lambda n, xs: 1.0 / np.sqrt(xs[0]),
+    "embedding": lambda n, xs: n.params["table"][xs[0]],
     "erf": lambda n, xs: K.erf(xs[0]),
     "tanh": lambda n, xs: np.tanh(xs[0]),
-    "sigmoid": lambda n, xs: 1.0 / (1.0 + np.exp(-xs[0])),
+    "sigmoid": lambda n, xs: K.sigmoid(xs[0]),
 }
 PLAIN_OPS: frozenset[str] = frozenset(_OPS)
 

@@ -13,7 +13,7 @@ import numpy as np
 
 __all__ = [
     "pad2d", "im2col", "conv_out_hw", "conv2d", "pool_windows", "maxpool", "avgpool", "onnx_reshape",
-    "flatten", "softmax", "layernorm", "gelu", "erf",
+    "flatten", "softmax", "layernorm", "rmsnorm", "gelu", "gelu_tanh", "silu", "sigmoid", "erf", "onnx_slice",
 ]
 
 
@@ -40,8 +40,16 @@ def im2col(x: np.ndarray, k: Sequence[int], s: Sequence[int], pads: Sequence[int
 
 
 def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, strides: Sequence[int], pads: Sequence[int],
-           matmul: Callable[[np.ndarray, np.ndarray], np.ndarray] = np.matmul) -> np.ndarray:
-    """NCHW convolution as im2col followed by ``matmul`` (injectable for ring arithmetic)."""
+           matmul: Callable[[np.ndarray, np.ndarray], np.ndarray] = np.matmul, group: int = 1) -> np.ndarray:
+    """NCHW convolution as im2col followed by ``matmul`` (injectable for ring arithmetic).
+
+    ``group > 1``: input channels and filters are split into ``group`` blocks convolved separately
+    (``group`` = channels is a depthwise convolution); ``w`` is (O, C/group, kh, kw)."""
+    if group > 1:
+        ci, co = x.shape[1] // group, w.shape[0] // group
+        ys = [conv2d(x[:, g * ci:(g + 1) * ci], w[g * co:(g + 1) * co], None if b is None else b[g * co:(g + 1) * co],
+                     strides, pads, matmul) for g in range(group)]
+        return np.concatenate(ys, axis=1)
     n, _, h, wd = x.shape
     o, _, kh, kw = w.shape
     oh, ow = conv_out_hw(h, wd, (kh, kw), strides, pads)
@@ -85,7 +93,10 @@ def flatten(x: np.ndarray, axis: int) -> np.ndarray:
     return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
 
 
-def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+def softmax(x: np.ndarray, axis: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """``softmax(x + mask)`` along ``axis``; ``-inf`` mask entries get probability 0."""
+    if mask is not None:
+        x = x + mask.astype(x.dtype)
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
 
@@ -94,6 +105,32 @@ def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) ->
     mu = x.mean(axis=-1, keepdims=True)
     var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
     return (x - mu) / np.sqrt(var + eps) * gamma + beta
+
+
+def rmsnorm(x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * gamma
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x))).astype(x.dtype)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return (x * sigmoid(x)).astype(x.dtype)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    c = np.sqrt(2.0 / np.pi)
+    return (0.5 * x * (1.0 + np.tanh(c * (x + 0.044715 * x ** 3)))).astype(x.dtype)
+
+
+def onnx_slice(x: np.ndarray, starts: Sequence[int], ends: Sequence[int], axes: Sequence[int],
+               steps: Sequence[int]) -> np.ndarray:
+    """ONNX Slice with non-negative ``axes`` (Python slicing clamps out-of-range bounds the same way)."""
+    idx: list[slice] = [slice(None)] * x.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+        idx[a] = slice(int(s), int(e), int(st))
+    return x[tuple(idx)]
 
 
 def erf(x: np.ndarray) -> np.ndarray:
