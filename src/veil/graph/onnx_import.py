@@ -5,6 +5,11 @@ operands (initializers and ``Constant`` nodes) become node params; BatchNormaliz
 a preceding Conv/Gemm when that producer has no other consumer, otherwise it becomes a per-channel
 ``mul_const`` + ``add_const``. ``Identity`` and ``Dropout`` vanish.
 
+Nodes whose inputs are all constants are folded (:mod:`veil.graph.fold`), including ``Shape`` of an
+activation whose shape is static except for the batch; ``constants=`` binds graph inputs to public
+values (e.g. a padding mask) before folding. After conversion, :mod:`veil.graph.fuse` recognises
+decomposed LayerNorm/RMSNorm, GELU (erf and tanh forms), SiLU and masked softmax.
+
 An unsupported operator fails here, at load time, naming the node and listing what is supported.
 """
 
@@ -18,7 +23,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from veil.errors import ModelFormatError, UnsupportedOpError
+from veil.errors import ModelError, ModelFormatError, UnsupportedOpError
+from veil.graph.fold import SYMBOLIC, fold_node, static_shapes
+from veil.graph.fuse import fuse_patterns
 from veil.graph.ir import Graph, Node, TensorSpec
 
 __all__ = ["from_onnx", "SUPPORTED_ONNX_OPS"]
@@ -35,6 +42,19 @@ class _Ctx:
         self.alias: dict[str, str] = {}
         self.uses: dict[str, int] = {}  # how many ONNX nodes read each tensor
         self.graph_outputs: tuple[str, ...] = ()
+        self.shapes: dict[str, tuple[int, ...]] = {}  # static shapes, batch as fold.SYMBOLIC
+        self.opset = 17
+
+    def shape(self, t: str, node: onnx.NodeProto) -> tuple[int, ...]:
+        if t in self.consts:
+            return tuple(self.consts[t].shape)
+        for cand in (t, self.name(t)):
+            if cand in self.shapes:
+                return self.shapes[cand]
+        raise _unsupported(node, f"the shape of {t!r} is not static; export with static shapes (except the batch)")
+
+    def rank(self, t: str, node: onnx.NodeProto) -> int:
+        return len(self.shape(t, node))
 
     def name(self, t: str) -> str:
         while t in self.alias:
@@ -101,8 +121,6 @@ def _conv(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
     w = consts[1]
     if w is None or w.ndim != 4:
         raise _unsupported(node, "Conv needs a constant 4-D weight (2-D convolution)")
-    if at.get("group", 1) != 1:
-        raise _unsupported(node, f"group={at['group']}, only group=1")
     if any(d != 1 for d in at.get("dilations", [1, 1])):
         raise _unsupported(node, f"dilations={at['dilations']}, only 1")
     if at.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
@@ -111,7 +129,9 @@ def _conv(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
     params = {"W": w.astype(np.float32)}
     if len(consts) > 2 and consts[2] is not None:
         params["b"] = consts[2].astype(np.float32)
-    attrs = {"strides": tuple(at.get("strides", [1, 1])), "pads": (pads[0], pads[1], pads[2], pads[3])}
+    attrs: dict[str, Any] = {"strides": tuple(at.get("strides", [1, 1])), "pads": (pads[0], pads[1], pads[2], pads[3])}
+    if int(at.get("group", 1)) != 1:
+        attrs["group"] = int(at["group"])
     ctx.emit(Node(node.name or node.output[0], "conv2d", (names[0],), node.output[0], params, attrs))
 
 
@@ -155,15 +175,28 @@ def _reshape(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
         raise _unsupported(node, "Reshape with a computed shape; export with a constant target shape")
     if at.get("allowzero", 0):
         raise _unsupported(node, "allowzero=1")
-    shape = tuple(int(s) for s in consts[1].reshape(-1))
-    ctx.emit(Node(node.name or node.output[0], "reshape", (names[0],), node.output[0], {}, {"shape": shape}))
+    shape = [int(s) for s in consts[1].reshape(-1)]
+    if any(d != 0 and d % SYMBOLIC == 0 for d in shape):  # a folded shape chain that carries the batch
+        try:
+            src = ctx.shape(node.input[0], node)
+        except UnsupportedOpError:
+            src = ()
+        for i, d in enumerate(shape):
+            if d == SYMBOLIC and i < len(src) and src[i] == SYMBOLIC:
+                shape[i] = 0
+        rest = [i for i, d in enumerate(shape) if d != 0 and d % SYMBOLIC == 0]
+        if len(rest) > 1 or (rest and -1 in shape):
+            raise _unsupported(node, "a target shape with several batch-dependent dims")
+        if rest:
+            shape[rest[0]] = -1
+    ctx.emit(Node(node.name or node.output[0], "reshape", (names[0],), node.output[0], {}, {"shape": tuple(shape)}))
 
 
 def _transpose(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
     names, _ = _split_inputs(node, ctx)
     perm = at.get("perm")
     if perm is None:
-        raise _unsupported(node, "Transpose without perm")
+        perm = list(range(ctx.rank(node.input[0], node)))[::-1]
     ctx.emit(Node(node.name or node.output[0], "transpose", (names[0],), node.output[0], {}, {"perm": tuple(perm)}))
 
 
@@ -179,8 +212,10 @@ def _binary(kind: str) -> Converter:
             ctx.consts[out] = f(a, b)
             return
         if a is None and b is None:
-            if kind == "div":
-                raise _unsupported(node, "Div of two activations (only division by a constant)")
+            if kind == "div":  # a / b = a * (1 / b)
+                ctx.emit(Node(nm + "/reciprocal", "reciprocal", (names[1],), out + "/reciprocal"))
+                ctx.emit(Node(nm, "mul", (names[0], out + "/reciprocal"), out))
+                return
             ctx.emit(Node(nm, kind, (names[0], names[1]), out))
             return
         x, c, c_left = (names[0], b, False) if b is not None else (names[1], a, True)
@@ -197,8 +232,11 @@ def _binary(kind: str) -> Converter:
             ctx.emit(Node(nm, "add_const", (out + "/neg",), out, {"c": c}))
         elif kind == "div" and not c_left:
             ctx.emit(Node(nm, "mul_const", (x,), out, {"c": (np.float32(1.0) / c).astype(np.float32)}))
-        else:
-            raise _unsupported(node, "division by an activation")
+        elif c.size == 1 and float(c.reshape(-1)[0]) == 1.0:  # 1 / x
+            ctx.emit(Node(nm, "reciprocal", (x,), out))
+        else:  # c / x
+            ctx.emit(Node(nm + "/reciprocal", "reciprocal", (x,), out + "/reciprocal"))
+            ctx.emit(Node(nm, "mul_const", (out + "/reciprocal",), out, {"c": c}))
 
     return conv
 
@@ -225,13 +263,18 @@ def _batchnorm(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
         ctx.alias[node.output[0]] = src
         return
     nm = node.name or node.output[0]
-    ctx.emit(Node(nm + "/scale", "mul_const", (src,), nm + "/scaled", {"c": scale.reshape(-1, 1, 1)}))
-    ctx.emit(Node(nm, "add_const", (nm + "/scaled",), node.output[0], {"c": shift.reshape(-1, 1, 1)}))
+    tail = (1,) * (ctx.rank(node.input[0], node) - 2)  # channels are axis 1: (N, C), (N, C, L), (N, C, H, W)
+    ctx.emit(Node(nm + "/scale", "mul_const", (src,), nm + "/scaled", {"c": scale.reshape((-1,) + tail)}))
+    ctx.emit(Node(nm, "add_const", (nm + "/scaled",), node.output[0], {"c": shift.reshape((-1,) + tail)}))
 
 
 def _softmax(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
     names, _ = _split_inputs(node, ctx)
-    ctx.emit(Node(node.name or node.output[0], "softmax", (names[0],), node.output[0], {}, {"axis": int(at.get("axis", -1))}))
+    r = ctx.rank(node.input[0], node)
+    axis = int(at.get("axis", -1 if ctx.opset >= 13 else 1)) % r
+    if ctx.opset < 13 and axis != r - 1:
+        raise _unsupported(node, "Softmax before opset 13 over other than the last axis")
+    ctx.emit(Node(node.name or node.output[0], "softmax", (names[0],), node.output[0], {}, {"axis": axis}))
 
 
 def _argmax(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
@@ -244,26 +287,254 @@ def _argmax(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
 
 def _layernorm(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
     names, consts = _split_inputs(node, ctx)
-    if int(at.get("axis", -1)) != -1 or consts[1] is None or len(node.output) != 1:
+    axis = int(at.get("axis", -1))
+    if axis not in (-1, ctx.rank(node.input[0], node) - 1) or consts[1] is None or len(node.output) != 1:
         raise _unsupported(node, "LayerNormalization over the last axis with a constant scale only")
     assert consts[1] is not None
-    d = consts[1].shape[-1]
+    d = ctx.shape(node.input[0], node)[-1]
     beta = consts[2] if len(consts) > 2 and consts[2] is not None else np.zeros(d, np.float32)
-    params = {"gamma": consts[1].astype(np.float32), "beta": beta.astype(np.float32)}
+    params = {"gamma": np.broadcast_to(consts[1], (d,)).astype(np.float32),
+              "beta": np.broadcast_to(beta, (d,)).astype(np.float32)}
     ctx.emit(Node(node.name or node.output[0], "layernorm", (names[0],), node.output[0], params, {"eps": float(at.get("epsilon", 1e-5))}))
 
 
 def _gelu(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
     names, _ = _split_inputs(node, ctx)
-    if at.get("approximate", b"none") not in (b"none", "none"):
-        raise _unsupported(node, "tanh-approximated Gelu")
-    ctx.emit(Node(node.name or node.output[0], "gelu", (names[0],), node.output[0]))
+    approx = at.get("approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else str(approx)
+    if approx not in ("none", "tanh"):
+        raise _unsupported(node, f"Gelu approximate={approx!r}")
+    ctx.emit(Node(node.name or node.output[0], "gelu" if approx == "none" else "gelu_tanh", (names[0],), node.output[0]))
+
+
+def _axes_of(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any], rank: int, input_index: int = 1) -> tuple[int, ...] | None:
+    """Axes from the attribute (older opsets) or the constant second input, made non-negative."""
+    axes = at.get("axes")
+    if axes is None and len(node.input) > input_index and node.input[input_index]:
+        c = ctx.const(node.input[input_index])
+        if c is None:
+            raise _unsupported(node, "axes computed at run time")
+        axes = c.reshape(-1).tolist()
+    if axes is None:
+        return None
+    return tuple(sorted(int(a) % rank for a in axes))
+
+
+def _unary(op: str) -> Converter:
+    def conv(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+        ctx.emit(Node(node.name or node.output[0], op, (ctx.name(node.input[0]),), node.output[0]))
+
+    return conv
+
+
+def _neg(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+    ctx.emit(Node(node.name or node.output[0], "mul_const", (ctx.name(node.input[0]),), node.output[0],
+                  {"c": np.array(-1.0, np.float32)}))
+
+
+def _pow(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+    names, consts = _split_inputs(node, ctx)
+    e = consts[1]
+    if consts[0] is not None or e is None or e.size != 1:
+        raise _unsupported(node, "Pow of an activation by a constant scalar exponent only")
+    p, x, nm, out = float(e.reshape(-1)[0]), names[0], node.name or node.output[0], node.output[0]
+    if p == 1.0:
+        ctx.alias[out] = x
+    elif p == 2.0:
+        ctx.emit(Node(nm, "mul", (x, x), out))
+    elif p == 3.0:
+        ctx.emit(Node(nm + "/sq", "mul", (x, x), out + "/sq"))
+        ctx.emit(Node(nm, "mul", (out + "/sq", x), out))
+    elif p in (0.5, -0.5, -1.0):
+        ctx.emit(Node(nm, {0.5: "sqrt", -0.5: "rsqrt", -1.0: "reciprocal"}[p], (x,), out))
+    else:
+        raise _unsupported(node, f"exponent {p:g} (supported: 1, 2, 3, 0.5, -0.5, -1)")
+
+
+def _reduce(op: str) -> Converter:
+    def conv(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+        r = ctx.rank(node.input[0], node)
+        axes = _axes_of(node, ctx, at, r)
+        if axes is None or not axes:
+            if at.get("noop_with_empty_axes", 0):
+                ctx.alias[node.output[0]] = ctx.name(node.input[0])
+                return
+            axes = tuple(range(r))
+        attrs = {"axes": axes, "keepdims": bool(at.get("keepdims", 1))}
+        ctx.emit(Node(node.name or node.output[0], op, (ctx.name(node.input[0]),), node.output[0], {}, attrs))
+
+    return conv
+
+
+def _squeeze_like(op: str) -> Converter:
+    def conv(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+        r = ctx.rank(node.input[0], node)
+        if op == "unsqueeze":
+            raw = at.get("axes")
+            if raw is None:
+                c = ctx.const(node.input[1]) if len(node.input) > 1 else None
+                if c is None:
+                    raise _unsupported(node, "Unsqueeze needs constant axes")
+                raw = c.reshape(-1).tolist()
+            axes = tuple(sorted(int(a) % (r + len(raw)) for a in raw))
+        else:
+            got = _axes_of(node, ctx, at, r)
+            axes = got if got is not None else tuple(i for i, d in enumerate(ctx.shape(node.input[0], node)) if d == 1)
+        ctx.emit(Node(node.name or node.output[0], op, (ctx.name(node.input[0]),), node.output[0], {}, {"axes": axes}))
+
+    return conv
+
+
+def _concat(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+    names, consts = _split_inputs(node, ctx)
+    if any(c is not None for c in consts):
+        raise _unsupported(node, "Concat of activations with constants")
+    axis = int(at["axis"]) % ctx.rank(node.input[0], node)
+    ctx.emit(Node(node.name or node.output[0], "concat", tuple(names), node.output[0], {}, {"axis": axis}))
+
+
+def _slice_attrs(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> dict[str, Any]:
+    shape = ctx.shape(node.input[0], node)
+    if ctx.opset < 10:
+        starts, ends = list(at["starts"]), list(at["ends"])
+        axes = list(at.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        vals = [ctx.const(i) if i else None for i in node.input[1:]] + [None] * 4
+        if any(v is None for v, i in zip(vals[:2], node.input[1:3], strict=False) if i) or vals[0] is None or vals[1] is None:
+            raise _unsupported(node, "Slice bounds computed at run time")
+        starts, ends = vals[0].reshape(-1).tolist(), vals[1].reshape(-1).tolist()
+        axes = vals[2].reshape(-1).tolist() if vals[2] is not None else list(range(len(starts)))
+        steps = vals[3].reshape(-1).tolist() if vals[3] is not None else [1] * len(starts)
+    axes = [int(a) % len(shape) for a in axes]
+    lim = np.iinfo(np.int64).max // 2
+    clamp = [int(max(min(v, lim), -lim)) for v in starts], [int(max(min(v, lim), -lim)) for v in ends]
+    for a, s0 in zip(axes, clamp[0], strict=True):
+        if shape[a] == SYMBOLIC and s0 != 0:
+            raise _unsupported(node, "slicing the batch dim")
+    return {"starts": tuple(clamp[0]), "ends": tuple(clamp[1]), "axes": tuple(axes), "steps": tuple(int(v) for v in steps)}
+
+
+def _slice(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+    ctx.emit(Node(node.name or node.output[0], "slice", (ctx.name(node.input[0]),), node.output[0], {},
+                  _slice_attrs(node, ctx, at)))
+
+
+def _split(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+    shape = ctx.shape(node.input[0], node)
+    axis = int(at.get("axis", 0)) % len(shape)
+    n = len(node.output)
+    sizes = at.get("split")
+    if sizes is None and len(node.input) > 1 and node.input[1]:
+        c = ctx.const(node.input[1])
+        if c is None:
+            raise _unsupported(node, "split sizes computed at run time")
+        sizes = c.reshape(-1).tolist()
+    if sizes is None:
+        if shape[axis] == SYMBOLIC:
+            raise _unsupported(node, "splitting the batch dim")
+        step = -(-shape[axis] // n)
+        sizes = [min(step, shape[axis] - i * step) for i in range(n)]
+    start = 0
+    for out, size in zip(node.output, sizes, strict=True):
+        attrs = {"starts": (int(start),), "ends": (int(start + size),), "axes": (axis,), "steps": (1,)}
+        ctx.emit(Node(f"{node.name or node.output[0]}/{out}", "slice", (ctx.name(node.input[0]),), out, {}, attrs))
+        start += size
+
+
+def _gather(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+    names, consts = _split_inputs(node, ctx)
+    data, idx = consts
+    nm, out = node.name or node.output[0], node.output[0]
+    axis = int(at.get("axis", 0))
+    if data is not None and idx is None:  # a table looked up by the user's ids
+        if axis != 0 or data.ndim != 2:
+            raise _unsupported(node, "Gather from a constant table needs a 2-D table and axis 0 (an embedding)")
+        ctx.emit(Node(nm, "embedding", (names[1],), out, {"table": data.astype(np.float32)}))
+        return
+    if idx is None:
+        raise _unsupported(node, "Gather of an activation by computed indices")
+    shape = ctx.shape(node.input[0], node)
+    axis %= len(shape)
+    if shape[axis] == SYMBOLIC:
+        raise _unsupported(node, "Gather along the batch dim")
+    indices = np.asarray(idx, np.int64) % shape[axis]
+    ctx.emit(Node(nm, "gather", (names[0],), out, {}, {"axis": axis, "indices": indices}))
+
+
+def _where(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+    """Where with a constant condition: ``a*c + b*(1-c)`` with public 0/1 constants (no new op)."""
+    names, consts = _split_inputs(node, ctx)
+    cond, a, b = consts
+    if cond is None:
+        raise _unsupported(node, "Where with a condition computed from activations (only a public, constant condition)")
+    nm, out = node.name or node.output[0], node.output[0]
+    c = cond.astype(bool)
+    if a is None and b is None:
+        ctx.emit(Node(nm + "/a", "mul_const", (names[1],), out + "/a", {"c": c.astype(np.float32)}))
+        ctx.emit(Node(nm + "/b", "mul_const", (names[2],), out + "/b", {"c": (~c).astype(np.float32)}))
+        ctx.emit(Node(nm, "add", (out + "/a", out + "/b"), out))
+        return
+    x, keep, other = (names[1], c, b) if a is None else (names[2], ~c, a)
+    assert other is not None
+    fill = np.where(keep, np.float32(0), other.astype(np.float32)).astype(np.float32)
+    ctx.emit(Node(nm + "/keep", "mul_const", (x,), out + "/keep", {"c": keep.astype(np.float32)}))
+    ctx.emit(Node(nm, "add_const", (out + "/keep",), out, {"c": fill}))
+
+
+def _expand(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+    shape = ctx.shape(node.input[0], node)
+    target = ctx.const(node.input[1])
+    if target is None:
+        raise _unsupported(node, "Expand to a computed shape")
+    try:
+        full = np.broadcast_shapes(shape, tuple(int(d) for d in target.reshape(-1)))
+    except ValueError:
+        raise _unsupported(node, f"Expand of {shape} to {target.tolist()}") from None
+    if tuple(full) != tuple(shape):
+        raise _unsupported(node, "Expand that enlarges an activation (only a no-op Expand)")
+    ctx.alias[node.output[0]] = ctx.name(node.input[0])
+
+
+def _cast(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+    to = int(at["to"])
+    if to not in (1, 10, 11, 16, 6, 7):  # floats and int32/int64 (token ids)
+        raise _unsupported(node, f"Cast of an activation to ONNX type {to}")
+    ctx.alias[node.output[0]] = ctx.name(node.input[0])
+
+
+def _rmsnorm(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+    names, consts = _split_inputs(node, ctx)
+    shape = ctx.shape(node.input[0], node)
+    axis = int(at.get("axis", -1))
+    if axis not in (-1, len(shape) - 1) or consts[1] is None or len(node.output) != 1:
+        raise _unsupported(node, "RMS normalisation over the last axis with a constant scale only")
+    gamma = np.broadcast_to(consts[1], (shape[-1],)).astype(np.float32)
+    ctx.emit(Node(node.name or node.output[0], "rmsnorm", (names[0],), node.output[0], {"gamma": gamma},
+                  {"eps": float(at.get("epsilon", 1e-5))}))
 
 
 def _constant(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
-    if "value" not in at:
-        raise _unsupported(node, "Constant without a tensor value")
-    ctx.consts[node.output[0]] = numpy_helper.to_array(at["value"])
+    if "value" in at:
+        ctx.consts[node.output[0]] = numpy_helper.to_array(at["value"])
+        return
+    for key, dt in (("value_float", np.float32), ("value_int", np.int64), ("value_floats", np.float32),
+                    ("value_ints", np.int64)):
+        if key in at:
+            ctx.consts[node.output[0]] = np.asarray(at[key], dt)
+            return
+    raise _unsupported(node, "Constant without a tensor value")
+
+
+def _shape(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+    shape = np.array(ctx.shape(node.input[0], node), np.int64)
+    r = len(shape)
+    start, end = int(at.get("start", 0)), int(at.get("end", r))
+    ctx.consts[node.output[0]] = shape[start:end]
+
+
+def _size(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
+    ctx.consts[node.output[0]] = np.array(int(np.prod(ctx.shape(node.input[0], node), dtype=np.int64)), np.int64)
 
 
 def _identity(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
@@ -282,7 +553,26 @@ _CONVERTERS: dict[str, Converter] = {
     "Tanh": _simple("tanh"),
     "Erf": _simple("erf"),
     "Sigmoid": _simple("sigmoid"),
+    "Sqrt": _unary("sqrt"),
+    "Reciprocal": _unary("reciprocal"),
+    "Neg": _neg,
+    "Pow": _pow,
     "Gelu": _gelu,
+    "ReduceMean": _reduce("reduce_mean"),
+    "ReduceSum": _reduce("reduce_sum"),
+    "Unsqueeze": _squeeze_like("unsqueeze"),
+    "Squeeze": _squeeze_like("squeeze"),
+    "Concat": _concat,
+    "Slice": _slice,
+    "Split": _split,
+    "Gather": _gather,
+    "Where": _where,
+    "Expand": _expand,
+    "Cast": _cast,
+    "Shape": _shape,
+    "Size": _size,
+    "RMSNormalization": _rmsnorm,
+    "SimplifiedLayerNormalization": _rmsnorm,
     "MaxPool": _pool("maxpool"),
     "AveragePool": _pool("avgpool"),
     "GlobalAveragePool": _simple("global_avgpool"),
@@ -320,8 +610,14 @@ def _load_proto(model: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto:
         raise ModelFormatError(f"could not parse the model as ONNX ({type(e).__name__}); expected an .onnx protobuf file") from None
 
 
-def from_onnx(model: str | Path | bytes | onnx.ModelProto, name: str | None = None) -> Graph:
-    """Convert an ONNX model (path, bytes or ``ModelProto``) into a veil :class:`Graph`."""
+def from_onnx(model: str | Path | bytes | onnx.ModelProto, name: str | None = None,
+              constants: dict[str, np.ndarray] | None = None, fuse: bool = True) -> Graph:
+    """Convert an ONNX model (path, bytes or ``ModelProto``) into a veil :class:`Graph`.
+
+    ``constants`` binds graph inputs to public values (e.g. ``{"attention_mask": m}``): they are
+    folded into the graph and are no longer inputs. ``fuse=False`` keeps decomposed patterns as they
+    are (for debugging the recognisers).
+    """
     proto = _load_proto(model)
     try:
         onnx.checker.check_model(proto)
@@ -329,12 +625,19 @@ def from_onnx(model: str | Path | bytes | onnx.ModelProto, name: str | None = No
         raise ModelFormatError(f"the ONNX model does not pass onnx.checker: {str(e).splitlines()[0][:200]}") from None
     g = proto.graph
     ctx = _Ctx()
+    ctx.opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=17)
     ctx.graph_outputs = tuple(o.name for o in g.output)
     for node in g.node:
         for i in node.input:
             ctx.uses[i] = ctx.uses.get(i, 0) + 1
     for init in g.initializer:
         ctx.consts[init.name] = numpy_helper.to_array(init)
+    bound = dict(constants or {})
+    unknown = [k for k in bound if k not in {vi.name for vi in g.input}]
+    if unknown:
+        raise ModelError(f"constants= names {unknown} that are not inputs of the model; inputs: {[vi.name for vi in g.input]}")
+    for k, v in bound.items():
+        ctx.consts[k] = np.asarray(v)
     inputs = []
     for vi in g.input:
         if vi.name in ctx.consts:
@@ -342,12 +645,42 @@ def from_onnx(model: str | Path | bytes | onnx.ModelProto, name: str | None = No
         tt = vi.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
         inputs.append(TensorSpec(vi.name, dims, _ONNX_DTYPES.get(tt.elem_type, f"onnx-type-{tt.elem_type}")))
+    if bound:
+        proto = _bind_inputs(proto, bound)
+        g = proto.graph
+    ctx.shapes = static_shapes(proto, set(ctx.consts))
     for node in g.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise UnsupportedOpError(node.name or node.output[0], f"{node.domain}.{node.op_type}", SUPPORTED_ONNX_OPS)
+        ins = [i for i in node.input if i]
+        if ins and node.op_type not in ("Shape", "Size") and all(i in ctx.consts for i in ins):
+            vals = fold_node(node, [ctx.consts.get(i) if i else None for i in node.input], ctx.opset)
+            for o, v in zip(node.output, vals, strict=False):
+                if o:
+                    ctx.consts[o] = v
+            continue
         conv = _CONVERTERS.get(node.op_type)
-        if conv is None or (node.domain not in ("", "ai.onnx")):
+        if conv is None:
             raise UnsupportedOpError(node.name or node.output[0], node.op_type, SUPPORTED_ONNX_OPS)
         conv(node, ctx, _attrs(node))
+    const_out = [o.name for o in g.output if o.name in ctx.consts]
+    if const_out:
+        raise ModelError(f"outputs {const_out} do not depend on any input; expected a model computed from its inputs")
     outputs = [ctx.name(o.name) for o in g.output]
     graph = Graph(ctx.nodes, inputs, outputs, name=name or g.name or "model")
-    graph.meta["opset"] = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    graph.meta["opset"] = ctx.opset
+    if fuse:
+        graph = fuse_patterns(graph)
     return graph
+
+
+def _bind_inputs(proto: onnx.ModelProto, bound: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``proto`` with the ``bound`` inputs turned into initializers (for shape inference)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    keep = [vi for vi in m.graph.input if vi.name not in bound]
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    for k, v in bound.items():
+        m.graph.initializer.append(numpy_helper.from_array(np.asarray(v), k))
+    return m

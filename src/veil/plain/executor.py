@@ -11,7 +11,7 @@ from veil.errors import InputDtypeError, InputError, InputShapeError
 from veil.graph.ir import Graph, Node
 from veil.plain import kernels as K
 
-__all__ = ["run_plain", "check_inputs", "trace_shapes", "PLAIN_OPS"]
+__all__ = ["run_plain", "run_node", "check_inputs", "trace_shapes", "PLAIN_OPS"]
 
 OpFn = Callable[[Node, list[np.ndarray]], np.ndarray]
 
@@ -76,6 +76,11 @@ _OPS: dict[str, OpFn] = {
 PLAIN_OPS: frozenset[str] = frozenset(_OPS)
 
 
+def run_node(node: Node, inputs: list[np.ndarray]) -> np.ndarray:
+    """One node on NumPy arrays (its inputs in order)."""
+    return np.asarray(_OPS[node.op](node, inputs))
+
+
 def check_inputs(graph: Graph, inputs: np.ndarray | Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Validate inputs against the graph's declared inputs; return them as a name -> array dict.
 
@@ -132,5 +137,6 @@ def run_plain(graph: Graph, inputs: np.ndarray | Mapping[str, Any], dtype: Any =
 def trace_shapes(graph: Graph, batch: int = 1) -> dict[str, tuple[int, ...]]:
     """Shape of every tensor for a given batch size (by running the graph on zeros)."""
     zeros = {s.name: np.zeros(s.concrete(batch), np.dtype(s.dtype)) for s in graph.inputs}
-    env = run_plain(graph, zeros, keep=True)
+    with np.errstate(all="ignore"):  # zeros through reciprocal/rsqrt: only shapes matter here
+        env = run_plain(graph, zeros, keep=True)
     return {k: tuple(v.shape) for k, v in env.items()}
