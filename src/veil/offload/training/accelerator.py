@@ -1,0 +1,101 @@
+"""The untrusted accelerators of offload training (see :mod:`veil.offload.training.protocol`).
+
+Requests from the enclave:
+
+* ``tmatmul``: a list of products for one round. Role 0 (``accelerator0``) gets ``E, F`` and a seed,
+  expands its masks ``(A0, B0)`` and returns ``E (F + B0) + A0 F``; role 1 (``accelerator1``) returns
+  ``E B1 + A1 F``; role 2 (``accelerator2``, the triple helper) gets ``A, B`` and returns ``A B``.
+  Every value is a uint32 field element; the answers are checked by the enclave (Freivalds).
+* ``bye``: stop.
+
+Malformed requests get an ``error`` reply. The accelerator decides nothing about the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from veil.errors import ChannelError
+from veil.net.channel import Channel
+from veil.offload.backend import Backend, select_backend
+from veil.offload.field import P
+from veil.offload.training.protocol import expand_masks, field_matmul
+
+__all__ = ["TrainAccelerator", "serve_train_accelerator"]
+
+log = logging.getLogger(__name__)
+
+
+def _field(a: Any, what: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.dtype != np.uint32 or a.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D uint32 array")
+    if a.size and int(a.max()) >= P:
+        raise ValueError(f"{what} holds values outside the field")
+    return a.astype(np.int64)
+
+
+class TrainAccelerator:
+    """Stateless; ``handle(msg)`` returns the reply (None to stop). Override :meth:`product` in tests to
+    model a cheating accelerator."""
+
+    def __init__(self, backend: str | Backend = "auto"):
+        self.backend = select_backend(backend) if isinstance(backend, str) else backend
+        self.requests = 0
+        self.compute_s = 0.0
+
+    def handle(self, msg: Any) -> dict[str, Any] | None:
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        try:
+            if kind == "tmatmul":
+                t0 = time.perf_counter()
+                out = [self.product(it).astype(np.uint32) for it in msg["items"]]
+                self.requests += 1
+                self.compute_s += time.perf_counter() - t0
+                return {"type": "result", "round": msg.get("round"), "items": out}
+            if kind == "bye":
+                return None
+            return {"type": "error", "message": f"unknown request type {kind!r}; expected tmatmul or bye"}
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            return {"type": "error", "message": f"malformed {kind} request: {type(e).__name__}: {e}"}
+
+    def product(self, item: dict[str, Any]) -> np.ndarray:
+        """The field product this accelerator owes for one item (see module docstring)."""
+        role = int(item["role"])
+        if role == 2:
+            a, b = _field(item["a"], "A"), _field(item["b"], "B")
+            if a.shape[1] != b.shape[0]:
+                raise ValueError(f"A {a.shape} and B {b.shape} do not chain")
+            return field_matmul(self.backend, a, b)
+        e, f = _field(item["e"], "E"), _field(item["f"], "F")
+        (n, k), (k2, m) = e.shape, f.shape
+        if k != k2:
+            raise ValueError(f"E {e.shape} and F {f.shape} do not chain")
+        seed = item["seed"]
+        if not isinstance(seed, bytes) or len(seed) != 32:
+            raise ValueError("seed must be 32 bytes")
+        a_j, b_j = expand_masks(seed, n, k, m)
+        left = np.concatenate([e, a_j], axis=1)
+        right = np.concatenate([(f + b_j) % P if role == 0 else b_j, f], axis=0)
+        return field_matmul(self.backend, left, right)
+
+
+def serve_train_accelerator(channel: Channel, enclave: str = "enclave", backend: str | Backend = "auto",
+                            idle_timeout: float | None = None,
+                            accelerator: TrainAccelerator | None = None) -> dict[str, Any]:
+    """Answer the enclave's training requests until it says ``bye`` (or disconnects); return a summary."""
+    acc = accelerator or TrainAccelerator(backend)
+    while True:
+        try:
+            msg = channel.recv(enclave, timeout=idle_timeout)
+        except ChannelError:
+            log.info("training accelerator %s: enclave went away", channel.me)
+            break
+        reply = acc.handle(msg)
+        if reply is None:
+            break
+        channel.send(enclave, reply)
+    return {"backend": acc.backend.name, "requests": acc.requests, "compute_s": acc.compute_s}

@@ -1,0 +1,242 @@
+"""Forward and backward of every layer kind offload training supports, run on veil's graph.
+
+The enclave runs the non-linear layers (ReLU, sigmoid, tanh, max and average pooling, flatten,
+reshape, residual add, constant scale/shift, softmax) and the losses in float64. Every product of a
+linear or convolution layer goes through a :class:`~veil.offload.training.protocol.MatmulEngine`:
+forward ``Y = X W^T``, backward ``dX = dY W`` and ``dW = dY^T X`` (the backward pair in one round).
+Convolutions become products by im2col in the enclave (O(input x kernel) work, no products) and
+col2im in the backward pass.
+
+Trainable parameters: ``W`` and ``b`` of every ``linear`` and ``conv2d`` node. The constants of
+``add_const``/``mul_const`` (e.g. folded normalisation) stay fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from veil.errors import InputError, UnsupportedOpError
+from veil.graph import Graph, Node
+from veil.offload.training.protocol import MatmulEngine
+from veil.plain import kernels as K
+
+__all__ = ["TRAIN_OPS", "TrainGraph", "softmax_cross_entropy", "binary_cross_entropy", "LOSSES",
+           "patches", "col2im"]
+
+TRAIN_OPS = frozenset({"linear", "conv2d", "relu", "sigmoid", "tanh", "maxpool", "avgpool", "global_avgpool",
+                       "flatten", "reshape", "add", "add_const", "mul_const", "softmax"})
+
+
+def patches(x: np.ndarray, k: Sequence[int], s: Sequence[int], pads: Sequence[int], fill: float = 0.0) -> np.ndarray:
+    """NCHW ``x`` -> (N, C, OH, OW, kh*kw) windows, padding with ``fill``."""
+    n, c, h, w = x.shape
+    oh, ow = K.conv_out_hw(h, w, k, s, pads)
+    xp = K.pad2d(x, pads, fill)
+    win = np.lib.stride_tricks.sliding_window_view(xp, (k[0], k[1]), axis=(2, 3))[:, :, :: s[0], :: s[1]]
+    return np.ascontiguousarray(win[:, :, :oh, :ow]).reshape(n, c, oh, ow, k[0] * k[1])
+
+
+def col2im(d: np.ndarray, shape: Sequence[int], k: Sequence[int], s: Sequence[int], pads: Sequence[int]) -> np.ndarray:
+    """Adjoint of :func:`patches`: ``d`` (N, C, OH, OW, kh*kw) summed back into an NCHW array of ``shape``."""
+    n, c, h, w = shape
+    t, left, b, r = pads
+    oh, ow = d.shape[2], d.shape[3]
+    out = np.zeros((n, c, h + t + b, w + left + r), dtype=d.dtype)
+    d = d.reshape(n, c, oh, ow, k[0], k[1])
+    for i in range(k[0]):
+        for j in range(k[1]):
+            out[:, :, i:i + s[0] * oh:s[0], j:j + s[1] * ow:s[1]] += d[:, :, :, :, i, j]
+    return out[:, :, t:t + h, left:left + w]
+
+
+def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    while g.ndim > len(shape):
+        g = g.sum(0)
+    for ax, dim in enumerate(shape):
+        if dim == 1 and g.shape[ax] != 1:
+            g = g.sum(ax, keepdims=True)
+    return g
+
+
+def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy of softmax(logits) against integer labels, and d loss / d logits."""
+    z = logits - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    n = logits.shape[0]
+    lab = labels.astype(np.int64).reshape(-1)
+    loss = float(-logp[np.arange(n), lab].mean())
+    g = np.exp(logp)
+    g[np.arange(n), lab] -= 1.0
+    return loss, g / n
+
+
+def binary_cross_entropy(prob: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean binary cross-entropy of probabilities (clamped like torch: log >= -100) and its gradient."""
+    p = prob.reshape(labels.shape[0], -1)[:, 0]
+    y = labels.astype(np.float64).reshape(-1)
+    lp, l1p = np.maximum(np.log(np.maximum(p, 1e-300)), -100.0), np.maximum(np.log(np.maximum(1 - p, 1e-300)), -100.0)
+    loss = float(-(y * lp + (1 - y) * l1p).mean())
+    eps = 1e-12
+    g = (-(y / np.maximum(p, eps)) + (1 - y) / np.maximum(1 - p, eps)) / len(y)
+    return loss, g.reshape(prob.shape)
+
+
+LOSSES = {"cross_entropy": softmax_cross_entropy, "bce": binary_cross_entropy}
+
+
+class TrainGraph:
+    """A veil graph with float64 trainable parameters; ``forward`` and ``backward`` over an engine."""
+
+    def __init__(self, graph: Graph):
+        graph.require_ops(TRAIN_OPS, where="offload training")
+        if len(graph.outputs) != 1:
+            raise UnsupportedOpError(graph.outputs[0] if graph.outputs else "?", f"{len(graph.outputs)} outputs",
+                                     ["one output"], where="offload training")
+        for nd in graph.nodes:
+            if nd.op == "conv2d" and int(nd.attrs.get("group", 1)) != 1:
+                raise UnsupportedOpError(nd.name, "grouped conv2d", ["conv2d with group 1"], where="offload training")
+        self.graph = graph
+        self.params: dict[str, np.ndarray] = {}
+        for nd in graph.nodes:
+            if nd.op in ("linear", "conv2d"):
+                for key in ("W", "b"):
+                    if key in nd.params:
+                        self.params[f"{nd.name}/{key}"] = np.asarray(nd.params[key], dtype=np.float64).copy()
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(self, feeds: dict[str, np.ndarray], engine: MatmulEngine) -> tuple[np.ndarray, dict[str, Any]]:
+        env: dict[str, np.ndarray] = {}
+        for spec in self.graph.inputs:
+            if spec.name not in feeds:
+                raise InputError(f"training data lacks the model input {spec.name!r}")
+            env[spec.name] = np.asarray(feeds[spec.name], dtype=np.float64)
+        cache: dict[str, Any] = {"env": env}
+        for nd in self.graph.nodes:
+            env[nd.output] = self._fwd(nd, [env[t] for t in nd.inputs], engine, cache)
+        return env[self.graph.outputs[0]], cache
+
+    def _fwd(self, nd: Node, xs: list[np.ndarray], engine: MatmulEngine, cache: dict[str, Any]) -> np.ndarray:
+        x, op, at = xs[0], nd.op, nd.attrs
+        if op == "linear":
+            w = self.params[f"{nd.name}/W"]
+            x2 = x.reshape(-1, x.shape[-1])
+            y = engine.matmul(x2, w.T).reshape(*x.shape[:-1], w.shape[0])
+            b = self.params.get(f"{nd.name}/b")
+            return y + b if b is not None else y
+        if op == "conv2d":
+            w = self.params[f"{nd.name}/W"]
+            o, _, kh, kw = w.shape
+            n = x.shape[0]
+            cols = patches(x, (kh, kw), at["strides"], at["pads"])  # (N, C, OH, OW, kh*kw)
+            oh, ow = cols.shape[2], cols.shape[3]
+            mat = cols.transpose(0, 2, 3, 1, 4).reshape(n * oh * ow, -1)
+            cache[nd.name] = mat
+            y = engine.matmul(mat, w.reshape(o, -1).T).reshape(n, oh, ow, o).transpose(0, 3, 1, 2)
+            b = self.params.get(f"{nd.name}/b")
+            return np.ascontiguousarray(y + b.reshape(1, -1, 1, 1) if b is not None else y)
+        if op == "relu":
+            return np.maximum(x, 0.0)
+        if op == "sigmoid":
+            return K.sigmoid(x)
+        if op == "tanh":
+            return np.tanh(x)
+        if op == "maxpool":
+            win = patches(x, at["kernel"], at["strides"], at["pads"], -np.inf)
+            arg = win.argmax(-1)
+            cache[nd.name] = arg
+            return np.take_along_axis(win, arg[..., None], -1)[..., 0]
+        if op == "avgpool":
+            win = patches(x, at["kernel"], at["strides"], at["pads"])
+            if at.get("count_include_pad", False):
+                cnt = np.full(win.shape[:4], float(win.shape[-1]))
+            else:
+                cnt = patches(np.ones_like(x[:1, :1]), at["kernel"], at["strides"], at["pads"]).sum(-1)
+            cache[nd.name] = cnt
+            return win.sum(-1) / cnt
+        if op == "global_avgpool":
+            return x.mean(axis=(2, 3), keepdims=True)
+        if op == "flatten":
+            return K.flatten(x, int(at["axis"]))
+        if op == "reshape":
+            return K.onnx_reshape(x, at["shape"])
+        if op == "add":
+            return x + xs[1]
+        if op == "add_const":
+            return x + nd.params["c"]
+        if op == "mul_const":
+            return x * nd.params["c"]
+        if op == "softmax":
+            return K.softmax(x, int(at["axis"]))
+        raise UnsupportedOpError(nd.name, op, TRAIN_OPS, where="offload training")
+
+    # --- backward ---------------------------------------------------------------------------------
+    def backward(self, dout: np.ndarray, cache: dict[str, Any], engine: MatmulEngine) -> dict[str, np.ndarray]:
+        """Gradients of every parameter, given d loss / d output."""
+        env = cache["env"]
+        grads: dict[str, np.ndarray] = {}
+        dt: dict[str, np.ndarray] = {self.graph.outputs[0]: dout}
+        for nd in reversed(self.graph.nodes):
+            g = dt.pop(nd.output, None)
+            if g is None:
+                continue
+            xs = [env[t] for t in nd.inputs]
+            for name, gi in zip(nd.inputs, self._bwd(nd, xs, env[nd.output], g, engine, cache, grads), strict=True):
+                if gi is not None and name not in {s.name for s in self.graph.inputs}:
+                    dt[name] = dt[name] + gi if name in dt else gi
+        return grads
+
+    def _bwd(self, nd: Node, xs: list[np.ndarray], y: np.ndarray, g: np.ndarray, engine: MatmulEngine,
+             cache: dict[str, Any], grads: dict[str, np.ndarray]) -> list[np.ndarray | None]:
+        x, op, at = xs[0], nd.op, nd.attrs
+        if op == "linear":
+            w = self.params[f"{nd.name}/W"]
+            g2, x2 = g.reshape(-1, w.shape[0]), x.reshape(-1, x.shape[-1])
+            dx, dw = engine.matmuls([(g2, w), (g2.T, x2)])
+            grads[f"{nd.name}/W"] = dw
+            if f"{nd.name}/b" in self.params:
+                grads[f"{nd.name}/b"] = g2.sum(0)
+            return [dx.reshape(x.shape)]
+        if op == "conv2d":
+            w = self.params[f"{nd.name}/W"]
+            o, c, kh, kw = w.shape
+            n, _, oh, ow = g.shape
+            g2 = g.transpose(0, 2, 3, 1).reshape(-1, o)
+            dcols, dw = engine.matmuls([(g2, w.reshape(o, -1)), (g2.T, cache[nd.name])])
+            grads[f"{nd.name}/W"] = dw.reshape(w.shape)
+            if f"{nd.name}/b" in self.params:
+                grads[f"{nd.name}/b"] = g2.sum(0)
+            d5 = dcols.reshape(n, oh, ow, c, kh * kw).transpose(0, 3, 1, 2, 4)
+            return [col2im(d5, x.shape, (kh, kw), at["strides"], at["pads"])]
+        if op == "relu":
+            return [g * (x > 0)]
+        if op == "sigmoid":
+            return [g * y * (1.0 - y)]
+        if op == "tanh":
+            return [g * (1.0 - y * y)]
+        if op == "maxpool":
+            arg = cache[nd.name]
+            k = tuple(at["kernel"])
+            d = np.zeros((*arg.shape, k[0] * k[1]))
+            np.put_along_axis(d, arg[..., None], g[..., None], -1)
+            return [col2im(d, x.shape, k, at["strides"], at["pads"])]
+        if op == "avgpool":
+            k = tuple(at["kernel"])
+            d = np.repeat((g / cache[nd.name])[..., None], k[0] * k[1], axis=-1)
+            return [col2im(d, x.shape, k, at["strides"], at["pads"])]
+        if op == "global_avgpool":
+            return [np.broadcast_to(g / (x.shape[2] * x.shape[3]), x.shape).copy()]
+        if op in ("flatten", "reshape"):
+            return [g.reshape(x.shape)]
+        if op == "add":
+            return [_unbroadcast(g, x.shape), _unbroadcast(g, xs[1].shape)]
+        if op == "add_const":
+            return [_unbroadcast(g, x.shape)]
+        if op == "mul_const":
+            return [_unbroadcast(g * nd.params["c"], x.shape)]
+        if op == "softmax":
+            ax = int(at["axis"])
+            return [y * (g - (g * y).sum(ax, keepdims=True))]
+        raise UnsupportedOpError(nd.name, op, TRAIN_OPS, where="offload training")
