@@ -86,16 +86,20 @@ class TrainAccelerator:
 def serve_train_accelerator(channel: Channel, enclave: str = "enclave", backend: str | Backend = "auto",
                             idle_timeout: float | None = None,
                             accelerator: TrainAccelerator | None = None) -> dict[str, Any]:
-    """Answer the enclave's training requests until it says ``bye`` (or disconnects); return a summary."""
+    """Answer the enclave's training requests until it says ``bye`` (or disconnects), then close the channel;
+    return a summary."""
     acc = accelerator or TrainAccelerator(backend)
-    while True:
-        try:
-            msg = channel.recv(enclave, timeout=idle_timeout)
-        except ChannelError:
-            log.info("training accelerator %s: enclave went away", channel.me)
-            break
-        reply = acc.handle(msg)
-        if reply is None:
-            break
-        channel.send(enclave, reply)
+    try:
+        while True:
+            try:
+                msg = channel.recv(enclave, timeout=idle_timeout)
+            except ChannelError:
+                log.info("training accelerator %s: enclave went away", channel.me)
+                break
+            reply = acc.handle(msg)
+            if reply is None:
+                break
+            channel.send(enclave, reply)
+    finally:
+        channel.close()  # the enclave notices at once if this accelerator stops for any reason
     return {"backend": acc.backend.name, "requests": acc.requests, "compute_s": acc.compute_s}
