@@ -108,7 +108,7 @@ def confidential_embeddings(url: str, upload_token: str, onnx_path: Path, measur
         run_credential = owner.create_run_credential("minilm", credential=up.owner_credential)
     feeds = tokenize(sentences)
     with connect(url, policy=policy, credential=run_credential, hazmat_allow_simulation=True) as user:
-        assert user.evidence.models["minilm"] == sha  # the attested server serves exactly these bytes
+        assert user.attest_model("minilm") == sha  # inclusion proof: the attested server serves exactly these bytes
         result = user.run_model("minilm", feeds)
     hidden = result["last_hidden_state"]
     return {"sha256": sha, "hidden": hidden, "embeddings": mean_pool(hidden, feeds["attention_mask"]),

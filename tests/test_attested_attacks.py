@@ -62,7 +62,7 @@ def _connect(url: str, policy: Policy, credential: str | None = None):
 
 def test_baseline_connects_and_runs(server):
     with _connect(server.url, _policy(server), server.owner) as c:
-        assert c.evidence.models == {"tiny": sha256_hex(tiny_model().SerializeToString())}
+        assert c.attest_model("tiny") == sha256_hex(tiny_model().SerializeToString())
         assert c.evidence.simulated
         assert c.run_model("tiny", tiny_inputs())["y"].shape == (2, 3)
 
@@ -92,8 +92,9 @@ def test_expected_model_hash(server):
     right = sha256_hex(tiny_model().SerializeToString())
     with _connect(server.url, _policy(server, models={"tiny": right}), server.owner) as c:
         assert c.run_model("tiny", tiny_inputs()).model_sha256 == right
-    with pytest.raises(ModelHashMismatchError, match="'tiny'"):
-        _connect(server.url, _policy(server, models={"tiny": "1" * 64}))
+    with _connect(server.url, _policy(server, models={"tiny": "1" * 64}), server.owner) as c:
+        with pytest.raises(ModelHashMismatchError, match="'tiny'"):  # checked on the inclusion proof, before running
+            c.run_model("tiny", tiny_inputs())
     # the client refuses to upload bytes other than the ones its policy names
     with _connect(server.url, _policy(server, models={"other": "2" * 64}), server.upload_token) as c:
         with pytest.raises(ModelHashMismatchError):
@@ -104,7 +105,7 @@ def test_expected_model_hash(server):
 def _tamper_claims(body: bytes) -> bytes:
     ev = json.loads(body)
     claims = json.loads(base64.b64decode(ev["claims"]))
-    claims["models"]["tiny"] = "f" * 64
+    claims["models_root"] = "f" * 64
     ev["claims"] = base64.b64encode(json.dumps(claims, sort_keys=True, separators=(",", ":")).encode()).decode()
     return json.dumps(ev).encode()
 
@@ -119,11 +120,12 @@ def _tamper_report(body: bytes) -> bytes:
     return json.dumps(ev).encode()
 
 
-@pytest.mark.parametrize("tamper", [_tamper_claims, _tamper_report], ids=["claims", "report"])
-def test_tampered_evidence_is_refused(server, tamper):
+@pytest.mark.parametrize(("tamper", "reason"), [(_tamper_claims, "report data"), (_tamper_report, "signature")],
+                         ids=["claims", "report"])
+def test_tampered_evidence_is_refused(server, tamper, reason):
     with Relay(server.url, rewrite=tamper) as relay:
-        with pytest.raises(BadSignatureError):
-            _connect(relay.url, _policy(server, simulation_signers=None), server.owner)
+        with pytest.raises(BadSignatureError, match=reason):
+            _connect(relay.url, _policy(server), server.owner)
         assert relay.seen == ["/attestation"]  # nothing but the evidence request went through
 
 

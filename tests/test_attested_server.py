@@ -88,12 +88,14 @@ def test_happy_path_all_dtypes_several_inputs_and_outputs(conn):
     model = tiny_model().SerializeToString()
     up = conn.upload_model(model, "happy")
     assert up.sha256 == sha256_hex(model) and up.owner_credential.startswith("veil_own_")
-    listed = {m.model_id: m for m in conn.list_models()}
+    listed = {m.model_id: m for m in conn.list_models(credential=up.owner_credential)}
     assert listed["happy"].sha256 == sha256_hex(model)
     assert [i["dtype"] for i in listed["happy"].inputs] == ["float32", "float64", "int32", "int64", "uint8", "bool"]
+    assert {m.model_id: m.sha256 for m in conn.list_models()}["happy"] is None  # the operator sees no hash
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert conn.attest().models["happy"] == sha256_hex(model)  # fresh evidence names the model's hash
+        # fresh evidence plus the inclusion proof of the model's hash, for its owner
+        assert conn.attest_model("happy", credential=up.owner_credential) == sha256_hex(model)
 
     inputs = tiny_inputs(3)
     res = conn.run_model("happy", inputs, credential=up.owner_credential)
@@ -338,9 +340,9 @@ def test_persistence_restart_dedup_and_sealing(tmp_path):
         srv.start()
         with _connect(srv, srv.upload_token) as c:
             a = c.upload_model(m1_bytes, "a")
-            b = c.upload_model(m1_bytes, "b")
+            b = c.upload_model(m1_bytes, "b")  # stored once; the answer does not say so
             c2 = c.upload_model(m2_bytes, "c")
-            assert (a.deduplicated, b.deduplicated, c2.deduplicated) == (False, True, False)
+            assert not hasattr(b, "deduplicated")
             user = c.create_run_credential("a", credential=a.owner_credential)
             user_c = c.create_run_credential("c", credential=c2.owner_credential)
             before = c.run_model("a", x, credential=user)
@@ -355,9 +357,9 @@ def test_persistence_restart_dedup_and_sealing(tmp_path):
         srv.restart()
         assert srv.info["tls_spki_sha256"] != first_key  # a fresh TLS key per start
         with _connect(srv, srv.upload_token) as c:
-            assert {m.model_id: m.sha256 for m in c.list_models()} == {
-                "a": sha256_hex(m1_bytes), "b": sha256_hex(m1_bytes), "c": sha256_hex(m2_bytes)}
-            assert c.evidence.models["a"] == sha256_hex(m1_bytes)
+            assert {m.model_id for m in c.list_models()} == {"a", "b", "c"}
+            assert [m.sha256 for m in c.list_models(credential=b.owner_credential)] == [sha256_hex(m1_bytes)]
+            assert c.attest_model("a", credential=user) == sha256_hex(m1_bytes)
             after = c.run_model("a", x, credential=user)
             for k in before:
                 np.testing.assert_array_equal(after[k], before[k])
@@ -385,6 +387,10 @@ def test_cli_attest_verifies_and_refuses_simulation_without_opt_in(server):
     assert "verified" in ok.stdout and "SIMULATED" in ok.stdout and server.info["tls_spki_sha256"][:20] in ok.stdout
     refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "SimulationNotAllowedError" in refused.stderr
-    other = subprocess.run([*base[:5], "--measurement", "0" * 64, "--hazmat-allow-simulation"],
+    other = subprocess.run([*base[:5], "--measurement", "0" * 64, *base[7:], "--hazmat-allow-simulation"],
                            capture_output=True, text=True, timeout=60)
     assert other.returncode == 2 and "MeasurementMismatchError" in other.stderr
+    # no pinned simulation signer: refused, and the value to pin is printed
+    unpinned = subprocess.run([*base[:7], "--hazmat-allow-simulation"], capture_output=True, text=True, timeout=60)
+    assert unpinned.returncode == 2 and "UntrustedSignerError" in unpinned.stderr
+    assert f"simulation signer: {server.info['simulation_signer']}" in unpinned.stdout

@@ -21,7 +21,8 @@ from starlette.routing import Route
 
 from veil.attested.tlskeys import generate_tls_identity
 
-__all__ = ["tiny_model", "tiny_inputs", "Relay"]
+__all__ = ["tiny_model", "tiny_inputs", "Relay", "EXTERNAL_PLACES", "external_data_model", "loop_model",
+           "expand_model"]
 
 
 def tiny_model(scale: float = 0.1) -> onnx.ModelProto:
@@ -59,6 +60,115 @@ def tiny_inputs(n: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
         "u": rng.integers(0, 256, 3).astype(np.uint8),
         "b": np.array([True, False]),
     }
+
+
+_vi = helper.make_tensor_value_info
+_OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+
+
+def _external(name: str, location: str, flag: bool = True) -> TensorProto:
+    """A float32[4] tensor whose bytes are in ``location`` (data_location EXTERNAL unless ``flag`` is False)."""
+    t = helper.make_tensor(name, TensorProto.FLOAT, [4], [0.0] * 4)
+    t.ClearField("float_data")
+    if flag:
+        t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    return t
+
+
+def _sparse(name: str, location: str) -> onnx.SparseTensorProto:
+    return helper.make_sparse_tensor(_external(name, location),
+                                     helper.make_tensor(name + "_idx", TensorProto.INT64, [4], [0, 1, 2, 3]), [4])
+
+
+def _const(out: str, location: str, kind: str) -> onnx.NodeProto:
+    if kind == "sparse":
+        return helper.make_node("Constant", [], [out], sparse_value=_sparse(out, location))
+    return helper.make_node("Constant", [], [out], value=_external(out, location))
+
+
+def _wrap(nodes: list, inits: list | None = None, sparse: list | None = None, functions: list | None = None,
+          out: str = "y") -> bytes:
+    g = helper.make_graph(nodes, "g", [_vi("x", TensorProto.FLOAT, [4])], [_vi(out, TensorProto.FLOAT, [4])],
+                          inits or [], sparse_initializer=sparse or [])
+    m = helper.make_model(g, opset_imports=_OPSETS)
+    m.ir_version = 8
+    m.functions.extend(functions or [])
+    return m.SerializeToString()
+
+
+def _subgraph_with(const: onnx.NodeProto) -> onnx.GraphProto:
+    return helper.make_graph([const, helper.make_node("Add", ["x", "W"], ["z"])], "branch", [],
+                             [_vi("z", TensorProto.FLOAT, [4])])
+
+
+def external_data_model(place: str, location: str) -> bytes:
+    """A model computing ``y = x + W`` whose W comes from the file ``location`` through external data
+    placed at ``place`` (one of :data:`EXTERNAL_PLACES`)."""
+    add = helper.make_node("Add", ["x", "W"], ["y"])
+    if place == "initializer":
+        return _wrap([add], inits=[_external("W", location)])
+    if place == "initializer_entries_only":  # external_data entries without the EXTERNAL flag
+        return _wrap([add], inits=[_external("W", location, flag=False)])
+    if place == "sparse_initializer":
+        sp = _sparse("W", location)
+        return _wrap([add], sparse=[sp])
+    if place in ("constant_value", "constant_sparse_value"):
+        return _wrap([_const("W", location, "sparse" if place.endswith("sparse_value") else "dense"), add])
+    if place == "function_body":
+        f = helper.make_function("local", "AddSecret", ["a"], ["b"],
+                                 [_const("W", location, "dense"), helper.make_node("Add", ["a", "W"], ["b"])],
+                                 [helper.make_opsetid("", 17)])
+        return _wrap([helper.make_node("AddSecret", ["x"], ["y"], domain="local")], functions=[f])
+    if place == "function_sparse":
+        f = helper.make_function("local", "AddSecret", ["a"], ["b"],
+                                 [_const("W", location, "sparse"), helper.make_node("Add", ["a", "W"], ["b"])],
+                                 [helper.make_opsetid("", 17)])
+        return _wrap([helper.make_node("AddSecret", ["x"], ["y"], domain="local")], functions=[f])
+    if place == "if_branch_sparse":
+        cond = helper.make_tensor("c", TensorProto.BOOL, [], [True])
+        branch = _subgraph_with(_const("W", location, "sparse"))
+        return _wrap([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)], inits=[cond])
+    if place == "tensors_attribute":  # a TENSORS attribute (no standard op reads it: the scan must still refuse)
+        node = helper.make_node("Add", ["x", "x"], ["y"])
+        node.attribute.append(helper.make_attribute("extra", [_external("W", location)]))
+        return _wrap([node])
+    if place == "sparse_tensors_attribute":
+        node = helper.make_node("Add", ["x", "x"], ["y"])
+        node.attribute.append(helper.make_attribute("extra", [_sparse("W", location)]))
+        return _wrap([node])
+    raise ValueError(place)
+
+
+EXTERNAL_PLACES = ("initializer", "initializer_entries_only", "sparse_initializer", "constant_value",
+                   "constant_sparse_value", "function_body", "function_sparse", "if_branch_sparse",
+                   "tensors_attribute", "sparse_tensors_attribute")
+
+
+def loop_model(trips: int = 10**12) -> bytes:
+    """``y = x + trips`` computed by a Loop of ``trips`` iterations (float32[1])."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["x_in", "one"], ["x_out"])],
+        "body", [_vi("i", TensorProto.INT64, []), _vi("cond_in", TensorProto.BOOL, []), _vi("x_in", TensorProto.FLOAT, [1])],
+        [_vi("cond_out", TensorProto.BOOL, []), _vi("x_out", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
+    g = helper.make_graph([helper.make_node("Loop", ["M", "c", "x"], ["y"], body=body)], "loop",
+                          [_vi("x", TensorProto.FLOAT, [1])], [_vi("y", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor("M", TensorProto.INT64, [], [trips]),
+                           helper.make_tensor("c", TensorProto.BOOL, [], [True])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def expand_model() -> bytes:
+    """``y = Expand(1.0, shape)``: two int64 input elements decide the output size."""
+    g = helper.make_graph([helper.make_node("Expand", ["one", "shape"], ["y"])], "expand",
+                          [_vi("shape", TensorProto.INT64, [2])], [_vi("y", TensorProto.FLOAT, ["A", "B"])],
+                          [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
 
 
 class Relay:

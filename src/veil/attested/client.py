@@ -13,6 +13,12 @@ Protocol of :func:`connect`:
    TLS handshake, which raises :class:`KeyMismatchError` before a byte of the request is sent.
 
 Credentials (upload, owner, run) travel only over the pinned channel.
+
+Models: the evidence names the loaded models only through a hiding commitment. Before the first run
+of a model on a connection (or on demand, :meth:`Connection.attest_model`), the client asks for fresh
+evidence plus that model's inclusion proof with its credential (owner or run), verifies both, and
+checks the model's hash against the policy; each run answer must then name that hash (a replaced
+model is attested again once).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from veil.attested.commitment import InclusionProof
 from veil.attested.errors import (
     ConnectionFailedError,
     EvidenceFormatError,
@@ -40,8 +47,8 @@ from veil.attested.errors import (
     error_for_status,
 )
 from veil.attested.evidence import Evidence
-from veil.attested.policy import Policy, VerifiedEvidence, verify_evidence
-from veil.attested.server_ids import MODEL_ID_PATTERN
+from veil.attested.policy import Policy, VerifiedEvidence, verify_evidence, verify_model_inclusion
+from veil.attested.server_ids import is_model_id
 from veil.attested.tensors import (
     INPUT_DTYPES,
     OUTPUT_DTYPES,
@@ -65,14 +72,13 @@ class UploadResult:
     model_id: str
     sha256: str
     size: int
-    deduplicated: bool
     owner_credential: str | None
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     model_id: str
-    sha256: str
+    sha256: str | None  # None in the operator's listing
     size: int
     access: str
     inputs: list[dict[str, Any]]
@@ -122,7 +128,7 @@ def _is_cert_failure(exc: BaseException) -> bool:
 
 
 def _model_path(model_id: str, suffix: str = "") -> str:
-    if not isinstance(model_id, str) or not MODEL_ID_PATTERN.match(model_id):
+    if not is_model_id(model_id):
         raise InvalidRequestError("model ids are 1-64 characters of letters, digits, '.', '_', '-', starting with a "
                                   "letter or digit", status=400, code="bad_model_id")
     return f"/models/{model_id}{suffix}"
@@ -153,6 +159,7 @@ class Connection:
         self.upload_chunk = upload_chunk
         self._http: httpx.Client | None = None
         self._checked_tls: object | None = None
+        self._model_hashes: dict[str, str] = {}  # model id -> hash verified by an inclusion proof
         self.evidence = self._first_attestation()
         self._pinned = self.evidence.tls_spki_sha256
 
@@ -204,6 +211,27 @@ class Connection:
         if self.evidence.tls_spki_sha256 != self._pinned:
             raise KeyMismatchError("fresh evidence binds another TLS key than the pinned one")
         return self.evidence
+
+    def attest_model(self, model_id: str, *, credential: str | None = None) -> str:
+        """Fresh evidence plus ``model_id``'s inclusion proof (needs the owner or a run credential of the
+        model), verified against the policy; returns the model's attested SHA-256."""
+        nonce = secrets.token_hex(32)
+        r = self._request("GET", _model_path(model_id, "/attestation"), credential, params={"nonce": nonce})
+        try:
+            body = r.json()
+            evidence = Evidence.from_json(body["evidence"])
+            proof = InclusionProof.from_json(body["proof"])
+        except (ValueError, KeyError, TypeError):
+            raise EvidenceFormatError("the model attestation answer is malformed") from None
+        cert = _peer_cert(r)
+        verified = verify_evidence(evidence, self.policy, nonce=nonce,
+                                   tls_spki_sha256=cert_spki_sha256(cert) if cert else None,
+                                   allow_simulation=self.allow_simulation)
+        if verified.tls_spki_sha256 != self._pinned:
+            raise KeyMismatchError("the model's evidence binds another TLS key than the pinned one")
+        sha = verify_model_inclusion(verified, proof, model_id, self.policy)
+        self._model_hashes[model_id] = sha
+        return sha
 
     # --- transport ------------------------------------------------------------------------------
     @property
@@ -271,8 +299,8 @@ class Connection:
         body = r.json()
         if body.get("sha256") != sha:
             raise ModelHashMismatchError(model_id, str(body.get("sha256")), sha)
-        return UploadResult(body["model_id"], body["sha256"], body["size"], body["deduplicated"],
-                            body.get("owner_credential"))
+        self._model_hashes.pop(model_id, None)
+        return UploadResult(body["model_id"], body["sha256"], body["size"], body.get("owner_credential"))
 
     def list_models(self, *, credential: str | None = None) -> list[ModelInfo]:
         return [ModelInfo(m["model_id"], m["sha256"], m["size"], m["access"], m["inputs"], m["outputs"])
@@ -291,11 +319,15 @@ class Connection:
         body: dict[str, Any] = {"inputs": payload}
         if outputs is not None:
             body["outputs"] = list(outputs)
+        attested = self._model_hashes.get(model_id)
+        if attested is None:
+            attested = self.attest_model(model_id, credential=credential)
         r = self._request("POST", _model_path(model_id, "/run"), credential, json=body)
         res = r.json()
-        expected = self.policy.models.get(model_id)
-        if expected is not None and res.get("model_sha256") != expected:
-            raise ModelHashMismatchError(model_id, str(res.get("model_sha256")), expected)
+        if res.get("model_sha256") != attested:  # replaced since it was attested: attest it again, once
+            attested = self.attest_model(model_id, credential=credential)
+            if res.get("model_sha256") != attested:
+                raise ModelHashMismatchError(model_id, str(res.get("model_sha256")), attested)
         try:
             outs = {k: decode_tensor(v, k, OUTPUT_DTYPES) for k, v in res["outputs"].items()}
         except (WireFormatError, KeyError, AttributeError) as e:
@@ -311,6 +343,7 @@ class Connection:
 
     def delete_model(self, model_id: str, *, credential: str | None = None) -> None:
         self._request("DELETE", _model_path(model_id), credential)
+        self._model_hashes.pop(model_id, None)
 
     def create_run_credential(self, model_id: str, *, credential: str | None = None) -> str:
         """Issue a run-only credential for ``model_id`` (needs its owner credential)."""
@@ -333,6 +366,7 @@ def connect(address: str, *, policy: Policy, credential: str | None = None,
     """Attest the server at ``address`` (``host:port`` or ``https://host:port``) against ``policy``,
     pin its TLS key, and return the connection (a context manager).
 
-    ``hazmat_allow_simulation=True`` accepts evidence from veil's simulated enclave, with a warning."""
+    ``hazmat_allow_simulation=True`` accepts evidence from veil's simulated enclave, with a warning,
+    if the policy pins its simulation signer (``Policy(simulation_signers=[...])``)."""
     return Connection(address, policy, credential=credential, hazmat_allow_simulation=hazmat_allow_simulation,
                       timeout=timeout)

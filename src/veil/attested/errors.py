@@ -48,6 +48,7 @@ __all__ = [
     "RateLimitedError",
     "ServerInternalError",
     "StoreError",
+    "StoreFullError",
     "UnsealError",
     "error_for_status",
 ]
@@ -67,7 +68,12 @@ class BadSignatureError(AttestationError):
 
 
 class UntrustedSignerError(BadSignatureError):
-    """The evidence is validly signed, but by a key the policy does not trust."""
+    """The evidence is signed by a key the policy does not trust (or, for simulated evidence, the
+    policy pins no simulation signer); ``signer`` is the hex key the evidence names, if known."""
+
+    def __init__(self, message: str, *, signer: str | None = None):
+        super().__init__(message)
+        self.signer = signer
 
 
 class PlatformNotAllowedError(AttestationError):
@@ -188,9 +194,15 @@ class StoreError(DeploymentError):
     """The model store on disk is missing, corrupt or inconsistent."""
 
 
+class StoreFullError(StoreError):
+    """The store holds its maximum number of models."""
+
+
 class UnsealError(StoreError):
     """A sealed blob could not be decrypted: other platform key, other code, or tampering."""
 
+
+_LIMIT_CODES = frozenset({"run_time_exceeded", "output_too_large", "store_full"})
 
 _BY_STATUS: dict[int, type[ServerRefusedError]] = {
     400: InvalidRequestError,
@@ -208,6 +220,8 @@ def error_for_status(status: int, code: str, detail: str, retry_after: float | N
     """The typed client-side error for a server refusal (``status``, reason ``code``, ``detail``)."""
     if code == "invalid_model":
         cls: type[ServerRefusedError] = InvalidModelError
+    elif code in _LIMIT_CODES:
+        cls = LimitExceededError
     elif status >= 500:
         cls = ServerInternalError
     else:

@@ -3,8 +3,9 @@
 Evidence has three parts:
 
 1. ``claims``: canonical JSON (sorted keys, no spaces) written by the server's trusted side:
-   the code measurement, the hashes of the loaded models, the SHA-256 of the TLS public key
-   (SPKI), the client's nonce, the time of issue and the platform name;
+   the code measurement, ``models_root`` (a fresh hiding commitment to the loaded models' ids and
+   hashes, see :mod:`veil.attested.commitment`), the SHA-256 of the TLS public key (SPKI), the
+   client's nonce, the time of issue and the platform name;
 2. ``report``: a platform-specific report whose 64-byte *report data* is ``SHA-512(claims)``;
    the platform (SEV-SNP firmware, a TDX quoting enclave, or veil's simulation key) signs the
    report together with the measurement of what it launched;
@@ -27,9 +28,10 @@ from typing import Any
 
 from veil.attested.errors import EvidenceFormatError
 
-__all__ = ["EVIDENCE_FORMAT", "Evidence", "canonical_json", "make_claims", "report_data_for"]
+__all__ = ["EVIDENCE_FORMAT", "CLAIMS_VERSION", "Evidence", "canonical_json", "make_claims", "report_data_for"]
 
-EVIDENCE_FORMAT = "veil-attested-evidence/1"
+EVIDENCE_FORMAT = "veil-attested-evidence/2"
+CLAIMS_VERSION = 2
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -41,13 +43,13 @@ def report_data_for(claims: bytes) -> bytes:
     return hashlib.sha512(claims).digest()
 
 
-def make_claims(*, platform: str, code_measurement: str, models: dict[str, str], tls_spki_sha256: str,
+def make_claims(*, platform: str, code_measurement: str, models_root: str, tls_spki_sha256: str,
                 nonce: str, runtime: dict[str, str], issued_at: float | None = None) -> bytes:
     return canonical_json({
-        "version": 1,
+        "version": CLAIMS_VERSION,
         "platform": platform,
         "code_measurement": code_measurement,
-        "models": dict(sorted(models.items())),
+        "models_root": models_root,
         "tls_spki_sha256": tls_spki_sha256,
         "nonce": nonce,
         "issued_at": time.time() if issued_at is None else issued_at,
@@ -102,13 +104,14 @@ class Evidence:
         except (ValueError, UnicodeDecodeError) as e:
             raise EvidenceFormatError("evidence claims are not JSON") from e
         expected: dict[str, type | tuple[type, ...]] = {
-            "version": int, "platform": str, "code_measurement": str, "models": dict,
+            "version": int, "platform": str, "code_measurement": str, "models_root": str,
             "tls_spki_sha256": str, "nonce": str, "issued_at": (int, float), "runtime": dict}
         if not isinstance(c, dict):
             raise EvidenceFormatError("evidence claims must be a JSON object")
         for key, typ in expected.items():
             if not isinstance(c.get(key), typ):
                 raise EvidenceFormatError(f"evidence claim {key!r} is missing or has the wrong type")
-        if c["version"] != 1:
-            raise EvidenceFormatError(f"evidence claims version {c['version']} is not supported (expected 1)")
+        if c["version"] != CLAIMS_VERSION:
+            raise EvidenceFormatError(f"evidence claims version {c['version']} is not supported "
+                                      f"(expected {CLAIMS_VERSION})")
         return c

@@ -16,7 +16,9 @@ class Limits:
     ``max_input_elements``: elements actually carried by all inputs of one run request.
     ``max_request_bytes``: bytes actually received for one run request body.
     ``rate_per_s`` / ``burst``: requests per second per credential (token bucket), burst size.
-    ``max_models``: models the store may hold."""
+    ``max_models``: models the store may hold (checked under the lock that inserts).
+    ``max_output_bytes``: bytes of all outputs of one run (checked before they are encoded).
+    ``max_run_seconds``: wall time of one run; onnxruntime stops a run past it."""
 
     max_model_bytes: int = 256 * 1024 * 1024
     max_input_elements: int = 4 * 1024 * 1024
@@ -24,6 +26,8 @@ class Limits:
     rate_per_s: float = 100.0
     burst: int = 200
     max_models: int = 64
+    max_output_bytes: int = 64 * 1024 * 1024
+    max_run_seconds: float = 60.0
 
 
 class RateLimiter:

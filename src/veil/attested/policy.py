@@ -3,7 +3,10 @@
 :func:`verify_evidence` runs these checks, in this order, and raises the first failure:
 
 1. the platform is one the policy allows (:class:`PlatformNotAllowedError`); a simulated platform
-   also needs ``allow_simulation`` (:class:`veil.errors.SimulationNotAllowedError`) and warns;
+   also needs ``allow_simulation`` (:class:`veil.errors.SimulationNotAllowedError`), warns, and is
+   refused unless the policy pins the simulation signer (``simulation_signers``;
+   :class:`UntrustedSignerError` naming the key that signed, to be compared with the one the
+   server printed at start);
 2. the platform report's signature is valid, by a trusted signer (:class:`BadSignatureError`,
    :class:`UntrustedSignerError`);
 3. the report's 64 bytes of report data equal ``SHA-512(claims)``: the claims are the signed ones
@@ -11,9 +14,12 @@
 4. the platform is not in debug mode unless the policy allows it;
 5. the measured code equals the policy's ``code_measurement`` (:class:`MeasurementMismatchError`);
 6. the claims answer this client's nonce and are recent (:class:`StaleNonceError`);
-7. every model the policy names that the server has loaded has the expected SHA-256
-   (:class:`ModelHashMismatchError`);
-8. the TLS key the client sees equals the attested one (:class:`KeyMismatchError`).
+7. the TLS key the client sees equals the attested one (:class:`KeyMismatchError`).
+
+The claims name the loaded models only through a hiding commitment (``models_root``). A client
+entitled to a model checks it with :func:`verify_model_inclusion`: the server's inclusion proof must
+lead to the attested root (:class:`BadSignatureError`) and the model's hash must be the one the policy
+names, if it names one (:class:`ModelHashMismatchError`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from veil.attested.commitment import InclusionProof, root_from_proof
 from veil.attested.errors import (
     AttestationError,
     BadSignatureError,
@@ -33,12 +40,13 @@ from veil.attested.errors import (
     PlatformNotAllowedError,
     PolicyError,
     StaleNonceError,
+    UntrustedSignerError,
 )
 from veil.attested.evidence import Evidence, report_data_for
 from veil.attested.platform import PlatformReport, SimulationWarning, get_verifier
 from veil.errors import SimulationNotAllowedError
 
-__all__ = ["Policy", "VerifiedEvidence", "verify_evidence"]
+__all__ = ["Policy", "VerifiedEvidence", "verify_evidence", "verify_model_inclusion"]
 
 _HEX = set("0123456789abcdef")
 
@@ -58,7 +66,9 @@ class Policy:
     required unless ``hazmat_any_measurement=True``.
     ``allowed_platforms``: platform names accepted (the simulation still needs the client's opt-in).
     ``models``: model id -> expected hex SHA-256 of its ONNX bytes.
-    ``simulation_signers``: hex public keys of simulation keys to trust; ``None`` trusts any (warns).
+    ``simulation_signers``: hex public keys of the simulation keys to trust; simulated evidence is
+    refused unless its signer is among them (``veil attested serve`` and ``veil attested attest``
+    print the key).
     ``max_evidence_age_s``: how old the evidence's time of issue may be.
     """
 
@@ -109,8 +119,9 @@ class VerifiedEvidence:
         return self.claims["tls_spki_sha256"]
 
     @property
-    def models(self) -> dict[str, str]:
-        return dict(self.claims["models"])
+    def models_root(self) -> str:
+        """The commitment to the loaded models (see :mod:`veil.attested.commitment`)."""
+        return self.claims["models_root"]
 
     @property
     def simulated(self) -> bool:
@@ -136,8 +147,11 @@ def verify_evidence(evidence: Evidence, policy: Policy, *, nonce: str, tls_spki_
         warnings.warn("veil attested: accepting SIMULATED attestation evidence; it proves nothing about "
                       "the hardware (hazmat_allow_simulation=True)", SimulationWarning, stacklevel=3)
         if policy.simulation_signers is None:
-            warnings.warn("veil attested: no simulation signer pinned in the policy; any simulation key "
-                          "is accepted", SimulationWarning, stacklevel=3)
+            signer = evidence.endorsements[0].hex() if evidence.endorsements else "unknown"
+            raise UntrustedSignerError(
+                f"simulated evidence is accepted only from a pinned simulation signer; this evidence names "
+                f"signer {signer} (compare it with the key `veil attested serve` printed at start, then pin it: "
+                f"Policy(simulation_signers=[...]) or --simulation-signer)", signer=signer)
     # 2. signature
     report = verifier.verify(evidence.report, evidence.endorsements,
                              policy.simulation_signers if verifier.simulated else None)
@@ -163,15 +177,27 @@ def verify_evidence(evidence: Evidence, policy: Policy, *, nonce: str, tls_spki_
     if age > policy.max_evidence_age_s or age < -30.0:
         raise StaleNonceError(f"the evidence was issued {age:.0f} s ago; at most {policy.max_evidence_age_s:.0f} s "
                               "is accepted")
-    # 7. models
-    for model_id, expected in policy.models.items():
-        got = claims["models"].get(model_id)
-        if got is not None and got != expected:
-            raise ModelHashMismatchError(model_id, got, expected)
-    # 8. TLS key
+    # 7. TLS key
     if tls_spki_sha256 is not None and claims["tls_spki_sha256"] != tls_spki_sha256:
         raise KeyMismatchError(
             f"the server presents TLS key {tls_spki_sha256[:16]}..., but its evidence binds "
             f"{claims['tls_spki_sha256'][:16]}...: another party is answering"
         )
     return VerifiedEvidence(evidence, report, claims)
+
+
+def verify_model_inclusion(verified: VerifiedEvidence, proof: InclusionProof, model_id: str, policy: Policy) -> str:
+    """Check that ``model_id`` is among the models the attested evidence commits to; return its SHA-256.
+
+    The proof must name ``model_id`` and lead to the evidence's ``models_root``
+    (:class:`BadSignatureError`); the hash must match the policy's, if it names one
+    (:class:`ModelHashMismatchError`)."""
+    if proof.model_id != model_id:
+        raise BadSignatureError(f"the inclusion proof is for model {proof.model_id!r}, not {model_id!r}")
+    if root_from_proof(proof) != verified.models_root:
+        raise BadSignatureError(f"the inclusion proof of model {model_id!r} does not lead to the attested "
+                                "models commitment")
+    expected = policy.models.get(model_id)
+    if expected is not None and proof.sha256 != expected:
+        raise ModelHashMismatchError(model_id, proof.sha256, expected)
+    return proof.sha256

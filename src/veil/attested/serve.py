@@ -8,19 +8,32 @@ Steps at start:
 3. open the store and unseal every model (a model that fails to unseal is reported and skipped);
 4. hand the key to uvicorn through a file encrypted under a random in-memory password, which is
    deleted as soon as the TLS context is built;
-5. bind ``host:port`` (port 0 picks a free one), write the ready file, serve until SIGINT/SIGTERM.
+5. bind ``host:port`` (port 0 picks a free one), write the ready file, serve until SIGINT/SIGTERM;
+   on either, stop runs in progress, finish the answers under way, close the store, exit 0.
+
+Secrets and the store: the store directory holds only sealed blobs and an index of HMACs. The
+operator's upload credential and, on the simulated platform, its signing key and platform secret
+live in a *state directory* outside the store (``--state-dir``; default
+``$XDG_CONFIG_HOME/veil/attested/<hash of the store path>``, else ``~/.config/...``), directory
+0700 and files 0600. A store that still holds such files (older layout), or a state directory,
+token file or platform directory inside the store, is refused at start. On a hardware platform
+the sealing keys are derived by the platform and never written anywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -32,7 +45,43 @@ from veil.attested.tlskeys import generate_tls_identity
 from veil.attested.trusted import TrustedSide
 from veil.errors import DeploymentError
 
-__all__ = ["serve", "read_or_create_upload_token"]
+__all__ = ["serve", "read_or_create_upload_token", "default_state_dir"]
+
+
+def default_state_dir(store_dir: str | os.PathLike[str]) -> Path:
+    """Where the server keeps its secrets for ``store_dir`` unless ``--state-dir`` says otherwise:
+    ``$XDG_CONFIG_HOME/veil/attested/<first 16 hex of SHA-256 of the store's absolute path>``."""
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    key = hashlib.sha256(str(Path(store_dir).resolve()).encode()).hexdigest()[:16]
+    return base / "veil" / "attested" / key
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    p, d = path.resolve(), directory.resolve()
+    return p == d or d in p.parents
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, except that SIGINT/SIGTERM end :meth:`run` normally (uvicorn re-raises the signal after
+    its graceful shutdown, which would kill the process before the store is closed) and first ask
+    onnxruntime to stop the runs in progress."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]):
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
 
 def read_or_create_upload_token(path: Path) -> str:
@@ -51,7 +100,8 @@ def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
           hazmat_simulate_enclave: bool = False, limits: Limits | None = None,
           upload_token_file: str | os.PathLike[str] | None = None,
           platform_dir: str | os.PathLike[str] | None = None, intra_op_threads: int = 1,
-          ready_file: str | os.PathLike[str] | None = None, log_level: str = "warning") -> None:
+          ready_file: str | os.PathLike[str] | None = None, log_level: str = "warning",
+          state_dir: str | os.PathLike[str] | None = None) -> None:
     if not hazmat_simulate_enclave:
         raise DeploymentError(
             "no hardware TEE backend (SEV-SNP, TDX) is available in this build; start with "
@@ -59,15 +109,28 @@ def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
         )
     store_path = Path(store_dir)
     store_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state_path = Path(state_dir) if state_dir is not None else default_state_dir(store_path)
+    token_path = Path(upload_token_file) if upload_token_file else state_path / "upload.token"
+    platform_path = Path(platform_dir) if platform_dir is not None else state_path / "simulated-platform"
+    for what, path in (("the state directory", state_path), ("the upload token file", token_path),
+                       ("the simulated platform directory", platform_path)):
+        if _inside(path, store_path):
+            raise DeploymentError(f"{what} ({path}) is inside the store {store_path}; models could be made to read "
+                                  "it: keep secrets outside the store")
+    legacy = [n for n in ("upload.token", "simulated-platform") if (store_path / n).exists()]
+    if legacy:
+        raise DeploymentError(f"the store {store_path} holds secrets in clear ({', '.join(legacy)}; older layout): "
+                              f"move them into the state directory {state_path} (or pass --state-dir) and restart")
+    _private_dir(state_path)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        platform = SimulatedPlatform(platform_dir if platform_dir is not None else store_path / "simulated-platform")
+        platform = SimulatedPlatform(platform_path)
     print("WARNING: veil attested runs a SIMULATED enclave: evidence is signed by a simulation key and proves "
           "nothing about the hardware.", file=sys.stderr, flush=True)
     tls = generate_tls_identity(tuple(dict.fromkeys((host, "127.0.0.1", "localhost"))))
     trusted = TrustedSide(platform, tls)
     store = ModelStore(store_path, platform)
-    token = read_or_create_upload_token(Path(upload_token_file) if upload_token_file else store_path / "upload.token")
+    token = read_or_create_upload_token(token_path)
     state = ServerState(trusted, store, limits or Limits(), token, intra_op_threads)
     for model_id, why in state.unavailable.items():
         print(f"WARNING: model {model_id!r} could not be restored: {why}", file=sys.stderr, flush=True)
@@ -90,17 +153,23 @@ def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
         cert_file.write_bytes(tls.cert_pem)
         config = uvicorn.Config(app, ssl_keyfile=str(key_file), ssl_certfile=str(cert_file),
                                 ssl_keyfile_password=password, log_level=log_level, access_log=False,
-                                timeout_keep_alive=30, server_header=False)
+                                timeout_keep_alive=30, server_header=False, timeout_graceful_shutdown=15)
         config.load()  # builds the SSL context; the key files are deleted right after
     info = {"url": f"https://{host}:{actual_port}", "port": actual_port, "pid": os.getpid(),
             "platform": platform.name, "measurement": trusted.measurement,
             "simulation_signer": platform.public_key_hex, "tls_spki_sha256": tls.spki_sha256,
-            "models": state.model_hashes()}
+            "state_dir": str(state_path), "upload_token_file": str(token_path), "models": len(state.models)}
     if ready_file is not None:
         tmp_ready = Path(str(ready_file) + ".tmp")
         tmp_ready.write_text(json.dumps(info))
         os.replace(tmp_ready, ready_file)
     print(f"veil attested: serving {info['url']} (platform {platform.name}, code {trusted.measurement[:16]}..., "
-          f"{len(state.models)} models)", flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
-    store.close()
+          f"{len(state.models)} models; secrets in {state_path})", flush=True)
+    print(f"veil attested: simulation signer to pin in clients: {platform.public_key_hex}", flush=True)
+    try:
+        _Server(config, state.stop_runs).run(sockets=[sock])
+    finally:
+        state.stop_runs()
+        store.close()
+        sock.close()
+    print("veil attested: stopped, store closed", flush=True)

@@ -10,9 +10,20 @@ Roles and credentials (``Authorization: Bearer <token>``):
 No credential, or an unknown one: 401. A known credential used outside its rights: 403.
 Tokens are 256-bit random values, stored only as HMACs under a platform-derived key.
 
-Limits are enforced on bytes and elements actually received, not on declared lengths or shapes;
-every refusal is ``{"error": <code>, "detail": <reason>}`` with a 4xx status. Requests per
+Limits are enforced on bytes and elements actually received, not on declared lengths or shapes,
+and on what a run produces (output bytes, run time: a run past its time is stopped by onnxruntime);
+every refusal is ``{"error": <code>, "detail": <reason>}`` with a 4xx status (503 for a run stopped
+at its time limit), malformed bodies included, and never a traceback in the log. Requests per
 credential are rate limited (token bucket, 429 with ``Retry-After``).
+
+What the server says about its models: ``GET /attestation`` (anyone) carries only a fresh hiding
+commitment to the loaded models; ``GET /models/{id}/attestation`` gives evidence plus the model's
+inclusion proof to the owner and run credential holders of that model. The upload answer does not
+say whether the bytes were already stored, and the operator's model list shows no hashes.
+
+Races: adding a model checks the store's model count under the lock that inserts; issuing a
+credential and deleting a model exclude each other, and a credential is bound to the model instance
+it was issued for (a model later added under the same id does not accept it).
 """
 
 from __future__ import annotations
@@ -35,10 +46,17 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from veil.attested.errors import StoreError
+from veil.attested.commitment import MAX_PAD
+from veil.attested.errors import StoreError, StoreFullError
 from veil.attested.limits import Limits, RateLimiter
-from veil.attested.onnx_model import InputRejected, ModelRejected, ServedModel, load_served_model
-from veil.attested.server_ids import MODEL_ID_PATTERN
+from veil.attested.onnx_model import (
+    InputRejected,
+    ModelRejected,
+    RunLimitExceeded,
+    ServedModel,
+    load_served_model,
+)
+from veil.attested.server_ids import MODEL_ID_PATTERN, is_model_id
 from veil.attested.store import Credential, ModelStore
 from veil.attested.tensors import INPUT_DTYPES, WireFormatError, decode_tensor, encode_tensor
 from veil.attested.trusted import TrustedSide
@@ -81,7 +99,7 @@ class TensorDeclModel(BaseModel):
 
 class ModelInfo(BaseModel):
     model_id: str
-    sha256: str
+    sha256: str | None
     size: int
     access: str
     inputs: list[TensorDeclModel]
@@ -92,7 +110,6 @@ class UploadResponse(BaseModel):
     model_id: str
     sha256: str
     size: int
-    deduplicated: bool
     owner_credential: str | None = None
 
 
@@ -104,12 +121,26 @@ class EvidenceModel(BaseModel):
     endorsements: list[str]
 
 
+class InclusionProofModel(BaseModel):
+    model_id: str
+    sha256: str
+    salt: str
+    index: int
+    path: list[str]
+
+
+class ModelEvidenceModel(BaseModel):
+    evidence: EvidenceModel
+    proof: InclusionProofModel
+
+
 class ErrorModel(BaseModel):
     error: str
     detail: str
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorModel} for s in (400, 401, 403, 404, 409, 413, 422, 429)}
+_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorModel}
+                                             for s in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
 
 
 class ServerState:
@@ -119,6 +150,7 @@ class ServerState:
                  intra_op_threads: int = 1):
         self.trusted, self.store, self.limits = trusted, store, limits
         self.intra_op_threads = intra_op_threads
+        self.pad_to = min(limits.max_models, MAX_PAD)
         self._upload_mac = hashlib.sha256(upload_token.encode()).digest()
         self.rate = RateLimiter(limits.rate_per_s, limits.burst)
         self.models: dict[str, ServedModel] = {}
@@ -138,6 +170,13 @@ class ServerState:
     def model_hashes(self) -> dict[str, str]:
         with self.lock:
             return {k: m.sha256 for k, m in self.models.items()}
+
+    def stop_runs(self) -> None:
+        """Ask onnxruntime to stop every run in progress (at shutdown)."""
+        with self.lock:
+            models = list(self.models.values())
+        for m in models:
+            m.stop_all()
 
     def authenticate(self, request: Request) -> Credential:
         header = request.headers.get("authorization", "")
@@ -162,7 +201,7 @@ class ServerState:
 
 
 def _check_model_id(model_id: str) -> None:
-    if not MODEL_ID_PATTERN.match(model_id):
+    if not is_model_id(model_id):
         raise Refusal(400, "bad_model_id", "model ids are 1-64 characters of letters, digits, '.', '_', '-', "
                       "starting with a letter or digit")
 
@@ -189,6 +228,8 @@ def _decode_run_request(body: bytes, model: ServedModel, limits: Limits) -> tupl
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise Refusal(400, "malformed_request", "the run request body is not JSON") from None
+    except RecursionError:
+        raise Refusal(400, "malformed_request", "the run request body is nested too deeply") from None
     if not isinstance(req, dict) or "inputs" not in req:
         raise Refusal(400, "malformed_request", "the run request must be an object with 'inputs'")
     raw_inputs, outputs = req["inputs"], req.get("outputs")
@@ -215,6 +256,34 @@ def _decode_run_request(body: bytes, model: ServedModel, limits: Limits) -> tupl
     return feeds, outputs
 
 
+class _InternalErrors:
+    """ASGI middleware: an unexpected exception becomes a 500 ``internal`` answer and one log line
+    naming its type, never a traceback (which could carry inputs or secrets)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            log.error("internal error: %s", type(exc).__name__)
+            if not started:
+                await JSONResponse({"error": "internal", "detail": "internal server error"},
+                                   status_code=500)(scope, receive, send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="veil attested inference server", version="1",
                   description="Confidential ONNX inference. Verify /attestation before sending anything.")
@@ -234,22 +303,37 @@ def create_app(state: ServerState) -> FastAPI:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": "http_error", "detail": str(exc.detail)}, status_code=exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error: %s", type(exc).__name__)
-        return JSONResponse({"error": "internal", "detail": "internal server error"}, status_code=500)
+    app.add_middleware(_InternalErrors)
 
     @app.get("/health", summary="Liveness and platform name (no credential)")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "platform": state.trusted.platform.name,
                 "simulated": state.trusted.platform.simulated}
 
-    @app.get("/attestation", response_model=EvidenceModel, responses=_ERRORS,
-             summary="Evidence binding code measurement, model hashes and TLS key to the client's nonce")
-    async def attestation(nonce: str) -> dict[str, Any]:
-        if not _NONCE.match(nonce):
+    def _check_nonce(nonce: str) -> None:
+        if not _NONCE.fullmatch(nonce):
             raise Refusal(400, "bad_nonce", "nonce must be 32-128 lowercase hex characters (16-64 random bytes)")
-        return state.trusted.evidence(nonce, state.model_hashes()).to_json()
+
+    @app.get("/attestation", response_model=EvidenceModel, responses=_ERRORS,
+             summary="Evidence binding code measurement, a commitment to the models and TLS key to the client's nonce")
+    async def attestation(nonce: str) -> dict[str, Any]:
+        _check_nonce(nonce)
+        return state.trusted.evidence(nonce, state.model_hashes(), pad_to=state.pad_to).to_json()
+
+    @app.get("/models/{model_id}/attestation", response_model=ModelEvidenceModel, responses=_ERRORS,
+             summary="Evidence plus the model's inclusion proof (owner or run credential of this model)")
+    async def model_attestation(model_id: str, nonce: str, request: Request) -> dict[str, Any]:
+        _check_model_id(model_id)
+        _check_nonce(nonce)
+        cred = state.authenticate(request)
+        _check_exists_for_operator(cred, model_id)
+        if cred.kind not in ("owner", "run") or cred.model_id != model_id:
+            raise Refusal(403, "forbidden", f"only credentials of model {model_id!r} get its inclusion proof")
+        models = state.model_hashes()
+        if model_id not in models:
+            raise Refusal(404, "model_not_found", f"model {model_id!r} is not loaded")
+        evidence, proof = state.trusted.model_evidence(nonce, models, model_id, pad_to=state.pad_to)
+        return {"evidence": evidence.to_json(), "proof": proof.to_json()}
 
     @app.get("/models", response_model=list[ModelInfo], responses=_ERRORS, summary="Models this credential can see")
     async def list_models(request: Request) -> list[dict[str, Any]]:
@@ -257,8 +341,8 @@ def create_app(state: ServerState) -> FastAPI:
         sizes = {m.model_id: m.size for m in state.store.list()}
         with state.lock:
             items = sorted(state.models.items())
-        if cred.kind == "upload":
-            return [_model_info(k, m, "operator", sizes.get(k, 0)) for k, m in items]
+        if cred.kind == "upload":  # ids and sizes only: the hashes would tell the operator which models it holds
+            return [{**_model_info(k, m, "operator", sizes.get(k, 0)), "sha256": None} for k, m in items]
         return [_model_info(k, m, cred.kind, sizes.get(k, 0)) for k, m in items if k == cred.model_id]
 
     async def _receive_model(request: Request) -> tuple[bytes, str, ServedModel]:
@@ -266,10 +350,8 @@ def create_app(state: ServerState) -> FastAPI:
         if not data:
             raise Refusal(400, "invalid_model", "the upload is empty")
         sha = hashlib.sha256(data).hexdigest()
-        with state.lock:  # identical bytes already served: share the onnxruntime session
-            same = next((m for m in state.models.values() if m.sha256 == sha), None)
-        if same is not None:
-            return data, sha, same
+        # always a session of its own: sharing one with identical stored bytes would answer faster and so
+        # tell the uploader that these bytes are already stored
         try:
             model = await run_in_threadpool(load_served_model, data, sha, state.intra_op_threads)
         except ModelRejected as e:
@@ -296,11 +378,13 @@ def create_app(state: ServerState) -> FastAPI:
         async with state.mutation:
             if model_id in state.models or model_id in state.unavailable:
                 raise Refusal(409, "model_exists", f"model {model_id!r} exists; its owner may replace it (PUT)")
-            dedup = await run_in_threadpool(state.store.put, model_id, data, sha, owner_token)
+            try:  # the count is checked again by the store, under the lock that inserts
+                await run_in_threadpool(state.store.put, model_id, data, sha, owner_token, state.limits.max_models)
+            except StoreFullError as e:
+                raise Refusal(413, "store_full", str(e)) from None
             with state.lock:
                 state.models[model_id] = model
-        return {"model_id": model_id, "sha256": sha, "size": len(data), "deduplicated": dedup,
-                "owner_credential": owner_token}
+        return {"model_id": model_id, "sha256": sha, "size": len(data), "owner_credential": owner_token}
 
     def _owned(request: Request, model_id: str, action: str) -> Credential:
         _check_model_id(model_id)
@@ -325,22 +409,26 @@ def create_app(state: ServerState) -> FastAPI:
     @app.put("/models/{model_id}", response_model=UploadResponse, responses=_ERRORS, openapi_extra=upload_doc,
              summary="Replace a model's bytes (its owner credential only)")
     async def replace_model(model_id: str, request: Request) -> dict[str, Any]:
-        _owned(request, model_id, "replace")
+        cred = _owned(request, model_id, "replace")
         data, sha, model = await _receive_model(request)
         async with state.mutation:
+            if state.store.instance(model_id) != cred.instance:
+                raise Refusal(404, "model_not_found", f"model {model_id!r} was deleted meanwhile")
             try:
-                _old, dedup = await run_in_threadpool(state.store.replace, model_id, data, sha)
+                await run_in_threadpool(state.store.replace, model_id, data, sha)
             except StoreError:
                 raise Refusal(404, "model_not_found", f"model {model_id!r} was deleted meanwhile") from None
             with state.lock:
                 state.models[model_id] = model
                 state.unavailable.pop(model_id, None)
-        return {"model_id": model_id, "sha256": sha, "size": len(data), "deduplicated": dedup}
+        return {"model_id": model_id, "sha256": sha, "size": len(data)}
 
     @app.delete("/models/{model_id}", responses=_ERRORS, summary="Delete a model (its owner credential only)")
     async def delete_model(model_id: str, request: Request) -> dict[str, Any]:
-        _owned(request, model_id, "delete")
+        cred = _owned(request, model_id, "delete")
         async with state.mutation:
+            if state.store.instance(model_id) != cred.instance:
+                raise Refusal(404, "model_not_found", f"model {model_id!r} was deleted meanwhile")
             await run_in_threadpool(state.store.delete, model_id)
             with state.lock:
                 state.models.pop(model_id, None)
@@ -350,9 +438,12 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/models/{model_id}/credentials", status_code=201, responses=_ERRORS,
               summary="Issue a run-only credential for a model (its owner credential only)")
     async def issue_credential(model_id: str, request: Request) -> dict[str, Any]:
-        _owned(request, model_id, "issue credentials for")
+        cred = _owned(request, model_id, "issue credentials for")
         token = "veil_run_" + secrets.token_urlsafe(32)
-        state.store.add_credential(token, "run", model_id)
+        async with state.mutation:  # excludes a concurrent delete; the store also binds it to the model instance
+            issued = await run_in_threadpool(state.store.add_credential, token, "run", model_id, cred.instance)
+        if not issued:
+            raise Refusal(404, "model_not_found", f"model {model_id!r} was deleted meanwhile")
         return {"model_id": model_id, "kind": "run", "credential": token}
 
     run_doc = {"requestBody": {"required": True, "content": {"application/json": {
@@ -375,9 +466,12 @@ def create_app(state: ServerState) -> FastAPI:
         def work() -> dict[str, Any]:
             feeds, outputs = _decode_run_request(body, model, state.limits)
             try:
-                result = model.run(feeds, outputs)
+                result = model.run(feeds, outputs, max_seconds=state.limits.max_run_seconds,
+                                   max_output_bytes=state.limits.max_output_bytes)
             except InputRejected as e:
                 raise Refusal(422, "input_mismatch", str(e)) from None
+            except RunLimitExceeded as e:
+                raise Refusal(503 if e.code == "run_time_exceeded" else 413, e.code, str(e)) from None
             return {"model_id": model_id, "model_sha256": model.sha256,
                     "outputs": {k: encode_tensor(v) for k, v in result.items()}}
 

@@ -10,8 +10,12 @@ What it does not do: protect anything from the host. The host can read the key d
 process memory and change the code before it is measured. Evidence from this platform proves
 only that *someone holding the simulation key* signed it. This is why creating one warns
 (:class:`SimulationWarning`) and why clients refuse its evidence unless they opt in with
-``hazmat_allow_simulation=True``. Clients can pin the simulation public key
-(``Policy(simulation_signers=...)``) so that evidence from another simulation key is refused.
+``hazmat_allow_simulation=True`` *and* pin the simulation public key
+(``Policy(simulation_signers=...)``; the server prints it at start): evidence from any other
+simulation key is refused.
+
+Where its secrets live: ``key_dir`` is the server's state directory (outside the model store, so
+no model can be made to read it), directory 0700, files 0600. A real platform keeps no such files.
 
 Report format (bytes): canonical JSON ``{"body": b64(body), "signature": b64(Ed25519(body))}``
 where ``body`` is the canonical JSON of ``platform``, ``measurement``, ``report_data`` (hex),
@@ -150,8 +154,8 @@ class SimulatedVerifier(PlatformVerifier):
             raise BadSignatureError("the simulation signature over the platform report is invalid") from None
         if trusted_signers is not None and signer_hex not in trusted_signers:
             raise UntrustedSignerError(
-                f"report signed by simulation key {signer_hex[:16]}..., which the policy does not trust"
-            )
+                f"report signed by simulation key {signer_hex[:16]}..., which the policy does not trust",
+                signer=signer_hex)
         if body.get("platform") != SIMULATED or not isinstance(measurement, str) or not isinstance(debug, bool):
             raise EvidenceFormatError("simulated report body has wrong field types")
         return PlatformReport(SIMULATED, measurement, report_data, debug, signer_hex, simulated=True)

@@ -2,7 +2,9 @@
 
 :class:`ServerProcess` runs ``python -m veil.attested serve --hazmat-simulate-enclave`` with a
 ready file, waits (with a timeout) until the server has written it and answers TLS, and stops
-the process on exit (SIGTERM, then SIGKILL after a grace period). It binds 127.0.0.1 only.
+the process on exit (SIGTERM, then SIGKILL after a grace period). It binds 127.0.0.1 only. The
+server's secrets (upload token, simulation key) go to a state directory of its own, outside the
+store (``state_dir``; default: a temporary directory kept for the object's life, so restarts keep them).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class ServerProcess:
     """A server subprocess. ``extra_args`` are passed to ``veil attested serve`` (e.g. limits)."""
 
     def __init__(self, store: str | os.PathLike[str], *, port: int = 0, extra_args: tuple[str, ...] = (),
-                 start_timeout: float = 60.0, env: dict[str, str] | None = None):
+                 start_timeout: float = 60.0, env: dict[str, str] | None = None,
+                 state_dir: str | os.PathLike[str] | None = None):
         self.store = Path(store)
         self.port = port
         self.extra_args = tuple(extra_args)
@@ -37,6 +40,8 @@ class ServerProcess:
         self.info: dict[str, Any] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="veil-attested-srv-")
         self._log = Path(self._tmp.name) / "server.log"
+        self.state_dir = Path(state_dir) if state_dir is not None else Path(self._tmp.name) / "state"
+        self.returncode: int | None = None
 
     @property
     def url(self) -> str:
@@ -44,7 +49,7 @@ class ServerProcess:
 
     @property
     def upload_token(self) -> str:
-        return (self.store / "upload.token").read_text().strip()
+        return (self.state_dir / "upload.token").read_text().strip()
 
     def log_text(self) -> str:
         return self._log.read_text(errors="replace") if self._log.exists() else ""
@@ -53,7 +58,8 @@ class ServerProcess:
         ready = Path(self._tmp.name) / "ready.json"
         ready.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "veil.attested", "serve", "--store", str(self.store), "--host", "127.0.0.1",
-               "--port", str(self.port), "--hazmat-simulate-enclave", "--ready-file", str(ready), *self.extra_args]
+               "--port", str(self.port), "--hazmat-simulate-enclave", "--ready-file", str(ready),
+               "--state-dir", str(self.state_dir), *self.extra_args]
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
         with open(self._log, "ab") as log:
@@ -92,6 +98,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=grace)
+        self.returncode = self.proc.returncode
         self.proc = None
 
     def restart(self) -> ServerProcess:

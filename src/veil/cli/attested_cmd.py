@@ -38,9 +38,15 @@ def serve(
     rate: float = typer.Option(100.0, help="requests per second per credential"),
     burst: int = typer.Option(200, help="burst of requests per credential"),
     max_models: int = typer.Option(64, help="most models in the store"),
+    max_output_mb: float = typer.Option(64.0, help="largest total output of one run, MiB"),
+    max_run_seconds: float = typer.Option(60.0, help="longest run; onnxruntime stops a run past it"),
+    state_dir: Path | None = typer.Option(
+        None, help="directory for the server's secrets, outside the store (default: under the user's config "
+                   "directory, one per store)"),
     upload_token_file: Path | None = typer.Option(
-        None, help="file with the operator's upload credential (default STORE/upload.token, created if absent)"),
-    platform_dir: Path | None = typer.Option(None, help="simulated platform key directory (default STORE/simulated-platform)"),
+        None, help="file with the operator's upload credential (default STATE_DIR/upload.token, created if absent)"),
+    platform_dir: Path | None = typer.Option(
+        None, help="simulated platform key directory (default STATE_DIR/simulated-platform)"),
     threads: int = typer.Option(1, help="onnxruntime intra-op threads per model"),
     ready_file: Path | None = typer.Option(None, help="write JSON (url, port, measurement, signer) here when ready"),
     log_level: str = typer.Option("warning", help="uvicorn log level"),
@@ -51,11 +57,12 @@ def serve(
 
     limits = Limits(max_model_bytes=int(max_model_mb * 1024 * 1024), max_input_elements=max_input_elements,
                     max_request_bytes=int(max_request_mb * 1024 * 1024), rate_per_s=rate, burst=burst,
-                    max_models=max_models)
+                    max_models=max_models, max_output_bytes=int(max_output_mb * 1024 * 1024),
+                    max_run_seconds=max_run_seconds)
     try:
         run_server(store, host, port, hazmat_simulate_enclave=hazmat_simulate_enclave, limits=limits,
                    upload_token_file=upload_token_file, platform_dir=platform_dir, intra_op_threads=threads,
-                   ready_file=ready_file, log_level=log_level)
+                   ready_file=ready_file, log_level=log_level, state_dir=state_dir)
     except VeilError as e:
         _fail(e)
 
@@ -72,12 +79,14 @@ def measure() -> None:
 def attest(
     address: str = typer.Argument(..., help="host:port of the server"),
     measurement: str | None = typer.Option(None, help="expected code measurement (default: this installation's)"),
-    simulation_signer: str | None = typer.Option(None, help="hex simulation public key to trust"),
+    simulation_signer: str | None = typer.Option(
+        None, help="hex simulation public key to trust (simulated evidence is refused without it; "
+                   "`veil attested serve` prints it at start)"),
     hazmat_allow_simulation: bool = typer.Option(False, "--hazmat-allow-simulation",
                                                  help="accept SIMULATED evidence (development only)"),
 ) -> None:
     """Verify a server's attestation and print what it proves."""
-    from veil.attested import Policy, connect
+    from veil.attested import Policy, UntrustedSignerError, connect
     from veil.attested.measure import local_code_measurement
 
     policy = Policy(code_measurement=measurement or local_code_measurement(),
@@ -89,6 +98,12 @@ def attest(
                 ev = conn.evidence
         for w in caught:
             err.print(f"[yellow]warning:[/yellow] {w.message}")
+    except UntrustedSignerError as e:
+        if e.signer is not None:  # the value to pin, from the (so far unverified) evidence
+            console.print(f"simulation signer: {e.signer}", soft_wrap=True)
+            err.print("[yellow]to trust it, check it against the key `veil attested serve` printed at start, then "
+                      f"pass --simulation-signer {e.signer}[/yellow]")
+        _fail(e)
     except VeilError as e:
         _fail(e)
     table = Table(title=f"attestation of {address}: verified")
@@ -96,9 +111,10 @@ def attest(
     table.add_column("value")
     table.add_row("platform", ev.report.platform + (" (SIMULATED)" if ev.simulated else ""))
     table.add_row("code measurement", ev.report.measurement)
+    if ev.simulated:
+        table.add_row("simulation signer (pinned)", ev.report.signer)
     table.add_row("TLS key (SPKI sha256)", ev.tls_spki_sha256)
-    for model_id, sha in sorted(ev.models.items()):
-        table.add_row(f"model {model_id}", sha)
+    table.add_row("models commitment (fresh, hides the model set)", ev.models_root)
     table.add_row("runtime", ", ".join(f"{k} {v}" for k, v in sorted(ev.claims["runtime"].items())))
     console.print(table)
 
