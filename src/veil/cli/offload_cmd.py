@@ -103,7 +103,8 @@ def _party(deployment: Path, name: str) -> None:
     dep.party(name)
     ch = connect_tls(dep, name, peers_of(dep, name))
     try:
-        run_party(dep, name, ch, console)
+        with ch.aborting():  # on any error the peers are told why and stop at once
+            run_party(dep, name, ch, console)
     finally:
         ch.close()
 
@@ -125,3 +126,106 @@ def accelerator(deployment: Path = typer.Option(..., "--deployment", "-d", help=
 def user(deployment: Path = typer.Option(..., "--deployment", "-d", help="deployment TOML file")) -> None:
     """Run the user party: send inputs to the enclave, print the predictions."""
     _party(deployment, "user")
+
+
+@app.command()
+def train(
+    model: str = typer.Argument(..., help="initial model: an .onnx file, A-D (SecureNN architecture, seeded random "
+                                          "initial weights) or deep-crossing"),
+    data: str = typer.Option("mnist-slice", help="mnist (images 0..7999 of the shared MNIST file), mnist-slice "
+                                                 "(shipped 256 images), clicks (synthetic), or an .npz with inputs and y"),
+    n: int = typer.Option(None, help="use only the first N training samples"),
+    optimizer: str = typer.Option("adam", help="sgd (with momentum) or adam"),
+    lr: float = typer.Option(1e-3, help="learning rate"),
+    momentum: float = typer.Option(0.9, help="SGD momentum"),
+    epochs: int = typer.Option(1, help="epochs"),
+    batch_size: int = typer.Option(64, help="batch size"),
+    seed: int = typer.Option(0, help="seed of the initial weights (A-D, deep-crossing) and of the data order"),
+    max_steps: int = typer.Option(None, help="stop after this many steps"),
+    out: Path = typer.Option(Path("trained.onnx"), help="where to write the trained model (ONNX)"),
+    backend: str = typer.Option("auto", help="accelerator backend: auto, numpy, torch, torch-cpu, torch-cuda"),
+    checkpoint_every: int = typer.Option(0, help="seal a checkpoint every K steps (0: never)"),
+    resume: bool = typer.Option(False, help="resume from the sealed checkpoint in --workdir"),
+    workdir: Path = typer.Option(None, help="keep deployment, keys, logs and checkpoint here (default: a temp dir)"),
+    deployment: Path = typer.Option(None, "--deployment", "-d",
+                                    help="play the data owner of this running deployment instead of starting parties"),
+    hazmat_simulate: bool = typer.Option(False, "--hazmat-simulate",
+                                         help="accept a SIMULATED enclave (no SGX here; no hardware protection)"),
+) -> None:
+    """Train MODEL privately: a (simulated) enclave plus three untrusted accelerators as processes over mutual TLS."""
+    import tempfile
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from veil.errors import SimulationNotAllowedError
+
+    opts: dict = {"model": str(Path(model).resolve()) if Path(model).is_file() else model,
+                  "data": str(Path(data).resolve()) if Path(data).is_file() else data,
+                  "optimizer": optimizer, "lr": lr, "momentum": momentum, "epochs": epochs, "batch_size": batch_size,
+                  "seed": seed, "backend": backend, "hazmat_simulate": hazmat_simulate, "output": "trained.onnx"}
+    if n is not None:
+        opts["n"] = n
+    if max_steps is not None:
+        opts["max_steps"] = max_steps
+    if checkpoint_every or resume:
+        opts.update({"checkpoint": "train.ckpt", "checkpoint_every": checkpoint_every, "resume": resume,
+                     "sealing_key": "sealing.key"})
+    if not hazmat_simulate and deployment is None:
+        raise SimulationNotAllowedError("offload training: no SGX enclave is available here and the simulated enclave "
+                                        "gives no hardware protection; pass --hazmat-simulate to run it anyway")
+    console.print("[bold yellow]warning:[/] the enclave is SIMULATED (software only, no SGX); three accelerators "
+                  "(two share holders, one triple helper) must not collude pairwise")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("training", total=None, info="starting parties")
+
+        def on_progress(m: dict) -> None:
+            bar.update(task, completed=m["step"], total=m["total"],
+                       info=f"epoch {m['epoch']} loss {m['loss']:.4f} {m['samples_per_s']:.1f} samples/s")
+
+        t0 = time.perf_counter()
+        if deployment is not None:
+            from veil.net import connect_tls, load_deployment
+            from veil.offload.training.party import owner_request, run_owner
+
+            dep = load_deployment(deployment)
+            ch = connect_tls(dep, "owner", ["enclave"])
+            try:
+                res = run_owner(ch, owner_request({**dep.options, **opts}, base=dep.path.parent if dep.path else None),
+                                timeout=dep.timeout * 20, on_progress=on_progress)
+            finally:
+                ch.close()
+        else:
+            from veil.offload.training.launch import run_train_deployment
+
+            if workdir is None:
+                with tempfile.TemporaryDirectory(prefix="veil-offload-train-") as tmp:
+                    res = run_train_deployment(tmp, opts, on_progress=on_progress)
+            else:
+                res = run_train_deployment(workdir, opts, on_progress=on_progress)
+    out.write_bytes(res["onnx"])
+    wall = time.perf_counter() - t0
+    c = res["counters"]
+    t = Table(title=f"offload training: {model} on {data}")
+    t.add_column("figure")
+    t.add_column("value")
+    t.add_row("steps (this run / total)", f"{res['steps_this_run']} / {res['steps']}")
+    t.add_row("first / last loss", f"{res['history'][0]:.4f} / {res['history'][-1]:.4f}" if res["history"] else "-")
+    t.add_row("wall time (incl. process start)", f"{wall:.1f} s")
+    enclave_s = res["timing"]["enclave_s"] + c["enclave_s"]
+    t.add_row("enclave work / accelerator wait", f"{enclave_s:.2f} s / {c['wait_s']:.2f} s "
+              f"(enclave {enclave_s / max(res['wall_s'], 1e-9):.0%} of the training time)")
+    t.add_row("products (rounds), Freivalds checks", f"{int(c['products'])} ({int(c['rounds'])}), {int(c['freivalds_checks'])} "
+              f"(miss prob. {res['soundness_error_per_row']:.1e} per wrong row)")
+    t.add_row("bytes enclave -> / <- accelerators+owner", f"{res['bytes_sent']:,} / {res['bytes_recv']:,}")
+    if data == "mnist":
+        from veil.graph import load_model
+        from veil.offload.training.data import load_mnist
+        from veil.plain import run_plain
+
+        xh, yh = load_mnist("heldout")
+        pred = next(iter(run_plain(load_model(res["onnx"]), xh).values())).argmax(-1)
+        t.add_row("held-out accuracy (images 8000..9999)", f"{(pred == yh).mean():.2%}")
+    t.add_row("trained model", str(out))
+    console.print(t)

@@ -63,6 +63,10 @@ def load_offload_model(spec: str) -> Any:
 def run_party(dep: Deployment, name: str, channel: Channel, console: Any = None) -> Any:
     """Play party ``name`` of an offload deployment over ``channel`` (see module docstring); return a summary."""
     opts = dep.options
+    if opts.get("task") == "train":  # offload training (veil.offload.training.party)
+        from veil.offload.training.party import run_train_party
+
+        return run_train_party(dep, name, channel, console)
     say = console.print if console is not None else (lambda *a, **k: None)
     if name == "enclave":
         return _enclave(dep, channel, say)

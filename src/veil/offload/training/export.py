@@ -28,7 +28,8 @@ def graph_to_onnx(graph: Graph, params: dict[str, np.ndarray] | None = None, nam
     """``graph`` with ``params`` (``"node/W"``, ``"node/b"``; default: the graph's own) as an ONNX model."""
     params = params or {}
     probe = {s.name: np.zeros(s.concrete(1), dtype=s.dtype) for s in graph.inputs}
-    ranks = {k: v.ndim for k, v in run_plain(graph, probe, keep=True).items()} if graph.inputs else {}
+    shapes = {k: v.shape for k, v in run_plain(graph, probe, keep=True).items()} if graph.inputs else {}
+    ranks = {k: len(v) for k, v in shapes.items()}
     inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
 
@@ -87,7 +88,7 @@ def graph_to_onnx(graph: Graph, params: dict[str, np.ndarray] | None = None, nam
                                                      "mul_const", "softmax"], where="ONNX export of a trained model")
     in_infos = [helper.make_tensor_value_info(s.name, _DT.get(s.dtype, TensorProto.FLOAT),
                                          ["batch" if d is None else d for d in s.shape]) for s in graph.inputs]
-    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in graph.outputs]
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["batch", *shapes[o][1:]]) for o in graph.outputs]
     g = helper.make_graph(nodes, name or graph.name, in_infos, outs, inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="veil offload train")
     model.ir_version = 8
