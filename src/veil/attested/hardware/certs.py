@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import datetime as dt
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import SignatureAlgorithmOID
 
+from veil.attested.hardware.der import Tlv, read_one
 from veil.attested.hardware.errors import (
     CertificateChainError,
     CollateralError,
@@ -52,16 +54,37 @@ def load_certificate(data: bytes, what: str) -> x509.Certificate:
     """A DER or PEM certificate. AMD's VCEKs carry serial number 0, which ``cryptography`` loads with a
     deprecation warning (RFC 5280 wants a positive serial); that warning is expected and silenced here."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        _strict_warnings()
         try:
             if data.lstrip().startswith(b"-----BEGIN"):
                 cert = x509.load_pem_x509_certificate(data)
             else:
                 cert = x509.load_der_x509_certificate(data)
-        except ValueError as e:
-            raise CertificateChainError(f"{what} is not a valid X.509 certificate") from e
+        except Exception as e:  # noqa: BLE001 - ValueError, InvalidVersion, ...: all the same refusal
+            raise CertificateChainError(f"{what} is not a valid X.509 certificate ({type(e).__name__})") from None
         _parse_fully(cert, what)
     return cert
+
+
+def _strict_warnings() -> None:
+    """Inside ``catch_warnings``: a malformed field that ``cryptography`` only warns about is an error, except
+    the deprecation warning for serial number 0 that AMD's VCEKs carry."""
+    warnings.simplefilter("error", UserWarning)
+    warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+
+
+def _check_outer_der(der: bytes, tbs_alg_index: Callable[[list[Tlv]], int], what: str) -> None:
+    """RFC 5280 strictness ``cryptography`` leaves out: the outer signature algorithm equals the signed
+    one, and the signature BIT STRING has no unused bits (else bytes outside the signature could change)."""
+    outer = read_one(der).children()
+    if len(outer) != 3:
+        raise ValueError("not SEQUENCE {tbs, algorithm, signature}")
+    tbs_parts = outer[0].children()
+    inner_alg = tbs_parts[tbs_alg_index(tbs_parts)]
+    if (inner_alg.tag, inner_alg.value) != (outer[1].tag, outer[1].value):
+        raise ValueError(f"{what}: outer signature algorithm differs from the signed one")
+    if outer[2].tag != 0x03 or not outer[2].value or outer[2].value[0] != 0:
+        raise ValueError(f"{what}: signature BIT STRING is malformed")
 
 
 def _parse_fully(cert: x509.Certificate, what: str) -> None:
@@ -75,6 +98,9 @@ def _parse_fully(cert: x509.Certificate, what: str) -> None:
         cert.public_key()
         _ = (cert.signature_algorithm_oid, cert.tbs_certificate_bytes, cert.signature,
              cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number)
+        # tbsCertificate: [0] version (optional), serial, signature algorithm
+        _check_outer_der(cert.public_bytes(serialization.Encoding.DER),
+                         lambda parts: 2 if parts[0].tag == 0xA0 else 1, what)
     except Exception as e:  # noqa: BLE001 - any parse failure of untrusted bytes is the same refusal
         raise CertificateChainError(f"{what} is malformed ({type(e).__name__})") from None
 
@@ -84,11 +110,11 @@ def load_pem_chain(data: bytes, what: str, *, canonical: bool = False) -> list[x
     PEM of those certificates (64-column base64, LF), so that no byte of it can change unnoticed."""
     text = data.rstrip(b"\0")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        _strict_warnings()
         try:
             certs = x509.load_pem_x509_certificates(text)
-        except ValueError as e:
-            raise CertificateChainError(f"{what} is not a valid PEM certificate chain") from e
+        except Exception as e:  # noqa: BLE001 - ValueError, InvalidVersion, ...: all the same refusal
+            raise CertificateChainError(f"{what} is not a valid PEM certificate chain ({type(e).__name__})") from None
         for i, cert in enumerate(certs):
             _parse_fully(cert, f"{what}, certificate {i}")
     if canonical and b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs) != text:
@@ -168,15 +194,20 @@ def verify_chain(chain: list[tuple[x509.Certificate, str]], root: x509.Certifica
 
 def load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
     try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            crl = x509.load_pem_x509_crl(data)
-        else:
-            crl = x509.load_der_x509_crl(data)
-        crl.issuer.rfc4514_string()
-        _ = (crl.signature_algorithm_oid, crl.tbs_certlist_bytes, crl.signature, crl.last_update_utc,
-             crl.next_update_utc, [r.serial_number for r in crl])
-        for ext in crl.extensions:
-            _ = ext.value
+        with warnings.catch_warnings():
+            _strict_warnings()
+            if data.lstrip().startswith(b"-----BEGIN"):
+                crl = x509.load_pem_x509_crl(data)
+            else:
+                crl = x509.load_der_x509_crl(data)
+            crl.issuer.rfc4514_string()
+            _ = (crl.signature_algorithm_oid, crl.tbs_certlist_bytes, crl.signature, crl.last_update_utc,
+                 crl.next_update_utc, [r.serial_number for r in crl])
+            for ext in crl.extensions:
+                _ = ext.value
+            # tbsCertList: version (optional INTEGER), signature algorithm
+            _check_outer_der(crl.public_bytes(serialization.Encoding.DER),
+                             lambda parts: 1 if parts[0].tag == 0x02 else 0, what)
     except Exception as e:  # noqa: BLE001 - lazily parsed fields of untrusted bytes fail in many ways
         raise CollateralError(f"{what} is not a valid CRL ({type(e).__name__})") from None
     return crl
