@@ -30,8 +30,9 @@ class ServerProcess:
 
     def __init__(self, store: str | os.PathLike[str], *, port: int = 0, extra_args: tuple[str, ...] = (),
                  start_timeout: float = 60.0, env: dict[str, str] | None = None,
-                 state_dir: str | os.PathLike[str] | None = None):
+                 state_dir: str | os.PathLike[str] | None = None, cwd: str | os.PathLike[str] | None = None):
         self.store = Path(store)
+        self.cwd = cwd
         self.port = port
         self.extra_args = tuple(extra_args)
         self.start_timeout = start_timeout
@@ -63,7 +64,7 @@ class ServerProcess:
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
         with open(self._log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

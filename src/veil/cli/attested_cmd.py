@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from veil.errors import VeilError
 
@@ -21,7 +22,8 @@ err = Console(stderr=True)
 
 
 def _fail(e: VeilError) -> None:
-    err.print(f"[red]error:[/red] {type(e).__name__}: {e}")
+    # one line, never wrapped, and the message is not read as rich markup
+    err.print(Text.assemble(("error:", "red"), f" {type(e).__name__}: {e}"), soft_wrap=True)
     raise typer.Exit(2)
 
 
