@@ -11,7 +11,14 @@ import time
 import numpy as np
 import pytest
 
-from veil.errors import ChannelError, PeerAuthError, PeerDisconnectedError, PeerTimeoutError, ProtocolError
+from veil.errors import (
+    ChannelError,
+    PeerAbortedError,
+    PeerAuthError,
+    PeerDisconnectedError,
+    PeerTimeoutError,
+    ProtocolError,
+)
 from veil.net import MemoryNetwork, connect_tls, create_keys, run_local, write_deployment
 from veil.net.ports import free_ports
 from veil.net.wire import decode, encode
@@ -159,8 +166,79 @@ def test_tls_refuses_a_stranger(deployment, tmp_path):
         t.start()
     for t in ts:
         t.join(30)
-    assert isinstance(errs["a"], PeerTimeoutError) and "refused" in str(errs["a"])
+    assert isinstance(errs["a"], PeerAuthError) and "mutual-TLS handshake" in str(errs["a"])  # at once, not after 10 s
     assert isinstance(errs["b"], PeerAuthError | PeerDisconnectedError)
+
+
+def test_tls_stranger_stops_honest_parties_within_seconds(deployment, tmp_path):
+    """'b' holds a certificate from another CA. 'a' (listening for b) and 'c' (connecting to b) are
+    honest; both stop within a few seconds, not after their 20 s connect timeout, and say why."""
+    from veil.net.deployment import load_deployment
+
+    other = load_deployment(deployment.path)
+    other.keys_dir = tmp_path / "other"
+    create_keys(other)
+    errs, took = {}, {}
+
+    def run(name, dep):
+        t0 = time.monotonic()
+        try:
+            connect_tls(dep, name, connect_timeout=20)
+        except Exception as e:  # noqa: BLE001
+            errs[name] = e
+        took[name] = time.monotonic() - t0
+
+    ts = [threading.Thread(target=run, args=(n, other if n == "b" else deployment)) for n in "abc"]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(40)
+    assert set(errs) == {"a", "b", "c"}, errs
+    for n in "ac":
+        assert isinstance(errs[n], PeerAuthError | PeerAbortedError), errs[n]
+        assert took[n] < 8, took  # the refused handshake (or an honest peer's abort notice) ends the wait
+
+
+def test_abort_notice_names_the_party_at_fault():
+    """x dies; y notices and stops; z, which only talks to y, must blame x, not y."""
+
+    seen = {}
+
+    def y2(ch):
+        try:
+            ch.recv("x")
+        except ChannelError as e:
+            seen["y"] = e
+            raise
+
+    def z2(ch):
+        try:
+            ch.recv("y")
+        except ChannelError as e:
+            seen["z"] = e
+            raise
+
+    def x2(ch):
+        raise RuntimeError("boom")
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError):
+        run_local({"x": x2, "y": y2, "z": z2}, timeout=20)
+    assert time.monotonic() - t0 < 5
+    assert isinstance(seen["y"], PeerAbortedError) and seen["y"].peer == "x"
+    assert "internal error (RuntimeError)" in str(seen["y"]) and "boom" not in str(seen["y"])  # no raw messages
+    assert isinstance(seen["z"], PeerAbortedError) and seen["z"].peer == "x" and seen["z"].sender == "y"
+    assert "'x' failed or went away (reported by 'y'" in str(seen["z"])
+
+
+def test_abort_frames_are_not_messages():
+    from veil.net.wire import decode_abort, encode_abort, is_abort
+
+    f = encode_abort("why" * 1000, "server1")
+    assert is_abort(f) and not is_abort(encode({"op": "abort"}))
+    reason, culprit = decode_abort(f)
+    assert culprit == "server1" and len(reason) <= 600
+    assert decode_abort(b"X{not json") == ("a malformed abort notice", None)
 
 
 def test_tls_dead_peer_is_an_error_not_a_hang(deployment):

@@ -41,19 +41,72 @@ def test_missing_model_is_one_clear_line(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_keys_creates_ca_and_party_certs(tmp_path):
+def test_keys_gives_each_host_only_its_own_folder(tmp_path):
     from cryptography import x509
 
     dep = tmp_path / "dep.toml"
     dep.write_text('name = "t"\nmode = "mpc"\n[parties]\nalice = "127.0.0.1:7001"\nbob = "127.0.0.1:7002"\n')
     r = veil_cli("keys", "--deployment", str(dep))
     assert r.returncode == 0, r.stderr
-    ca = x509.load_pem_x509_certificate((tmp_path / "keys" / "ca.pem").read_bytes())
+    keys = tmp_path / "keys"
+    assert sorted(p.name for p in keys.iterdir()) == ["alice", "bob", "ca"]  # nothing loose in keys/
+    assert sorted(p.name for p in (keys / "ca").iterdir()) == ["ca.key", "ca.pem"]  # the CA key stays apart
+    ca = x509.load_pem_x509_certificate((keys / "ca" / "ca.pem").read_bytes())
     for name in ("alice", "bob"):
-        cert = x509.load_pem_x509_certificate((tmp_path / "keys" / f"{name}.pem").read_bytes())
+        folder = keys / name
+        assert sorted(p.name for p in folder.iterdir()) == sorted(["ca.pem", f"{name}.key", f"{name}.pem"])
+        assert (folder / "ca.pem").read_bytes() == (keys / "ca" / "ca.pem").read_bytes()
+        cert = x509.load_pem_x509_certificate((folder / f"{name}.pem").read_bytes())
         assert cert.issuer == ca.subject
         assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == [name]
-        assert (tmp_path / "keys" / f"{name}.key").stat().st_mode & 0o077 == 0  # private key not readable by others
+        assert (folder / f"{name}.key").stat().st_mode & 0o077 == 0  # private key not readable by others
+    assert sorted(str(p.relative_to(keys)) for p in keys.rglob("*.key")) == ["alice/alice.key", "bob/bob.key", "ca/ca.key"]
+
+
+def test_a_host_with_only_its_folder_connects(tmp_path):
+    """Two 'hosts' (directories) that each received only their party's folder talk over mutual TLS."""
+    import shutil
+    import threading
+
+    from veil.net import connect_tls, create_keys, load_deployment, write_deployment
+    from veil.net.ports import free_ports
+
+    ports = free_ports(2)
+    (tmp_path / "op").mkdir()
+    operator = write_deployment(tmp_path / "op" / "dep.toml", "t", "test",
+                                {"alice": f"127.0.0.1:{ports[0]}", "bob": f"127.0.0.1:{ports[1]}"})
+    create_keys(operator)
+    hosts = {}
+    for name in ("alice", "bob"):
+        host = tmp_path / f"host-{name}"
+        shutil.copytree(tmp_path / "op" / "keys" / name, host / "keys" / name)
+        shutil.copy(operator.path, host / "dep.toml")
+        hosts[name] = load_deployment(host / "dep.toml")
+        assert not list((host / "keys").rglob("ca.key"))
+    got = {}
+
+    def run(name, peer):
+        ch = connect_tls(hosts[name], name, connect_timeout=20)
+        try:
+            ch.send(peer, name)
+            got[name] = ch.recv(peer)
+        finally:
+            ch.close()
+
+    ts = [threading.Thread(target=run, args=("alice", "bob")), threading.Thread(target=run, args=("bob", "alice"))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(40)
+    assert got == {"alice": "bob", "bob": "alice"}
+
+
+def test_missing_key_folder_is_one_clear_line(tmp_path):
+    dep = tmp_path / "dep.toml"
+    dep.write_text('name = "t"\nmode = "mpc"\n[parties]\nowner = "127.0.0.1:7001"\nuser = "127.0.0.1:7002"\n'
+                   'server0 = "127.0.0.1:7003"\nserver1 = "127.0.0.1:7004"\ndealer = "127.0.0.1:7005"\n')
+    r = veil_cli("party", "-d", str(dep), "--as", "server0")
+    assert r.returncode == 2 and "key files not found" in r.stderr and "server0" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_deployment_file(tmp_path):

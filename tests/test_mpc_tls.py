@@ -34,7 +34,7 @@ def test_wrong_certificate_stops_every_party(tmp_path):
         key, cert = create_ca(rogue, "rogue")
         issue_party_cert(rogue, "server1", key, cert)
         for suffix in (".pem", ".key"):
-            shutil.copy(rogue / f"server1{suffix}", keys_dir / f"server1{suffix}")
+            shutil.copy(rogue / f"server1{suffix}", keys_dir / "server1" / f"server1{suffix}")
 
     work = tmp_path / "run"
     work.mkdir()

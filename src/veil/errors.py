@@ -25,6 +25,7 @@ __all__ = [
     "PeerTimeoutError",
     "PeerDisconnectedError",
     "PeerAuthError",
+    "PeerAbortedError",
     "ProtocolError",
     "MaterialExhaustedError",
     "IntegrityError",
@@ -89,7 +90,11 @@ class DeploymentError(VeilError):
 
 
 class ChannelError(VeilError):
-    """Communication with a peer party failed."""
+    """Communication with a peer party failed. ``peer`` names the party that went away, when known."""
+
+    def __init__(self, message: str = "", *, peer: str | None = None):
+        super().__init__(message)
+        self.peer = peer
 
 
 class PeerTimeoutError(ChannelError):
@@ -102,6 +107,21 @@ class PeerDisconnectedError(ChannelError):
 
 class PeerAuthError(ChannelError):
     """A peer could not prove it is the party it claims to be (mutual TLS refused)."""
+
+
+class PeerAbortedError(ChannelError):
+    """A peer stopped the session and said why (its own error, or a third party that died).
+
+    ``sender`` is the peer that sent the notice; ``peer`` the party it blames (the one that died or
+    was refused), which may be a third party; ``reason`` the sender's own error message."""
+
+    def __init__(self, me: str, sender: str, reason: str, culprit: str | None = None):
+        self.sender, self.reason = sender, reason
+        if culprit and culprit != sender:
+            msg = f"party {me!r}: {culprit!r} failed or went away (reported by {sender!r}: {reason})"
+        else:
+            msg = f"party {me!r}: {sender!r} stopped the session: {reason}"
+        super().__init__(msg, peer=culprit or sender)
 
 
 # --- protocols ----------------------------------------------------------------------------------
@@ -121,3 +141,4 @@ class IntegrityError(ProtocolError):
 
 class SimulationNotAllowedError(VeilError):
     """A simulated enclave or attestation was met without the explicit hazmat opt-in."""
+

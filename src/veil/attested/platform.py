@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from veil.attested.errors import PlatformNotAllowedError, UnsealError
+from veil.simulation import SimulationWarning as _SimulationWarning
 
 __all__ = [
     "SimulationWarning",
@@ -36,8 +37,7 @@ __all__ = [
 ]
 
 
-class SimulationWarning(UserWarning):
-    """Emitted whenever a simulated enclave produces or a client accepts simulated evidence."""
+SimulationWarning = _SimulationWarning  # one class for every mode (veil.simulation)
 
 
 @dataclass(frozen=True)

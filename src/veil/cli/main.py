@@ -65,12 +65,14 @@ def keys(
     deployment: Path = typer.Option(..., "--deployment", "-d", help="deployment TOML file"),
     out: Path = typer.Option(None, help="key directory (default: the deployment's `keys`)"),
 ) -> None:
-    """Create a deployment CA and one key and certificate per party."""
+    """Create a deployment CA and one key and certificate per party, one folder per party."""
     from veil.net import create_keys, load_deployment
 
     dep = load_deployment(deployment)
     d = create_keys(dep, out)
-    console.print(f"wrote CA and {len(dep.parties)} party certificates to {d} (private keys mode 0600)")
+    console.print(f"wrote the CA to {d / 'ca'} (keep ca.key on this machine only) and one folder per party "
+                  f"({', '.join(str(d / p) for p in dep.parties)}): copy each folder to that party's host only "
+                  "(private keys mode 0600)")
 
 
 @app.command()
@@ -92,7 +94,8 @@ def party(
     peers = mod.peers_of(dep, name) if hasattr(mod, "peers_of") else None
     channel = connect_tls(dep, name, peers)
     try:
-        mod.run_party(dep, name, channel, console)
+        with channel.aborting():  # on any error the peers are told why and stop at once
+            mod.run_party(dep, name, channel, console)
     finally:
         channel.close()
 

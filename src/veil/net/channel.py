@@ -11,17 +11,36 @@ latency a protocol pays: one network delay per round.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from veil.errors import ChannelError
-from veil.net.wire import decode, encode
+from veil.errors import ChannelError, PeerAbortedError, VeilError
+from veil.net.wire import decode, decode_abort, encode, encode_abort, is_abort
 
-__all__ = ["Channel", "Stats"]
+__all__ = ["Channel", "Stats", "abort_reason"]
+
+
+def abort_reason(error: BaseException | str) -> tuple[str, str | None]:
+    """(reason, culprit) to tell peers when a party stops because of ``error``.
+
+    A veil error's message is sent (veil's messages never hold secret values); any other exception
+    only by its type. The culprit is the party a channel error blames (a dead or refused peer, or
+    the party an abort notice blamed), so that the blame reaches every survivor unchanged."""
+    if isinstance(error, str):
+        return error, None
+    culprit = error.peer if isinstance(error, ChannelError) else None
+    if isinstance(error, PeerAbortedError):
+        return error.reason, culprit
+    if isinstance(error, VeilError):
+        return f"{type(error).__name__}: {error}", culprit
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted", None
+    return f"internal error ({type(error).__name__})", None
 
 
 @dataclass
@@ -82,6 +101,9 @@ class Channel(ABC):
         :class:`PeerDisconnectedError` at once if the peer is gone."""
         self._check_peer(peer)
         data = self._recv_bytes(peer, self.timeout if timeout is None else timeout)
+        if is_abort(data):
+            reason, culprit = decode_abort(data)
+            raise PeerAbortedError(self.me, peer, reason, culprit)
         with self._lock:
             self._last_was_recv = True
             self.stats.bytes_recv += len(data)
@@ -92,6 +114,24 @@ class Channel(ABC):
         """Send ``msg`` to ``peer`` and receive its message (both sides call this): one round."""
         self.send(peer, msg)
         return self.recv(peer, timeout)
+
+    def abort(self, error: BaseException | str) -> None:
+        """Tell every peer that this party stops and why (best effort, never raises): their pending
+        and next receives from this party raise :class:`PeerAbortedError` naming the party at fault."""
+        frame = encode_abort(*abort_reason(error))
+        for p in self.peers:
+            with contextlib.suppress(Exception):
+                self._send_bytes(p, frame)
+
+    @contextlib.contextmanager
+    def aborting(self) -> Iterator[Channel]:
+        """``with channel.aborting(): run(channel)``: any error inside is sent to the peers
+        (:meth:`abort`) before it propagates."""
+        try:
+            yield self
+        except BaseException as e:
+            self.abort(e)
+            raise
 
     def __enter__(self) -> Channel:
         return self

@@ -3,6 +3,15 @@
 Certificates carry the party name as common name and as a DNS subject-alternative name, so TLS
 hostname checking proves a peer *is* the named party. Keys are ECDSA P-256. Private keys are
 written with mode 0600 and never printed.
+
+Layout: each host gets only what it needs, one folder per party, and the CA's key stays apart::
+
+    keys/ca/ca.key, keys/ca/ca.pem                  the operator keeps these; ca.key goes to no host
+    keys/<party>/ca.pem, <party>.pem, <party>.key   copy this folder (only) to <party>'s host
+
+A party finds its files in ``keys/<party>/``, or directly in the deployment's key directory when
+that directory *is* its folder (a host that received only its own folder). The flat layout of
+earlier versions (every file in ``keys/``) is still read.
 """
 
 from __future__ import annotations
@@ -19,7 +28,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from veil.errors import DeploymentError
 from veil.net.deployment import Deployment
 
-__all__ = ["create_keys", "create_ca", "issue_party_cert", "key_paths"]
+__all__ = ["create_keys", "create_ca", "issue_party_cert", "key_paths", "CA_DIR"]
+
+CA_DIR = "ca"
+"""Sub-folder of the key directory that holds the CA key and certificate (kept by the operator)."""
 
 _VALIDITY = dt.timedelta(days=365)
 
@@ -71,20 +83,30 @@ def issue_party_cert(out_dir: Path, party: str, ca_key: ec.EllipticCurvePrivateK
 def create_keys(deployment: Deployment, out_dir: str | Path | None = None) -> Path:
     """Create the CA and every party's key and certificate; return the key directory.
 
-    In a real deployment each party would generate its own key and get it signed; here the
-    operator's machine makes them all and hands each party its own two files plus ``ca.pem``.
+    ``<dir>/ca/`` holds the CA key and certificate; ``<dir>/<party>/`` holds exactly what that
+    party's host needs: its key, its certificate and the CA certificate. (In a real deployment
+    each party would generate its own key and get it signed; here the operator's machine makes
+    them all and hands each host its own folder.)
     """
     d = Path(out_dir) if out_dir is not None else deployment.keys_dir
-    ca_key, ca_cert = create_ca(d, deployment.name)
+    if CA_DIR in deployment.parties:
+        raise DeploymentError(f"a party may not be named {CA_DIR!r}: that folder holds the deployment CA")
+    ca_key, ca_cert = create_ca(d / CA_DIR, deployment.name)
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     for name in deployment.parties:
-        issue_party_cert(d, name, ca_key, ca_cert)
+        folder = d / name
+        folder.mkdir(parents=True, exist_ok=True)
+        issue_party_cert(folder, name, ca_key, ca_cert)
+        (folder / "ca.pem").write_bytes(ca_pem)
     return d
 
 
 def key_paths(keys_dir: Path, party: str) -> tuple[Path, Path, Path]:
-    """(ca.pem, party.pem, party.key), checked to exist."""
-    paths = (keys_dir / "ca.pem", keys_dir / f"{party}.pem", keys_dir / f"{party}.key")
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise DeploymentError(f"missing key files {missing}; create them with `veil keys --deployment FILE`")
-    return paths
+    """(ca.pem, party.pem, party.key) of ``party``, checked to exist (see the module docstring)."""
+    for folder in (keys_dir / party, keys_dir):
+        paths = (folder / "ca.pem", folder / f"{party}.pem", folder / f"{party}.key")
+        if all(p.is_file() for p in paths):
+            return paths
+    raise DeploymentError(f"party {party!r}: key files not found: expected {keys_dir / party}/ with ca.pem, "
+                          f"{party}.pem and {party}.key (or those three in {keys_dir}/); create them with "
+                          "`veil keys --deployment FILE` and copy the party's folder to its host")

@@ -1,8 +1,9 @@
 """Run the parties of a protocol as threads in one process, each with its own channel.
 
 The party context (its channel) is passed in, never global (SPU's ``simulate`` habit). When a
-party fails, its channel is closed so every other party fails fast with PeerDisconnectedError
-instead of waiting for a timeout; the first root error is re-raised.
+party fails, it tells its peers why (an abort notice) and its channel is closed, so every other
+party fails fast (PeerAbortedError naming the party at fault) instead of waiting for a timeout;
+the first root error is re-raised.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def run_local(parties: Mapping[str, Callable[[Channel], Any]], timeout: float = 
             results[name] = parties[name](chans[name])
         except BaseException as e:  # noqa: BLE001 - reported below
             errors[name] = e
+            chans[name].abort(e)  # the others stop at once and learn whom to blame
             chans[name].close()
 
     threads = [threading.Thread(target=body, args=(n,), name=f"veil-{n}", daemon=True) for n in parties]

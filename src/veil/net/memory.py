@@ -54,17 +54,17 @@ class MemoryChannel(Channel):
         if self.me in self._net._closed:
             raise ChannelError(f"party {self.me!r}: channel is closed")
         if peer in self._net._closed:
-            raise PeerDisconnectedError(f"party {self.me!r}: peer {peer!r} has closed its channel")
+            raise PeerDisconnectedError(f"party {self.me!r}: peer {peer!r} has closed its channel", peer=peer)
         self._net._queues[(self.me, peer)].put(data)
 
     def _recv_bytes(self, peer: str, timeout: float) -> bytes:
         try:
             item = self._net._queues[(peer, self.me)].get(timeout=timeout)
         except queue.Empty:
-            raise PeerTimeoutError(f"party {self.me!r}: no message from {peer!r} within {timeout:g} s") from None
+            raise PeerTimeoutError(f"party {self.me!r}: no message from {peer!r} within {timeout:g} s", peer=peer) from None
         if item is _CLOSED:
             self._net._queues[(peer, self.me)].put(_CLOSED)  # stay closed for later receives
-            raise PeerDisconnectedError(f"party {self.me!r}: peer {peer!r} closed its channel or failed")
+            raise PeerDisconnectedError(f"party {self.me!r}: peer {peer!r} closed its channel or failed", peer=peer)
         assert isinstance(item, bytes)
         return item
 

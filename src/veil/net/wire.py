@@ -3,6 +3,10 @@
 A message is one of: ``np.ndarray``, ``bytes``, ``None``/``bool``/``int``/``float``/``str``, or a
 list/tuple/dict (string keys) of messages. Arrays travel as raw buffers with a small header, so a
 large array costs its ``nbytes`` plus a few dozen bytes. Decoding never executes code.
+
+An *abort notice* (:func:`encode_abort`) is a frame of its own, outside the message grammar: a
+party that stops sends it to its peers so that they stop at once and name the party at fault
+(:class:`~veil.errors.PeerAbortedError`) instead of blaming the messenger.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ import numpy as np
 
 from veil.errors import ProtocolError
 
-__all__ = ["encode", "decode"]
+__all__ = ["encode", "decode", "encode_abort", "decode_abort", "is_abort", "ABORT_TAG"]
+
+ABORT_TAG = b"X"
+_MAX_REASON = 600
 
 _ALLOWED_DTYPES = {"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
                    "float16", "float32", "float64"}
@@ -105,3 +112,22 @@ def decode(data: bytes) -> Any:
     if end != len(data):
         raise ProtocolError("malformed message (trailing bytes)")
     return obj
+
+
+def encode_abort(reason: str, culprit: str | None = None) -> bytes:
+    """An abort notice: why the sender stops and, when it is a third party's fault, whom to blame."""
+    return ABORT_TAG + json.dumps({"reason": str(reason)[:_MAX_REASON], "culprit": culprit}).encode()
+
+
+def is_abort(data: bytes) -> bool:
+    return data[:1] == ABORT_TAG
+
+
+def decode_abort(data: bytes) -> tuple[str, str | None]:
+    """(reason, culprit) of an abort notice; a malformed one still reads as an abort."""
+    try:
+        obj = json.loads(bytes(data[1:]))
+        culprit = obj.get("culprit")
+        return str(obj.get("reason", "no reason given"))[:_MAX_REASON], (str(culprit) if culprit else None)
+    except (ValueError, AttributeError):
+        return "a malformed abort notice", None

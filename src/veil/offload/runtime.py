@@ -26,14 +26,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from veil.errors import SimulationNotAllowedError
 from veil.offload.errors import SealError
+from veil.simulation import SimulationWarning
 
 __all__ = ["EnclaveRuntime", "SimulatedEnclaveRuntime", "SimulatedEnclaveWarning"]
 
 _KEY_FILE_HEADER = b"VEIL-SIMULATED-ENCLAVE-SEALING-KEY (no hardware protection)\n"
 
 
-class SimulatedEnclaveWarning(UserWarning):
-    """Emitted whenever a simulated (software-only) enclave runtime is created."""
+SimulatedEnclaveWarning = SimulationWarning  # the old name; one class for every mode (veil.simulation)
 
 
 class EnclaveRuntime:
