@@ -11,12 +11,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from veil.cli.attested_verify_cmd import verify as _verify_evidence_file
 from veil.errors import VeilError
 
 __all__ = ["app"]
 
 app = typer.Typer(help="Attested mode: confidential ONNX inference server and verifying client.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app.command(name="verify")(_verify_evidence_file)
 console = Console()
 err = Console(stderr=True)
 
