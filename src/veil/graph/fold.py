@@ -1,7 +1,7 @@
 """Constant folding at import: static shapes and ONNX nodes whose inputs are all constants.
 
-Shapes come from ONNX shape inference with every symbolic input dim (the batch) replaced by
-:data:`SYMBOLIC`, a sentinel value. ``Shape`` of an activation then becomes a constant holding the
+The importer tracks every tensor's shape (:mod:`veil.graph.shapes`) with each symbolic input dim
+(the batch) replaced by :data:`SYMBOLIC`, a sentinel value. ``Shape`` of an activation then becomes a constant holding the
 sentinel where the batch goes, and the usual ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``
 chains (``x.view(x.size(0), -1)``, Hugging Face exports) fold into constants that the importer
 turns into a reshape with ``0`` (copy the batch dim) or ``-1``. Nodes whose inputs are all constants
@@ -18,40 +18,13 @@ from onnx import numpy_helper
 
 from veil.errors import ModelError
 
-__all__ = ["SYMBOLIC", "static_shapes", "fold_node", "has_symbolic"]
+__all__ = ["SYMBOLIC", "fold_node", "has_symbolic"]
 
 #: stands for a symbolic dim (the batch) while shapes are folded; a prime nobody uses as a size.
 SYMBOLIC = 999_983
 
 # ops that create tensors whose size comes from their inputs' values: refused if that value is symbolic
 _SIZE_FROM_VALUE = {"ConstantOfShape", "Expand", "Range", "Tile", "Resize", "Pad"}
-
-
-def static_shapes(proto: onnx.ModelProto, consts: set[str]) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape that ONNX shape inference can derive, symbolic dims as :data:`SYMBOLIC`."""
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
-    del m.graph.value_info[:]
-    for vi in m.graph.input:
-        if vi.name in consts:
-            continue
-        for d in vi.type.tensor_type.shape.dim:
-            if not d.HasField("dim_value"):
-                d.Clear()
-                d.dim_value = SYMBOLIC
-    try:
-        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:  # inference is a help, not a requirement: shapes stay unknown
-        return {}
-    out: dict[str, tuple[int, ...]] = {}
-    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            continue
-        dims = tt.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            out[vi.name] = tuple(int(d.dim_value) for d in dims)
-    return out
 
 
 def has_symbolic(a: np.ndarray) -> bool:

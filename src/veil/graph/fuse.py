@@ -33,12 +33,13 @@ _ELEMENTWISE = {"mul_const", "add_const", "erf", "tanh", "sigmoid", "mul", "add"
 _MAX_REGION = 48
 
 
-def fuse_patterns(graph: Graph) -> Graph:
-    """Apply every recogniser (see the module docstring); returns a new graph."""
+def fuse_patterns(graph: Graph, shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
+    """Apply every recogniser (see the module docstring); returns a new graph. ``shapes`` (tensor ->
+    shape, as the importer knows them) saves tracing the graph to find the normalised axis."""
     g = Graph(list(graph.nodes), list(graph.inputs), list(graph.outputs), graph.name, dict(graph.meta))
     _fuse_rsqrt(g)
     _fuse_regions(g, unary=True)
-    _fuse_regions(g, unary=False)
+    _fuse_regions(g, unary=False, shapes=shapes)
     _fuse_softmax_mask(g)
     _prune(g)
     return g
@@ -143,15 +144,15 @@ def _rms(x: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
 
 
-def _fuse_regions(g: Graph, unary: bool) -> None:
-    shapes: dict[str, tuple[int, ...]] = {}
-    if not unary:
+def _fuse_regions(g: Graph, unary: bool, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    if shapes is None and not unary:
         from veil.plain.executor import trace_shapes
 
         try:
             shapes = trace_shapes(g, 1)
         except Exception:  # a graph the plain executor cannot trace is left as it is
             return
+    shapes = shapes or {}
     changed = True
     while changed:
         changed = False

@@ -24,9 +24,10 @@ import onnx
 from onnx import numpy_helper
 
 from veil.errors import ModelError, ModelFormatError, UnsupportedOpError
-from veil.graph.fold import SYMBOLIC, fold_node, static_shapes
+from veil.graph.fold import SYMBOLIC, fold_node
 from veil.graph.fuse import fuse_patterns
 from veil.graph.ir import Graph, Node, TensorSpec
+from veil.graph.shapes import node_shape
 
 __all__ = ["from_onnx", "SUPPORTED_ONNX_OPS"]
 
@@ -51,6 +52,8 @@ class _Ctx:
         for cand in (t, self.name(t)):
             if cand in self.shapes:
                 return self.shapes[cand]
+            if cand in self.consts:
+                return tuple(self.consts[cand].shape)
         raise _unsupported(node, f"the shape of {t!r} is not static; export with static shapes (except the batch)")
 
     def rank(self, t: str, node: onnx.NodeProto) -> int:
@@ -66,6 +69,12 @@ class _Ctx:
 
     def emit(self, node: Node) -> None:
         self.nodes.append(node)
+        ins = [self.consts[i].shape if i in self.consts else self.shapes.get(i) for i in node.inputs]
+        if all(s is not None for s in ins):
+            try:
+                self.shapes[node.output] = node_shape(node, ins)  # type: ignore[arg-type]
+            except (KeyError, IndexError, ValueError, TypeError):
+                pass  # unknown here; a converter that needs it says so
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -645,10 +654,7 @@ def from_onnx(model: str | Path | bytes | onnx.ModelProto, name: str | None = No
         tt = vi.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
         inputs.append(TensorSpec(vi.name, dims, _ONNX_DTYPES.get(tt.elem_type, f"onnx-type-{tt.elem_type}")))
-    if bound:
-        proto = _bind_inputs(proto, bound)
-        g = proto.graph
-    ctx.shapes = static_shapes(proto, set(ctx.consts))
+        ctx.shapes[vi.name] = tuple(SYMBOLIC if d is None else int(d) for d in dims)
     for node in g.node:
         if node.domain not in ("", "ai.onnx"):
             raise UnsupportedOpError(node.name or node.output[0], f"{node.domain}.{node.op_type}", SUPPORTED_ONNX_OPS)
@@ -670,17 +676,5 @@ def from_onnx(model: str | Path | bytes | onnx.ModelProto, name: str | None = No
     graph = Graph(ctx.nodes, inputs, outputs, name=name or g.name or "model")
     graph.meta["opset"] = ctx.opset
     if fuse:
-        graph = fuse_patterns(graph)
+        graph = fuse_patterns(graph, ctx.shapes)
     return graph
-
-
-def _bind_inputs(proto: onnx.ModelProto, bound: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``proto`` with the ``bound`` inputs turned into initializers (for shape inference)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
-    keep = [vi for vi in m.graph.input if vi.name not in bound]
-    del m.graph.input[:]
-    m.graph.input.extend(keep)
-    for k, v in bound.items():
-        m.graph.initializer.append(numpy_helper.from_array(np.asarray(v), k))
-    return m

@@ -1,0 +1,38 @@
+"""32 varied sentences (short, long, punctuation, numbers, non-English) for the MiniLM tests."""
+
+SENTENCES = [
+    "A man is playing a guitar.",
+    "The new movie is awesome!",
+    "hi",
+    "Confidential inference keeps the user's input private from the servers.",
+    "The quick brown fox jumps over the lazy dog near the river bank on a sunny afternoon in late June.",
+    "Where is the nearest train station?",
+    "I can't believe it's already 2026...",
+    "Paris is the capital of France.",
+    "Le chat dort sur le canapé.",
+    "Der Hund bellt laut im Garten.",
+    "El tiempo es oro.",
+    "3.14159 is an approximation of pi.",
+    "Please reset my password; I forgot it again :(",
+    "Stock prices fell sharply after the announcement.",
+    "The patient was prescribed 20 mg of the medication twice daily.",
+    "Secret sharing splits a value into random-looking pieces.",
+    "OK",
+    "What's the weather like tomorrow in Tokyo?",
+    "Neural networks approximate functions by composing simple layers.",
+    "She sells sea shells by the sea shore.",
+    "The committee will meet on Tuesday at 10 a.m. to discuss the budget.",
+    "Photosynthesis converts light energy into chemical energy.",
+    "My flight was delayed by three hours, which was frustrating.",
+    "A bowl of ramen costs about eight dollars here.",
+    "Transformers use attention to mix information across tokens.",
+    "Do not forget to water the plants!!!",
+    "The library closes early on public holidays.",
+    "E = mc^2",
+    "Two servers and a dealer run the protocol without learning the input.",
+    "Rain, rain, go away; come again another day.",
+    "The mitochondria is the powerhouse of the cell, as every biology student learns in school sooner or later, "
+    "usually before they learn about the endoplasmic reticulum, ribosomes, the Golgi apparatus and the many other "
+    "organelles that keep eukaryotic cells alive and functioning.",
+    "Good night.",
+]
