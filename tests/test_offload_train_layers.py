@@ -134,3 +134,27 @@ def test_secure_products_match_float_and_report_the_error():
         assert np.abs(got["grads"][k] - v).max() <= 2e-3 * np.abs(v).max() + 1e-9, k
     c = got["counters"]
     assert c["products"] == 9 and c["rounds"] == 6 and c["freivalds_checks"] == 27  # 3 layers x (1 + 2) products
+
+
+def test_field_products_are_exact_up_to_the_karatsuba_limit_and_beyond():
+    """Three-product (Karatsuba) and four-product paths against Python integers, incl. the worst case."""
+    from veil.offload.backend import NumpyBackend, TorchBackend
+    from veil.offload.field import P
+    from veil.offload.training.protocol import MAX_INNER_KARATSUBA, field_matmul
+
+    g = np.random.default_rng(8)
+    for k in (1, 33, 3000):
+        u, v = g.integers(0, P, (3, k)), g.integers(0, P, (k, 2))
+        ref = np.array([[sum(int(a) * int(b) for a, b in zip(u[i], v[:, j], strict=True)) % P for j in range(2)]
+                        for i in range(3)])
+        for be in (NumpyBackend(), TorchBackend("cpu")):
+            assert np.array_equal(field_matmul(be, u, v), ref), (k, be.name)
+    # beyond the limit: the four-product path (itself tested against Python integers in test_offload_field.py)
+    u, v = g.integers(0, P, (2, MAX_INNER_KARATSUBA + 5)), g.integers(0, P, (MAX_INNER_KARATSUBA + 5, 2))
+    from veil.offload.field import mul_full
+
+    nb = NumpyBackend()
+    assert np.array_equal(field_matmul(nb, u, v), mul_full(nb, u, *nb.prepare(np.ascontiguousarray(v.T), True), nb.matmul_t))
+    k = MAX_INNER_KARATSUBA - 1  # every limb and every partial sum at its maximum
+    worst = field_matmul(NumpyBackend(), np.full((2, k), P - 1), np.full((k, 2), P - 1))
+    assert (worst == ((P - 1) ** 2 * k) % P).all()

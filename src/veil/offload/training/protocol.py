@@ -54,11 +54,30 @@ _NP = NumpyBackend()
 SCALE_MIN, SCALE_MAX = -24, 40  #: range of the fractional bits fu, fv
 
 
+MAX_INNER_KARATSUBA = 2 ** (53 - 34)  #: exact limit of the three-product (Karatsuba) form (exclusive)
+
+
 def field_matmul(backend: Backend, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``u @ v mod p`` for field elements (int64 in [0, p)), exact (four 16-bit limb products)."""
-    if u.shape[1] >= MAX_INNER_FULL:
-        raise FieldRangeError(f"inner dimension {u.shape[1]} too large for exact field products (< {MAX_INNER_FULL})")
-    return backend.linear(u, backend.prepare(np.ascontiguousarray(v.T), True))
+    """``u @ v mod p`` for field elements (int64 in [0, p)), exact in float64.
+
+    With 16-bit limbs ``u = u1 2^16 + u0``, ``v = v1 2^16 + v0``, Karatsuba needs three float64
+    products: ``u1 v1``, ``u0 v0`` and ``(u1 + u0)(v1 + v0)`` (17-bit sums, so partial sums stay below
+    2^53 while the inner dimension is < 2^19); ``2^32 = 2 (mod p)``. Wider products fall back to the four
+    limb products of :func:`veil.offload.field.mul_full` (inner dimension < 2^21)."""
+    k = u.shape[1]
+    if k >= MAX_INNER_FULL:
+        raise FieldRangeError(f"inner dimension {k} too large for exact field products (< {MAX_INNER_FULL})")
+    if k >= MAX_INNER_KARATSUBA:
+        return backend.linear(u, backend.prepare(np.ascontiguousarray(v.T), True))
+    ut = backend.put(np.ascontiguousarray(u, dtype=np.int64))
+    vt = backend.put(np.ascontiguousarray(v.T, dtype=np.int64))
+    u1, u0 = ut >> 16, ut & 0xFFFF
+    v1, v0 = vt >> 16, vt & 0xFFFF
+    f, i = backend.f64, backend.i64
+    hh = i(backend.matmul_t(f(u1), f(v1)))
+    ll = i(backend.matmul_t(f(u0), f(v0)))
+    mid = i(backend.matmul_t(f(u1 + u0), f(v1 + v0))) - hh - ll
+    return backend.get((hh % P * 2 + mid % P * (1 << 16) + ll % P) % P)
 
 
 def field_matvec(m: np.ndarray, s: np.ndarray) -> np.ndarray:
