@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from veil.attested.errors import AttestationError, BadSignatureError, EvidenceFormatError, PolicyError
+from veil.errors import DeploymentError
 
 __all__ = [
     "EvidenceFormatError",
@@ -42,5 +43,5 @@ class ReportDataMismatchError(AttestationError):
     """The report's 64 bytes of report data are not the ones the caller expects (TLS key and nonce binding)."""
 
 
-class SealingUnavailableError(AttestationError):
-    """The platform offers no sealing key to this guest through the interfaces veil uses."""
+class SealingUnavailableError(DeploymentError):
+    """The server's platform offers no sealing key to this guest through the interfaces veil uses."""
