@@ -21,9 +21,16 @@ from veil.mpc.party import blas_single_thread
 from veil.mpc.report import Report, compare_with_plain
 from veil.mpc.roles import dealer_role, owner_role, server_role, user_role
 from veil.net.local import run_local
+from veil.options import check_batch_size, check_int, check_timeout
 from veil.plain.executor import run_plain
 
 __all__ = ["run", "run_session", "load"]
+
+
+def check_options(frac_bits: Any, batch_size: Any, timeout: Any) -> tuple[int, int | None, float]:
+    """The run options checked (one :class:`~veil.errors.OptionError` naming the bad one)."""
+    return (check_int(frac_bits, "frac_bits", 4, 28, why="a product carries 2f fractional bits in a 62-bit range"),
+            check_batch_size(batch_size), check_timeout(timeout))
 
 
 def load(model: Any, x: Any) -> Any:
@@ -38,6 +45,7 @@ def load(model: Any, x: Any) -> Any:
 def run_session(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None = None,
                 timeout: float = 60.0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the five roles as threads; return (results by party, channels by party)."""
+    frac_bits, batch_size, timeout = check_options(frac_bits, batch_size, timeout)
     graph = load(model, x)
     fp = FixedPoint(frac_bits)
     parties = {
@@ -53,7 +61,11 @@ def run_session(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None 
 
 def run(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None = None, compare: bool = True,
         timeout: float = 60.0) -> tuple[Any, Report]:
-    """Secure inference of ``model`` (ONNX path/bytes, torch module, or veil Graph) on ``x``."""
+    """Secure inference of ``model`` (ONNX path/bytes, torch module, or veil Graph) on ``x``.
+
+    ``batch_size``: samples per query (``None``: all at once); ``frac_bits``: 4..28. Bad values are
+    an :class:`~veil.errors.OptionError`. Returns ``(outputs, report)`` like every mode's ``run``."""
+    check_options(frac_bits, batch_size, timeout)
     graph = load(model, x)
     t0 = time.perf_counter()
     res, _ = run_session(graph, x, frac_bits, batch_size, timeout)

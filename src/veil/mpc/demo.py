@@ -1,4 +1,4 @@
-"""``veil demo``: a shipped network on the shipped held-out slice, with five local processes.
+"""``veil demo``: a shipped network on the shipped held-out images, with five local processes.
 
 :func:`run_local_deployment` writes a deployment (free loopback ports) and its keys into a temporary
 directory, starts ``veil party`` for owner, user, server0, server1 and dealer as separate
@@ -24,6 +24,7 @@ from veil.errors import VeilError
 from veil.mpc.party import report_path
 from veil.mpc.roles import PARTIES
 from veil.net.ports import free_ports
+from veil.options import check_batch_size
 
 __all__ = ["run_demo", "run_local_deployment"]
 
@@ -46,15 +47,17 @@ def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_s
     (party, seconds)`` (tests) kills that party's process mid-run; ``on_progress(text, done, total)``
     is called as keys are made and parties finish (for progress bars). Raises
     :class:`VeilError` naming the failing parties and their last error lines."""
+    from veil.mpc.api import check_options
     from veil.net import create_keys, write_deployment
 
+    frac_bits, batch_size, timeout = check_options(frac_bits, batch_size, timeout)
     wd = Path(workdir)
     np.save(wd / "inputs.npy", np.asarray(x))
     ports = free_ports(len(PARTIES))
     opts: dict[str, Any] = {"model": str(Path(model).resolve()), "inputs": "inputs.npy", "outputs": "outputs.npz",
                             "frac_bits": frac_bits}
-    if batch_size:
-        opts["batch_size"] = int(batch_size)
+    if batch_size is not None:
+        opts["batch_size"] = batch_size
     dep = write_deployment(wd / "deployment.toml", "veil-mpc-demo", "mpc",
                            {p: f"127.0.0.1:{port}" for p, port in zip(PARTIES, ports, strict=True)},
                            timeout=recv_timeout, options=opts)
@@ -107,8 +110,9 @@ def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_s
 
 def run_demo(model: str = "C", n: int = 64, console: Any = None, batch_size: int | None = None,
              timeout: float = 600.0) -> dict[str, Any]:
-    """Network ``model`` on ``n`` images of the shipped held-out slice: secure (5 processes, TLS)
-    next to plaintext; prints a table and returns the figures."""
+    """Network ``model`` on the first ``n`` of the 2000 shipped held-out images (MNIST test images
+    8000..9999; the networks were trained on 0..7999): secure (5 processes, TLS) next to
+    plaintext; prints a table and returns the figures. ``batch_size`` defaults to min(n, 256)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -120,19 +124,21 @@ def run_demo(model: str = "C", n: int = 64, console: Any = None, batch_size: int
     )
     from rich.table import Table
 
-    from veil.assets import load_slice, model_path
+    from veil.assets import HELDOUT, load_slice, model_path
     from veil.graph import load_model
     from veil.plain import run_plain
 
     console = console or Console()
     x, y = load_slice(n)
+    batch_size = check_batch_size(batch_size) or min(n, 256)
+    which = f"{n} held-out images (MNIST test 8000..{8000 + n - 1}" + (")" if n == HELDOUT else f", of the {HELDOUT})")
     path = model_path(model)
     graph = load_model(path)
     run_plain(graph, x[:1])  # warm-up
     t = time.perf_counter()
     plain = next(iter(run_plain(graph, x).values()))
     plain_s = time.perf_counter() - t
-    console.print(f"[bold]veil mpc demo[/]: network {model.upper()}, {len(y)} images from the held-out 2k slice, "
+    console.print(f"[bold]veil mpc demo[/]: network {model.upper()}, {which}, "
                   "5 processes (owner, user, server0, server1, dealer) over mutual TLS on loopback")
     with tempfile.TemporaryDirectory(prefix="veil-mpc-demo-") as tmp, Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -148,7 +154,7 @@ def run_demo(model: str = "C", n: int = 64, console: Any = None, batch_size: int
     acc_s, acc_p = float((sec.argmax(1) == y).mean()), float((plain.argmax(1) == y).mean())
     agree = float((sec.argmax(1) == plain.argmax(1)).mean())
     err = float(np.abs(sec - plain).max())
-    tab = Table(title=f"network {model.upper()}: secure (mpc) vs plaintext, {len(y)} images (held-out 2k slice)")
+    tab = Table(title=f"network {model.upper()}: secure (mpc) vs plaintext, {which}")
     for c in ("", "mpc (secure)", "plaintext"):
         tab.add_column(c)
     rows = [("accuracy", f"{acc_s:.2%}", f"{acc_p:.2%}"), ("agreement with plaintext", f"{agree:.2%}", "-"),

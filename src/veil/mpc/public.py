@@ -2,7 +2,8 @@
 
 The owner sends it to every party: the servers and the dealer need shapes and attributes, the
 user needs the input specification and the input range. Secret: ``W`` and ``b`` of ``linear`` and
-``conv2d`` (shared between the servers). Public: the graph structure, every shape, attributes, and
+``conv2d``, the ``table`` of ``embedding``, ``gamma``/``beta`` of ``layernorm`` and ``rmsnorm`` (shared
+between the servers). Public: the graph structure, every shape, attributes, and
 the constants of ``add_const`` / ``mul_const`` (treated as architecture, e.g. input normalisation).
 """
 
@@ -16,7 +17,8 @@ from veil.graph.ir import Graph, Node, TensorSpec
 
 __all__ = ["SECRET_PARAMS", "to_public", "from_public", "secret_params"]
 
-SECRET_PARAMS = {"linear": ("W", "b"), "conv2d": ("W", "b")}
+SECRET_PARAMS = {"linear": ("W", "b"), "conv2d": ("W", "b"), "embedding": ("table",), "layernorm": ("gamma", "beta"),
+                 "rmsnorm": ("gamma",)}
 
 
 def secret_params(graph: Graph) -> dict[str, np.ndarray]:

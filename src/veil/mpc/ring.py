@@ -20,7 +20,7 @@ import numpy as np
 
 from veil.plain import kernels as PK
 
-__all__ = ["Limbs", "matmul", "conv2d", "to_ring", "LIMB_BITS", "CHUNK"]
+__all__ = ["Limbs", "matmul", "bmatmul", "conv2d", "to_ring", "LIMB_BITS", "CHUNK"]
 
 LIMB_BITS = 22
 CHUNK = 1024
@@ -116,3 +116,26 @@ def conv2d(x: np.ndarray, w: np.ndarray | Limbs, strides: Sequence[int], pads: S
         for s in range(0, k, CHUNK):
             y += _matmul_chunk([b[:, s : s + CHUNK] for b in blocks], lw.cat[s : s + CHUNK], o)
     return np.ascontiguousarray(y.reshape(n, oh, ow, o).transpose(0, 3, 1, 2))
+
+
+def bmatmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Batched ``a @ b mod 2^64`` with numpy broadcasting of the leading dims (attention products):
+    ``a`` (..., m, k), ``b`` (..., k, n), both uint64. Same limb method as :func:`matmul`, with
+    ``np.matmul`` on float64 stacks."""
+    a, b = to_ring(a), to_ring(b)
+    if a.ndim == 2 and b.ndim == 2:
+        return matmul(a, b)
+    k = a.shape[-1]
+    if b.shape[-2] != k:
+        raise ValueError(f"matmul shapes {a.shape} and {b.shape} do not align")
+    out: np.ndarray | None = None
+    for s in range(0, k, CHUNK):
+        al = _split(a[..., s : s + CHUNK])
+        bl = _split(b[..., s : s + CHUNK, :])
+        s0 = np.matmul(al[0], bl[0]).astype(np.int64).view(np.uint64)
+        s1 = (np.matmul(al[0], bl[1]) + np.matmul(al[1], bl[0])).astype(np.int64).view(np.uint64)
+        s2 = (np.matmul(al[0], bl[2]) + np.matmul(al[1], bl[1]) + np.matmul(al[2], bl[0])).astype(np.int64).view(np.uint64)
+        part = s0 + (s1 << _S) + (s2 << np.uint64(2 * LIMB_BITS))
+        out = part if out is None else out + part
+    assert out is not None
+    return out

@@ -7,17 +7,28 @@ module), using the builder's shapes/scales and the kernels of :mod:`veil.mpc.ker
 
 from __future__ import annotations
 
-from veil.mpc.compilers.base import Builder, Compiler, Instr, ServerState, fixed_spec, refuse
+from veil.mpc.compilers.base import (
+           FIXED_OPS,
+           Builder,
+           Compiler,
+           Instr,
+           ServerState,
+           fixed_matrix,
+           fixed_spec,
+           refuse,
+)
 from veil.mpc.compilers.compare import compile_relu, compile_tournament
 from veil.mpc.compilers.elementwise import compile_add_const, compile_add_sub, compile_mul_const
+from veil.mpc.compilers.embedding import compile_embedding
 from veil.mpc.compilers.linear import DIRECT_INPUT, compile_linear
-from veil.mpc.compilers.output import compile_softmax_output
+from veil.mpc.compilers.nonlinear import PIECEWISE_OPS, compile_elementwise, compile_norm, compile_softmax
 from veil.mpc.compilers.pooling import compile_avgpool
 from veil.mpc.compilers.products import compile_matmul, compile_mul
 from veil.mpc.compilers.shape import compile_shape
+from veil.mpc.compilers.tensor import compile_concat, compile_reduce, compile_tensor_op
 
 __all__ = ["COMPILERS", "MPC_OPS", "Builder", "Compiler", "Instr", "ServerState", "fixed_spec", "refuse",
-           "DIRECT_INPUT"]
+           "DIRECT_INPUT", "FIXED_OPS", "fixed_matrix"]
 
 COMPILERS: dict[str, Compiler] = {
     "linear": compile_linear,
@@ -36,7 +47,21 @@ COMPILERS: dict[str, Compiler] = {
     "mul_const": compile_mul_const,
     "mul": compile_mul,
     "matmul": compile_matmul,
-    "softmax": compile_softmax_output,
+    "softmax": compile_softmax,
+    "unsqueeze": compile_tensor_op,
+    "squeeze": compile_tensor_op,
+    "slice": compile_tensor_op,
+    "gather": compile_tensor_op,
+    "concat": compile_concat,
+    "reduce_sum": compile_reduce,
+    "reduce_mean": compile_reduce,
+    "layernorm": compile_norm,
+    "rmsnorm": compile_norm,
+    "reciprocal": compile_elementwise,
+    "rsqrt": compile_elementwise,
+    "sqrt": compile_elementwise,
+    "embedding": compile_embedding,
+    **{op: compile_elementwise for op in PIECEWISE_OPS},
 }
 
 MPC_OPS: frozenset[str] = frozenset(COMPILERS)

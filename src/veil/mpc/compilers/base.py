@@ -12,7 +12,7 @@ closures over loop variables, so a compiler reads top to bottom.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -26,7 +26,7 @@ from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.kernels import arith, compare, products, select3
 from veil.mpc.kernels.base import Cost, Ctx
 
-__all__ = ["Instr", "ServerState", "Builder", "Maker", "Compiler", "fixed_spec", "refuse"]
+__all__ = ["Instr", "ServerState", "Builder", "Maker", "Compiler", "fixed_spec", "refuse", "FIXED_OPS", "fixed_matrix"]
 
 Maker = Callable[[Any, str, dict[str, Any]], Any]
 RunFn = Callable[["ServerState", dict[str, np.ndarray], Any], None]
@@ -40,6 +40,7 @@ class ServerState:
     ctx: Ctx
     fixed: dict[str, products.FixedWeight]
     bias: dict[str, np.ndarray]
+    params: dict[str, np.ndarray] = field(default_factory=dict)  # other secret params ("node/gamma")
     state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -65,6 +66,20 @@ def fixed_spec(node: Node) -> tuple[Any, ...] | None:
 
 
 Compiler = Callable[["Builder", Node, list[str]], None]
+
+FIXED_OPS = ("linear", "conv2d", "embedding")
+
+
+def fixed_matrix(node: Node, params: dict[str, np.ndarray]) -> np.ndarray:
+    """The fixed weight of a linear/conv/embedding node in the (out, in, ...) layout of
+    :class:`~veil.mpc.kernels.products.FixedWeight` (an embedding table padded to a power of two
+    rows and transposed), from ``params`` (real values, encodings or shares alike)."""
+    if node.op != "embedding":
+        return params["W"]
+    t = params["table"]
+    v = t.shape[0]
+    k = 1 << max(int(v - 1).bit_length(), 1)
+    return np.ascontiguousarray(np.concatenate([t, np.zeros((k - v,) + t.shape[1:], t.dtype)]).T)
 
 
 def _run_local(out: str, fn: Callable[..., np.ndarray], ins: tuple[str, ...], st: ServerState,
@@ -112,7 +127,7 @@ class Builder:
         return select3.select3_a_cost if n <= self.low_latency else compare.select_a_cost
 
     # --- emitting ----------------------------------------------------------------------------
-    def emit(self, name: str, run: RunFn, materials: list[tuple[str, Maker]] | None = None,
+    def emit(self, name: str, run: RunFn, materials: Sequence[tuple[str, Maker]] | None = None,
              cost: Cost | None = None, prepare: str | None = None, inputs: tuple[str, ...] = ()) -> None:
         self.instrs.append(Instr(name, run, list(materials or []), cost or Cost(), prepare, inputs))
 

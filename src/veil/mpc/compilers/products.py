@@ -39,12 +39,13 @@ def compile_mul(b: Builder, node: Node, src: list[str]) -> None:
 
 
 def compile_matmul(b: Builder, node: Node, src: list[str]) -> None:
+    """Matrix product of two activations, with batch dims (numpy broadcasting): attention's
+    ``Q K^T`` and ``P V``. One Beaver triple per batch element (``c = a @ b`` batched)."""
     xs = [b.at_f(i, node.name) for i in src]
     sa, sb, sc = b.shapes[xs[0]], b.shapes[xs[1]], b.shapes[node.output]
-    if len(sa) != 2 or len(sb) != 2:
-        raise refuse(node, f"matmul of two secret tensors is supported for 2-D "
-                                 f"operands, got {sa} and {sb}")
+    if len(sa) < 2 or len(sb) < 2:
+        raise refuse(node, f"matmul of two secret tensors needs operands of rank >= 2, got {sa} and {sb}")
     key = f"{node.name}/beaver"
-    b.emit(node.name, partial(_run_matmul, xs, key, node.output), [(key, partial(_mk_beaver, sa, sb, sc, ring.matmul))],
+    b.emit(node.name, partial(_run_matmul, xs, key, node.output), [(key, partial(_mk_beaver, sa, sb, sc, ring.bmatmul))],
            products.beaver_cost(sa, sb))
     b.scale[node.output] = 2 * b.f

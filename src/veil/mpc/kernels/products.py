@@ -40,29 +40,51 @@ class FixedWeight:
     """One server's view of a fixed secret weight: its share ``W_i`` and the opened ``F = W - B``,
     both decomposed once for the ring matmul. ``conv`` holds (strides, pads, kernel, out_channels)."""
 
-    w_limbs: ring.Limbs
-    f_limbs: ring.Limbs
+    w_limbs: Any  # ring.Limbs, or one per group for a grouped convolution
+    f_limbs: Any
     conv: tuple[Any, ...] | None = None
 
     @staticmethod
     def build(w_share: np.ndarray, f_open: np.ndarray, conv: tuple[Any, ...] | None = None) -> FixedWeight:
         def mat(w: np.ndarray) -> np.ndarray:
             return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)  # linear (out,in) / conv (O,I,kh,kw)
-        return FixedWeight(ring.Limbs(mat(w_share)), ring.Limbs(mat(f_open)), conv)
+        g = _groups(conv)
+        if g == 1:
+            return FixedWeight(ring.Limbs(mat(w_share)), ring.Limbs(mat(f_open)), conv)
+        og = w_share.shape[0] // g
+        return FixedWeight([ring.Limbs(mat(w_share[i * og : (i + 1) * og])) for i in range(g)],
+                           [ring.Limbs(mat(f_open[i * og : (i + 1) * og])) for i in range(g)], conv)
 
-    def apply(self, x: np.ndarray, limbs: ring.Limbs) -> np.ndarray:
+    def apply(self, x: np.ndarray, limbs: Any) -> np.ndarray:
         if self.conv is None:
             return ring.matmul(x, limbs)
-        strides, pads, kernel, o = self.conv
-        return ring.conv2d(x, limbs, strides, pads, kernel, o)
+        strides, pads, kernel, o = self.conv[:4]
+        g = _groups(self.conv)
+        if g == 1:
+            return ring.conv2d(x, limbs, strides, pads, kernel, o)
+        cg = x.shape[1] // g
+        return np.concatenate([ring.conv2d(x[:, i * cg : (i + 1) * cg], limbs[i], strides, pads, kernel, o // g)
+                               for i in range(g)], axis=1)
+
+
+def _groups(conv: tuple[Any, ...] | None) -> int:
+    return int(conv[4]) if conv is not None and len(conv) > 4 else 1
 
 
 def weight_op(conv: tuple[Any, ...] | None):
     """The plain ring operation ``op(x, W)`` of a layer (used by the dealer for ``C = A op B``)."""
     if conv is None:
         return lambda a, w: ring.matmul(a, np.ascontiguousarray(w.T))
-    strides, pads, _, _ = conv
-    return lambda a, w: ring.conv2d(a, w, strides, pads)
+    strides, pads = conv[0], conv[1]
+    g = _groups(conv)
+    if g == 1:
+        return lambda a, w: ring.conv2d(a, w, strides, pads)
+
+    def grouped(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+        cg, og = a.shape[1] // g, w.shape[0] // g
+        return np.concatenate([ring.conv2d(a[:, i * cg : (i + 1) * cg], w[i * og : (i + 1) * og], strides, pads)
+                               for i in range(g)], axis=1)
+    return grouped
 
 
 def prepare_aw(fw: FixedWeight, mat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,12 +115,12 @@ def mul_aa(ctx: Ctx, x: np.ndarray, y: np.ndarray, mat: dict[str, np.ndarray]) -
 
 
 def matmul_aa(ctx: Ctx, x: np.ndarray, y: np.ndarray, mat: dict[str, np.ndarray]) -> np.ndarray:
-    """Matrix product of two shared matrices: 1 round."""
+    """Matrix product of two shared tensors (batch dims broadcast, as numpy): 1 round."""
     d_mine, e_mine = x - mat["a"], y - mat["b"]
     d_o, e_o = ctx.exchange([d_mine, e_mine])
     d, e = d_mine + d_o, e_mine + e_o
-    z = ring.matmul(d, mat["b"]) + ring.matmul(mat["a"], e) + mat["c"]
-    return z + ring.matmul(d, e) if ctx.party == 0 else z
+    z = ring.bmatmul(d, mat["b"]) + ring.bmatmul(mat["a"], e) + mat["c"]
+    return z + ring.bmatmul(d, e) if ctx.party == 0 else z
 
 
 def beaver_cost(x_shape: Sequence[int], y_shape: Sequence[int]) -> Cost:

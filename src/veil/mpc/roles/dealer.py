@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from veil.errors import ProtocolError
+from veil.mpc.compilers import FIXED_OPS, fixed_matrix
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.material import DealerSide
 from veil.mpc.prg import Prg, new_seed
@@ -21,9 +22,9 @@ __all__ = ["dealer_role", "weight_masks"]
 
 
 def weight_masks(side: Any, graph: Any) -> dict[str, Any]:
-    """The fixed mask ``B`` of every linear/conv weight (drawn from both seeds: nothing is sent)."""
-    return {n.name: side.rand(f"setup/B/{n.name}", n.params["W"].shape) for n in graph.nodes
-            if n.op in ("linear", "conv2d")}
+    """The fixed mask ``B`` of every linear/conv/embedding weight (drawn from both seeds: nothing is sent)."""
+    return {n.name: side.rand(f"setup/B/{n.name}", fixed_matrix(n, n.params).shape) for n in graph.nodes
+            if n.op in FIXED_OPS}
 
 
 def dealer_role(ch: Channel) -> dict[str, Any]:

@@ -8,13 +8,14 @@ from typing import Any
 import numpy as np
 
 from veil.errors import ProtocolError
+from veil.mpc.compilers import fixed_matrix
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.kernels.base import Ctx
 from veil.mpc.kernels.products import FixedWeight
 from veil.mpc.material import MaterialStore, ServerSide
 from veil.mpc.prg import Prg
 from veil.mpc.program import DIRECT_INPUT, Program, ServerState, compile_program, fixed_spec
-from veil.mpc.public import from_public
+from veil.mpc.public import SECRET_PARAMS, from_public, secret_params
 from veil.mpc.roles.common import QUERY_WAIT, recv_msg
 from veil.mpc.roles.dealer import weight_masks
 from veil.net.channel import Channel
@@ -32,23 +33,27 @@ def _setup(ch: Channel, i: int) -> tuple[Any, FixedPoint, ServerState, Prg, Prg 
     user_prg = Prg(hello["seed"]) if i == 0 else None
     if i == 0:
         owner = Prg(info["seed"])
-        shares = {}
-        for n in graph.nodes:
-            for p in ("W", "b"):
-                if n.op in ("linear", "conv2d") and p in n.params:
-                    shares[f"{n.name}/{p}"] = owner.words(f"owner/{n.name}/{p}", n.params[p].shape)
+        shares = {k: owner.words(f"owner/{k}", v.shape) for k, v in secret_params(graph).items()}
     else:
         shares = info["shares"]
+    nodes = {n.name: n for n in graph.nodes}
     masks = weight_masks(ServerSide(i, dealer_prg), graph)
-    mine = {name: shares[f"{name}/W"] - b for name, b in masks.items()}
+    mine_w = {name: fixed_matrix(nodes[name], _node_shares(shares, name)) for name in masks}
+    mine = {name: mine_w[name] - b for name, b in masks.items()}
     theirs = ch.exchange(peer, mine)  # open F = W - B once per session
-    fixed, bias = {}, {}
+    fixed, bias, params = {}, {}, {}
     for n in graph.nodes:
         if n.name in masks:
-            fixed[n.name] = FixedWeight.build(shares[f"{n.name}/W"], mine[n.name] + theirs[n.name], fixed_spec(n))
+            fixed[n.name] = FixedWeight.build(mine_w[n.name], mine[n.name] + theirs[n.name], fixed_spec(n))
             if f"{n.name}/b" in shares:
                 bias[n.name] = shares[f"{n.name}/b"]
-    return graph, fp, ServerState(Ctx(i, ch, peer, fp), fixed, bias), dealer_prg, user_prg
+        elif n.op in SECRET_PARAMS:
+            params.update({k: v for k, v in shares.items() if k.startswith(f"{n.name}/")})
+    return graph, fp, ServerState(Ctx(i, ch, peer, fp), fixed, bias, params), dealer_prg, user_prg
+
+
+def _node_shares(shares: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    return {k.split("/")[-1]: v for k, v in shares.items() if k.rsplit("/", 1)[0] == name}
 
 
 def server_role(ch: Channel, i: int) -> dict[str, Any]:

@@ -1,0 +1,352 @@
+"""Non-linear functions on shares: piecewise polynomials chosen by exact comparisons, range-normalised
+reciprocal and inverse square root, softmax, LayerNorm, RMSNorm. All are compound kernels over a
+:class:`~veil.mpc.kernels.steps.Runner` (their cost is that of their steps); inputs at scale ``f``.
+
+**Piecewise polynomials** (``gelu``, ``gelu_tanh``, ``sigmoid``, ``tanh``, ``silu``, ``erf``,
+``exp`` for x <= 0), in the manner of PUMA (Dong et al. 2023) and SIGMA (Gupta et al. 2023), with
+veil's exact comparisons choosing the segment:
+
+1. powers ``x^2 .. x^d`` by repeated Beaver products, each level one product and one truncation
+   (2 rounds per level: 4 rounds for d <= 4, 6 for d <= 8);
+2. every segment's polynomial ``P_i(x) = sum_k c_ik x^k``, locally, with coefficients encoded at
+   ``2f`` fractional bits (so ``c x^6`` keeps its precision for |x| up to 16);
+3. one vectorised comparison of ``x - t_i`` for all K thresholds (4 rounds, 3 for small layers)
+   selecting ``P_i - P_(i-1)``: ``y = P_0 + sum_i [x >= t_i] (P_i - P_(i-1))``;
+4. one truncation back to ``f`` (1 round).
+The sum telescopes exactly in the ring, so polynomials evaluated far outside their segment (whose
+powers overflow and are garbage) cancel out: only the segment containing x contributes, and no
+clipping is needed. Outer segments are constants or ``x``. Error bound: :attr:`Piecewise.bound`
+(approximation plus fixed point at f = 16), checked over the whole line by the tests.
+
+**Reciprocal and inverse square root** for ``x`` in ``[2^lo, 2^hi)``: one comparison call finds the
+magnitude, ``b_j = [x >= 2^j]`` for every j in (lo, hi); the normalisers ``c = 2^-e`` (and
+``2^(-e/2)``) are linear in the bits (telescoping sums selected with public coefficients), so
+``x_n = x c`` in [1, 2) comes out of the same selection (ys = ``x * delta_j``) without a product.
+Then Goldschmidt iterations on ``x_n``: reciprocal from ``y0 = 1.5 - x_n / 2`` (|1 - x_n y0| <= 1/8)
+with three steps (relative error (1/8)^8 = 6e-8); inverse square root from a linear ``y0`` with two
+steps (relative error < 1e-6). Rounds: reciprocal 4 + 1 + 8, rsqrt 4 + 1 + 10.
+
+**Softmax** over an axis with an optional public mask: masked entries are set to a public very
+negative value, the maximum is found by a tournament of exact comparisons (ceil(log2 k) levels),
+``exp(x - max)`` (piecewise, x <= 0), masked entries zeroed (public multiply), the sum's reciprocal
+(``lo = 0``: the sum is at least exp(0) = 1), one product. A fully masked row gives zeros.
+
+**LayerNorm / RMSNorm** over the last axis of n: the centred row ``d`` (1 truncation), its sum of
+squares ``S`` (1 product, 1 truncation together with ``d * gamma * sqrt(n)``), ``rsqrt(S + n eps)``
+with the normaliser ``2^(-e/2)`` folded into the row (``q = d gamma sqrt(n) 2^(-e/2)``) so the
+result keeps its relative precision for any variance, then the Goldschmidt steps applied to ``q``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import erf, exp, sqrt, tanh
+
+import numpy as np
+from numpy.polynomial import Polynomial
+
+from veil.mpc.kernels.steps import Runner
+
+__all__ = ["Piecewise", "FUNCTIONS", "piecewise_a", "powers_a", "reciprocal_a", "rsqrt_a", "softmax_a",
+           "layernorm_a", "rmsnorm_a", "exp_neg_a", "working_scale", "NEG_MASK", "sqrt_a", "coef_scale"]
+
+# a masked softmax entry: far below every threshold of exp, far inside the ring
+NEG_MASK = -(2.0**20)
+
+
+@dataclass(frozen=True)
+class Piecewise:
+    """``thresholds`` t_1 < ... < t_K and K+1 power-basis polynomials (segment i is [t_i, t_(i+1)));
+    ``bound``: max |error| against float over the real line (x <= 0 for exp) at f = 16."""
+
+    name: str
+    thresholds: tuple[float, ...]
+    polys: tuple[tuple[float, ...], ...]
+    bound: float
+
+    @property
+    def degree(self) -> int:
+        return max(len(p) for p in self.polys) - 1
+
+
+def _fit(fn: object, a: float, b: float, deg: int) -> tuple[float, ...]:
+    """Near-minimax fit on [a, b] (least squares on Chebyshev points), in the power basis of x."""
+    xs = np.cos(np.linspace(0.0, np.pi, 2001)) * (b - a) / 2 + (a + b) / 2
+    ys = np.vectorize(fn)(xs)
+    return tuple(float(c) for c in Polynomial.fit(xs, ys, deg).convert().coef)
+
+
+def _piecewise(name: str, fn: object, breaks: list[float], deg: int, low: tuple[float, ...],
+               high: tuple[float, ...] | None, bound: float) -> Piecewise:
+    polys = [low] + [_fit(fn, a, b, deg) for a, b in zip(breaks[:-1], breaks[1:], strict=True)]
+    if high is not None:
+        polys.append(high)
+        ths = tuple(breaks)
+    else:  # the last fitted segment extends to +inf (exp: only x <= 0 is in the domain)
+        ths = tuple(breaks[:-1])
+    return Piecewise(name, ths, tuple(polys), bound)
+
+
+def _phi(x: float) -> float:
+    return 0.5 * (1.0 + erf(x / sqrt(2.0)))
+
+
+def _gelu(x: float) -> float:
+    return x * _phi(x)
+
+
+def _gelu_tanh(x: float) -> float:
+    return 0.5 * x * (1.0 + tanh(sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + exp(-x))
+
+
+def _silu(x: float) -> float:
+    return x * _sigmoid(x)
+
+
+_SYM = [-5.0, -2.5, 0.0, 2.5, 5.0]
+FUNCTIONS: dict[str, Piecewise] = {
+    "gelu": _piecewise("gelu", _gelu, _SYM, 6, (0.0,), (0.0, 1.0), 1e-4),
+    "gelu_tanh": _piecewise("gelu_tanh", _gelu_tanh, _SYM, 6, (0.0,), (0.0, 1.0), 1e-4),
+    "tanh": _piecewise("tanh", tanh, [-5.0, -3.0, -1.5, 0.0, 1.5, 3.0, 5.0], 6, (-1.0,), (1.0,), 2e-4),
+    "sigmoid": _piecewise("sigmoid", _sigmoid, [-12.0, -8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0, 12.0], 5,
+                          (0.0,), (1.0,), 1e-4),
+    "silu": _piecewise("silu", _silu, [-16.0, -8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0, 16.0], 5, (0.0,), (0.0, 1.0),
+                       1.5e-4),
+    "erf": _piecewise("erf", erf, [-3.0, -1.5, 0.0, 1.5, 3.0], 6, (-1.0,), (1.0,), 2e-4),
+    # exp on x <= 0 (max-subtracted softmax inputs); below -13 it is 0 (exp(-13) = 2.3e-6)
+    "exp": _piecewise("exp", exp, [-13.0, -8.0, -4.5, -2.0, 0.0], 5, (0.0,), None, 1e-4),
+}
+
+
+def working_scale(f: int) -> int:
+    """Fractional bits of the Goldschmidt iterations: ``min(f + 8, 24)`` (products at 2W <= 48 bits)."""
+    return min(f + 8, 24)
+
+
+def _enc(v: float | np.ndarray, scale: int) -> np.ndarray:
+    return np.asarray(np.round(np.asarray(v, np.float64) * 2.0**scale), np.float64).astype(np.int64).view(np.uint64)
+
+
+def powers_a(run: Runner, x: np.ndarray, d: int) -> dict[int, np.ndarray]:
+    """``{k: x^k}`` for k = 1..d at scale f: one product and one truncation per doubling level."""
+    f = run.fp.frac_bits
+    pw = {1: x}
+    top = 1
+    while top < d:
+        ks = list(range(top + 1, min(2 * top, d) + 1))
+        prods = run.mul_many([(pw[k - top], pw[top]) for k in ks])
+        for k, v in zip(ks, run.trunc_many([(p, f) for p in prods]), strict=True):
+            pw[k] = v
+        top = ks[-1]
+    return pw
+
+
+def coef_scale(f: int) -> int:
+    """Fractional bits of polynomial coefficients: sums at ``f + coef_scale`` <= 47 bits."""
+    return min(2 * f, 47 - f)
+
+
+def piecewise_a(run: Runner, x: np.ndarray, spec: Piecewise) -> np.ndarray:
+    """``spec`` applied element-wise to shares ``x`` (scale f); result at scale f."""
+    f = run.fp.frac_bits
+    sc = coef_scale(f)
+    shape = x.shape
+    flat = x.reshape(-1)
+    pw = powers_a(run, flat, spec.degree) if spec.degree >= 2 else {1: flat}
+
+    def poly(c: tuple[float, ...]) -> np.ndarray:
+        v = run.public(np.full(flat.shape, _enc(c[0], f + sc)))
+        for k, ck in enumerate(c[1:], start=1):
+            v = v + pw[k] * _enc(ck, sc)
+        return v
+
+    ps = [poly(c) for c in spec.polys]
+    ys = np.stack([ps[i] - ps[i - 1] for i in range(1, len(ps))])  # (K, n)
+    xs = np.stack([flat - run.public(_enc(t, f)) for t in spec.thresholds])
+    sel = run.select(xs.reshape(-1), ys.reshape(1, -1))[0].reshape(ys.shape)
+    out = ps[0] + sel.sum(axis=0)
+    return run.trunc(out, sc).reshape(shape)
+
+
+def exp_neg_a(run: Runner, x: np.ndarray) -> np.ndarray:
+    """``exp(x)`` for shares of ``x <= 0`` (scale f, result scale f)."""
+    return piecewise_a(run, x, FUNCTIONS["exp"])
+
+
+def _magnitude(run: Runner, x: np.ndarray, lo: int, hi: int, sc2: int, half: bool,
+               cmul: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """For shares ``x`` (flat, scale f) in [2^lo, 2^hi): ``x_n = x 2^-e`` in [1, 2) at the working scale
+    W and ``c = cmul 2^-e`` (or ``cmul 2^(-e/2)`` when ``half``) at scale ``sc2``, where
+    2^e <= x < 2^(e+1)."""
+    f = run.fp.frac_bits
+    w = working_scale(f)
+    sc1 = 59 - f  # scale of the public deltas of 2^-e: x * 2^-e < 2 stays below 2^62
+    js = np.arange(lo + 1, hi)
+    d1 = 2.0 ** -js.astype(np.float64) - 2.0 ** -(js - 1).astype(np.float64)
+    p = 0.5 if half else 1.0
+    d2 = cmul * (2.0 ** (-p * js) - 2.0 ** (-p * (js - 1)))
+    n = x.shape[0]
+    base_x = x * _enc(2.0**-lo, sc1)
+    base_c = run.public(np.full(n, _enc(cmul * 2.0 ** (-p * lo), sc2)))
+    if len(js):
+        xs = np.concatenate([x - run.public(_enc(2.0 ** float(j), f)) for j in js])
+        ys = np.stack([np.concatenate([x * _enc(dj, sc1) for dj in d1]),
+                       np.concatenate([run.public(np.full(n, _enc(dj, sc2))) for dj in d2])])
+        sel = run.select(xs, ys).reshape(2, len(js), n).sum(axis=1)
+        base_x, base_c = base_x + sel[0], base_c + sel[1]
+    xn = run.trunc(base_x, f + sc1 - w)
+    return xn, base_c
+
+
+def _c_scale(f: int, lo: int, half: bool) -> int:
+    """Scale of the normaliser c: as fine as possible with ``c * y`` (y < 2 at W + 8 for the
+    reciprocal, y < 1 at W for rsqrt) below 2^61."""
+    top = -lo / 2 if half else -lo  # log2 of the largest c
+    ys = working_scale(f) + (0 if half else 8)
+    return int(min(61 - ys - max(top, 0) - 1, 40))
+
+
+def reciprocal_a(run: Runner, x: np.ndarray, lo: int = -8, hi: int = 24, out_scale: int | None = None) -> np.ndarray:
+    """``1 / x`` for shares of ``x`` in [2^lo, 2^hi) (scale f); result at ``out_scale`` (default f; the
+    iterations run at the working scale W, :func:`working_scale`): relative error < 1e-6 plus a few
+    units of 2^-W."""
+    f = run.fp.frac_bits
+    w = working_scale(f)
+    shape = x.shape
+    sc = _c_scale(f, lo, False)
+    xn, c = _magnitude(run, x.reshape(-1), lo, hi, sc, half=False)
+    # y0 = 1.5 - xn/2 at scale W+1; e0 = 1 - xn y0 = (xn - 1)(xn - 2) / 2
+    y0 = run.public(np.full(xn.shape, _enc(1.5, w + 1))) - xn
+    x2, cy = run.mul_many([(xn, xn), (c, y0)])
+    e_2w = x2 - xn * np.uint64(3 << w) + run.public(np.full(xn.shape, _enc(2.0, 2 * w)))
+    e, cy = run.trunc_many([(e_2w, w + 1), (cy, sc + 1)])  # e at W, cy = c y0 at W
+    one = run.public(np.full(xn.shape, _enc(1.0, w)))
+    for step in range(3):
+        if step < 2:
+            e2, cy = run.mul_many([(e, e), (cy, one + e)])
+            e, cy = run.trunc_many([(e2, w), (cy, w)])
+        else:
+            cy = run.trunc(run.mul(cy, one + e), 2 * w - (f if out_scale is None else out_scale))
+    return cy.reshape(shape)
+
+
+# rsqrt on [1, 2): y0 = A - B x (max |1 - x y0^2| = 0.045), B a multiple of 2^-8 (exact at 8 extra bits)
+_RS_A, _RS_B = 1.2623516, 73 / 256
+
+
+def _rsqrt_iterate(run: Runner, xn: np.ndarray, c: np.ndarray, sc: int, q: np.ndarray | None,
+                   out_scale: int) -> np.ndarray:
+    """Goldschmidt for ``c / sqrt(xn)``, or ``q c / sqrt(xn)`` when ``q`` (scale f, rows of shape
+    (n, m)) is given with ``c`` per row: ``g = xn y``, ``h = y / 2``, ``r = 3/2 - g h``, ``g, h *= r``
+    (g -> sqrt(xn), h -> 1 / (2 sqrt(xn))), two steps, tracking ``2 c h`` (times q). ``c`` at scale ``sc``; result at ``out_scale``."""
+    f = run.fp.frac_bits
+    w = working_scale(f)
+    y0 = run.public(np.full(xn.shape, _enc(_RS_A, w + 8))) - xn * _enc(_RS_B, 8)  # scale W + 8
+    if q is None:  # c h directly (c at scale sc)
+        (g0,) = run.mul_many([(xn, y0)])
+        g, h = run.trunc_many([(g0, w + 8), (y0, 9)])  # g = xn y0, h = y0 / 2, at W
+        gh2, hs2 = run.mul_many([(g, h), (c, h)])
+        gh, hs = run.trunc_many([(gh2, w), (hs2, sc - 1)])  # hs = 2 c h at W
+    else:
+        g0, qc = run.mul_many([(xn, y0), (q, np.broadcast_to(c[:, None], q.shape))])
+        g, h, qs = run.trunc_many([(g0, w + 8), (y0, 9), (qc, f + sc - w)])  # qs = q c at W
+        gh2, hs2 = run.mul_many([(g, h), (qs, np.broadcast_to(h[:, None], qs.shape))])
+        gh, hs = run.trunc_many([(gh2, w), (hs2, w - 1)])  # hs = 2 q c h
+
+    def rows(r: np.ndarray) -> np.ndarray:
+        return r if q is None else np.broadcast_to(r[:, None], hs.shape)
+
+    three_half = run.public(np.full(xn.shape, _enc(1.5, w)))
+    r = three_half - gh
+    g1, h1, hs1 = run.mul_many([(g, r), (h, r), (hs, rows(r))])
+    g, h, hs = run.trunc_many([(g1, w), (h1, w), (hs1, w)])
+    r = three_half - run.trunc(run.mul(g, h), w)
+    return run.trunc(run.mul(hs, rows(r)), 2 * w - out_scale)
+
+
+def rsqrt_a(run: Runner, x: np.ndarray, lo: int = -16, hi: int = 30, out_scale: int | None = None) -> np.ndarray:
+    """``1 / sqrt(x)`` for shares of ``x`` in [2^lo, 2^hi) (scale f); result at ``out_scale`` (default f)."""
+    shape = x.shape
+    sc = _c_scale(run.fp.frac_bits, lo, True)
+    xn, c = _magnitude(run, x.reshape(-1), lo, hi, sc, half=True)
+    out = run.fp.frac_bits if out_scale is None else out_scale
+    return _rsqrt_iterate(run, xn, c, sc, None, out).reshape(shape)
+
+
+def sqrt_a(run: Runner, x: np.ndarray, lo: int = -16, hi: int = 26) -> np.ndarray:
+    """``sqrt(x) = x / sqrt(x)`` for shares of ``x`` in [2^lo, 2^hi) (scale f); result at f."""
+    f = run.fp.frac_bits
+    flat = x.reshape(-1)
+    sc = 61 - f - 14
+    xn, c = _magnitude(run, flat, lo, hi, sc, half=True)
+    return _rsqrt_iterate(run, xn, c, sc, flat[:, None], f).reshape(x.shape)
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, x.shape[-1])
+
+
+def layernorm_a(run: Runner, x: np.ndarray, gamma: np.ndarray, beta: np.ndarray | None, eps: float,
+                centre: bool = True) -> np.ndarray:
+    """LayerNorm (``centre``) or RMSNorm over the last axis of shares ``x`` (scale f) with the
+    owner's secret ``gamma`` and ``beta`` (shares at scale f). Result at scale f."""
+    f = run.fp.frac_bits
+    shape = x.shape
+    v = _rows(x)
+    n = v.shape[1]
+    if centre:
+        s = v.sum(axis=1, keepdims=True)
+        d2 = (v << np.uint64(2 * f)) - s * _enc(1.0 / n, 2 * f)  # x - mean at scale 3f (|x| < 2^13)
+        v = run.trunc(d2, 2 * f)
+    sq, dg = run.mul_many([(v, v), (v, np.broadcast_to(gamma, v.shape))])  # scale 2f
+    s_f, dg_f = run.trunc_many([(sq.sum(axis=1), f), (dg, f)])
+    s_f = s_f + run.public(np.full(s_f.shape, _enc(n * eps, f)))
+    lo, hi = -f, 62 - 2 * f  # S at scale f stays below 2^(62-2f) (range analysis)
+    sc = 61 - f - 14  # q c = d gamma / sqrt(var): about the output, below 2^13
+    xn, c = _magnitude(run, s_f, lo, hi, sc, half=True, cmul=sqrt(n))
+    y = _rsqrt_iterate(run, xn, c, sc, dg_f, f)
+    if beta is not None:
+        y = y + np.broadcast_to(beta, y.shape)
+    return y.reshape(shape)
+
+
+def rmsnorm_a(run: Runner, x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
+    return layernorm_a(run, x, gamma, None, eps, centre=False)
+
+
+def _max_last(run: Runner, v: np.ndarray) -> np.ndarray:
+    """Row maxima of (R, k) by a tournament of exact comparisons (one select per level)."""
+    while v.shape[1] > 1:
+        h = v.shape[1] // 2
+        a, b = v[:, 0 : 2 * h : 2], v[:, 1 : 2 * h : 2]
+        diff = (a - b).reshape(-1)
+        win = b + run.select(diff, diff[None, :])[0].reshape(a.shape)
+        v = np.concatenate([win, v[:, 2 * h :]], axis=1)
+    return v[:, 0]
+
+
+def softmax_a(run: Runner, x: np.ndarray, axis: int, keep: np.ndarray | None = None) -> np.ndarray:
+    """Softmax of shares ``x`` (scale f) along ``axis``; ``keep`` (public bool, broadcastable to x)
+    marks the entries not masked out. Result at scale f."""
+    f = run.fp.frac_bits
+    w = working_scale(f)
+    xm = np.moveaxis(x, axis, -1)
+    k = xm.shape[-1]
+    v = _rows(np.ascontiguousarray(xm))
+    keep_r: np.ndarray | None = None
+    if keep is not None:
+        keep_r = _rows(np.ascontiguousarray(np.moveaxis(np.broadcast_to(keep, x.shape), axis, -1))).astype(np.uint64)
+        v = v * keep_r + run.public((np.uint64(1) - keep_r) * _enc(NEG_MASK, f))
+    m = _max_last(run, v)
+    z = v - m[:, None]
+    e = exp_neg_a(run, z)
+    if keep_r is not None:
+        e = e * keep_r
+    s = e.sum(axis=1)
+    inv = reciprocal_a(run, s, lo=0, hi=max(int(np.ceil(np.log2(k + 1))), 1), out_scale=w)
+    p = run.trunc(run.mul(e, np.broadcast_to(inv[:, None], e.shape)), w)
+    return np.moveaxis(p.reshape(xm.shape), -1, axis)

@@ -1,0 +1,251 @@
+"""Compound kernels as sequences of primitive protocol steps, planned by a dry run.
+
+A compound kernel (softmax, LayerNorm, GELU...) is a function ``fn(run, *shares)`` written against a
+:class:`Runner`: local ring arithmetic on numpy arrays plus calls of the primitive steps
+
+===========  =========================================================  ==========================
+step         protocol                                                   cost per server
+===========  =========================================================  ==========================
+``mul``      Beaver product of two shared arrays (element-wise)         1 round, 16 B per element
+``matmul``   Beaver matrix product with batch dims                      1 round, 8 B per operand elt
+``trunc``    probabilistic truncation by any number of bits (trunc_a)   1 round, 8 B per element
+``select``   ``ys * [x >= 0]`` by exact comparison (select_a/select3)   4 (3 when small) rounds
+``onehot``   one-hot of shared integers by a rotated dealer one-hot     1 round, 8 B per element
+===========  =========================================================  ==========================
+
+The plan (the list of steps with their sizes) comes from running ``fn`` once with a :class:`Planner`
+on zero arrays of the input shapes (at compile time, on every party, from public shapes only): the
+dealer's material (:func:`steps_material`) and the declared cost (:func:`steps_cost`) follow from
+it, so a kernel cannot drift from its plan. At run time the :class:`Runner` checks every step
+against the plan (:class:`~veil.errors.ProtocolError` on a mismatch) and that all were consumed.
+Control flow never depends on secret values (SPMD), which is what makes the dry run exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from veil.errors import ProtocolError
+from veil.mpc import dealer as D
+from veil.mpc import ring
+from veil.mpc.dealer import M63
+from veil.mpc.fixedpoint import FixedPoint
+from veil.mpc.kernels import arith, compare, products, select3
+from veil.mpc.kernels.base import Cost, Ctx, arr
+
+__all__ = ["Runner", "Planner", "plan", "steps_material", "steps_cost", "onehot_material", "Step"]
+
+Step = tuple[Any, ...]
+_OFF = np.uint64(1 << 62)
+
+
+def _onehot_material(side: Any, label: str, n: int, k: int, scale: int) -> dict[str, np.ndarray]:
+    """``R = (r + k * rho) << scale`` (``r`` uniform in [0, k), ``rho`` uniform in the rest of the ring)
+    and the shared one-hot rows of ``r`` (n, k). ``k`` is a power of two."""
+    r = side.rand(f"{label}/r", (n,))
+    low = lambda: r & np.uint64(k - 1)  # noqa: E731 - dealer only
+    big = side.share(f"{label}/R", lambda: (r << np.uint64(scale)), (n,))
+    oh = side.share(f"{label}/e", lambda: (low()[:, None] == np.arange(k, dtype=np.uint64)[None, :]).astype(np.uint64),
+                    (n, k))
+    return {"R": big, "e": oh}
+
+
+onehot_material = _onehot_material
+
+
+def _bits(spec: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Per-element truncation amounts from runs ``((count, bits), ...)``."""
+    return np.repeat(np.array([b for _, b in spec], np.uint64), [c for c, _ in spec])
+
+
+def _trunc_material(side: Any, label: str, n: int, bits: np.ndarray) -> dict[str, np.ndarray]:
+    """As :func:`veil.mpc.dealer.trunc`, with a number of bits per element."""
+    r = side.rand(f"{label}/r", (n,))
+    t = side.share(f"{label}/t", lambda: (r & M63) >> bits, (n,))
+    u = side.share(f"{label}/u", lambda: r >> np.uint64(63), (n,))
+    return {"r": r, "t": t, "u": u}
+
+
+def _trunc_open(party: int, c: np.ndarray, t: np.ndarray, u: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """:func:`veil.mpc.kernels.arith.trunc_from_open` with a number of bits per element."""
+    c63 = c >> np.uint64(63)
+    b = u * (np.uint64(1) - np.uint64(2) * c63)
+    out = (b << (np.uint64(63) - bits)) - t
+    if party == 0:
+        out += ((c & M63) >> bits) + (c63 << (np.uint64(63) - bits)) - (np.uint64(1) << (np.uint64(62) - bits))
+    return out
+
+
+def steps_material(side: Any, label: str, steps: list[Step], low_latency: int) -> list[Any]:
+    """The dealer material of a plan, one item per step (labels ``label/i``)."""
+    out: list[Any] = []
+    for i, s in enumerate(steps):
+        lab = f"{label}/{i}"
+        kind = s[0]
+        if kind == "mul":
+            n = s[1]
+            out.append(D.beaver(side, lab, (n,), (n,), (n,), np.multiply))
+        elif kind == "matmul":
+            sa, sb, sc = s[1], s[2], s[3]
+            out.append(D.beaver(side, lab, sa, sb, sc, ring.bmatmul))
+        elif kind == "trunc":
+            out.append(_trunc_material(side, lab, s[1], _bits(s[2])))
+        elif kind == "select":
+            n, w = s[1], s[2]
+            out.append((D.compare3 if n <= low_latency else D.compare)(side, lab, n, w))
+        elif kind == "onehot":
+            out.append(_onehot_material(side, lab, s[1], s[2], s[3]))
+        else:  # pragma: no cover - steps come from the Planner
+            raise ProtocolError(f"unknown step {kind!r}")
+    return out
+
+
+def steps_cost(steps: list[Step], low_latency: int) -> Cost:
+    """Declared cost (per server) of a plan: the sum of its steps' messages."""
+    total = Cost()
+    for s in steps:
+        kind = s[0]
+        if kind == "mul":
+            total = total + products.beaver_cost((s[1],), (s[1],))
+        elif kind == "matmul":
+            total = total + products.beaver_cost(s[1], s[2])
+        elif kind == "trunc":
+            total = total + arith.trunc_a_cost(s[1])
+        elif kind == "select":
+            fn = select3.select3_a_cost if s[1] <= low_latency else compare.select_a_cost
+            total = total + fn(s[1], width=s[2])
+        elif kind == "onehot":
+            total = total + Cost().send(arr("uint64", (s[1],)), "masked ids")
+    return total
+
+
+def _split(flat: np.ndarray, like: list[tuple[np.ndarray, Any]]) -> list[np.ndarray]:
+    out, i = [], 0
+    for a, _ in like:
+        out.append(flat[i : i + a.size].reshape(a.shape))
+        i += a.size
+    return out
+
+
+class Runner:
+    """Runs a compound kernel's steps on one server, consuming the material of its plan in order."""
+
+    def __init__(self, ctx: Ctx, mats: list[Any], steps: list[Step]):
+        self.ctx, self.fp = ctx, ctx.fp
+        self.party = ctx.party
+        self._mats, self._steps, self._i = mats, steps, 0
+
+    def _take(self, step: Step) -> Any:
+        i = self._i
+        if i >= len(self._steps) or self._steps[i] != step:
+            planned = self._steps[i] if i < len(self._steps) else "nothing"
+            raise ProtocolError(f"kernel step {i} is {step}, the plan has {planned}")
+        self._i += 1
+        return self._mats[i]
+
+    def finish(self) -> None:
+        if self._i != len(self._steps):
+            raise ProtocolError(f"kernel used {self._i} of its {len(self._steps)} planned steps")
+
+    # --- public values as shares ---------------------------------------------------------------
+    def public(self, v: np.ndarray) -> np.ndarray:
+        """This party's share of a public ring value (party 0 holds it)."""
+        v = np.asarray(v, np.uint64)
+        return v.copy() if self.party == 0 else np.zeros_like(v)
+
+    # --- primitive steps -----------------------------------------------------------------------
+    def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Element-wise product of two shared arrays of the same shape (scales add)."""
+        mat = self._take(("mul", int(x.size)))
+        return products.mul_aa(self.ctx, x.reshape(-1), y.reshape(-1), mat).reshape(x.shape)
+
+    def matmul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Matrix product with batch dims of two shared arrays (scales add)."""
+        out_shape = np.broadcast_shapes(x.shape[:-2], y.shape[:-2]) + (x.shape[-2], y.shape[-1])
+        mat = self._take(("matmul", tuple(x.shape), tuple(y.shape), tuple(out_shape)))
+        d_mine, e_mine = x - mat["a"], y - mat["b"]
+        d_o, e_o = self.ctx.exchange([d_mine, e_mine])
+        d, e = d_mine + d_o, e_mine + e_o
+        z = ring.bmatmul(d, mat["b"]) + ring.bmatmul(mat["a"], e) + mat["c"]
+        return z + ring.bmatmul(d, e) if self.party == 0 else z
+
+    def trunc(self, x: np.ndarray, bits: int) -> np.ndarray:
+        """Divide by ``2^bits`` (error < 1 unit of the result, unbiased), any shape. 1 round."""
+        return self.trunc_many([(x, bits)])[0]
+
+    def trunc_many(self, items: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        """Several truncations (each array by its own number of bits) in one round."""
+        spec = tuple((int(x.size), int(b)) for x, b in items)
+        mat = self._take(("trunc", sum(c for c, _ in spec), spec))
+        flat = np.concatenate([x.reshape(-1) for x, _ in items])
+        c = self.ctx.open(flat + mat["r"]) + _OFF
+        out = _trunc_open(self.party, c, mat["t"], mat["u"], _bits(spec))
+        return _split(out, items)
+
+    def mul_many(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Several element-wise products (pairs of equal shapes) in one round."""
+        x = np.concatenate([a.reshape(-1) for a, _ in pairs])
+        y = np.concatenate([np.broadcast_to(b, a.shape).reshape(-1) for a, b in pairs])
+        return _split(self.mul(x, y), pairs)
+
+    def select(self, x: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """``ys * [x >= 0]`` for flat ``x`` (n,) and ``ys`` (width, n): exact comparison."""
+        mat = self._take(("select", int(x.size), int(ys.shape[0])))
+        return compare.select_a(self.ctx, x, ys, mat)
+
+    def onehot(self, ids: np.ndarray, k: int, scale: int) -> np.ndarray:
+        """Shares of the one-hot rows (n, k) of shared integers ``ids`` (n,) held at ``scale``
+        fractional bits (exact integers), ``k`` a power of two: open ``ids + R`` (uniform), rotate the
+        dealer's one-hot of ``r`` by the public ``(id + r) mod k``."""
+        mat = self._take(("onehot", int(ids.size), int(k), int(scale)))
+        c = self.ctx.open(ids + mat["R"])
+        u = (c >> np.uint64(scale)) & np.uint64(k - 1)
+        j = (u[:, None] - np.arange(k, dtype=np.uint64)[None, :]) & np.uint64(k - 1)
+        return np.take_along_axis(mat["e"], j.astype(np.int64), axis=1)
+
+
+class Planner(Runner):
+    """Records the steps of a kernel from public shapes; every step returns zeros."""
+
+    def __init__(self, fp: FixedPoint):
+        self.fp = fp
+        self.party = 0
+        self.steps: list[Step] = []
+
+    def _take(self, step: Step) -> Any:
+        self.steps.append(step)
+        return None
+
+    def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        self._take(("mul", int(x.size)))
+        return np.zeros(x.shape, np.uint64)
+
+    def matmul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        out_shape = np.broadcast_shapes(x.shape[:-2], y.shape[:-2]) + (x.shape[-2], y.shape[-1])
+        self._take(("matmul", tuple(x.shape), tuple(y.shape), tuple(out_shape)))
+        return np.zeros(out_shape, np.uint64)
+
+    def trunc_many(self, items: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        spec = tuple((int(x.size), int(b)) for x, b in items)
+        self._take(("trunc", sum(c for c, _ in spec), spec))
+        return [np.zeros(x.shape, np.uint64) for x, _ in items]
+
+    def select(self, x: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        self._take(("select", int(x.size), int(ys.shape[0])))
+        return np.zeros(ys.shape, np.uint64)
+
+    def onehot(self, ids: np.ndarray, k: int, scale: int) -> np.ndarray:
+        self._take(("onehot", int(ids.size), int(k), int(scale)))
+        return np.zeros((ids.size, k), np.uint64)
+
+
+def plan(fn: Callable[..., Any], fp: FixedPoint, *shapes: tuple[int, ...]) -> list[Step]:
+    """The steps of ``fn`` on inputs of these shapes (a dry run on zeros)."""
+    p = Planner(fp)
+    fn(p, *[np.zeros(s, np.uint64) for s in shapes])
+    return p.steps
+
+
