@@ -80,3 +80,32 @@ def test_transformer_pieces_at_both_opsets(opset):
     assert "gelu" in graph.ops and "erf" not in graph.ops
     got = next(iter(run_plain(graph, x.numpy()).values()))
     np.testing.assert_allclose(got, net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+class ViewNet(nn.Module):
+    """``x.view(x.size(0), -1)`` exports as Shape -> Gather -> Unsqueeze -> Concat -> Reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, groups=3)
+        self.bn = nn.BatchNorm1d(6 * 4 * 4)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = torch.relu(h.view(h.size(0), -1))
+        return self.fc(self.bn(h))
+
+
+def test_view_with_dynamic_batch_and_batchnorm1d_after_relu():
+    torch.manual_seed(2)
+    net = ViewNet().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+    graph = load_model(net, example=torch.randn(2, 3, 6, 6))
+    assert graph.inputs[0].shape[0] is None and "reshape" in graph.ops
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 6, 6)
+        got = next(iter(run_plain(graph, x.numpy()).values()))
+        np.testing.assert_allclose(got, net(x).detach().numpy(), rtol=1e-4, atol=1e-5)

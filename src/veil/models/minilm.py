@@ -97,8 +97,12 @@ def minilm_onnx(batch: int, seq_len: int) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Embedder(_hf_model()), (ids, torch.ones_like(ids)), buf, input_names=["input_ids", "attention_mask"],
-                          output_names=["embedding"], opset_version=17, do_constant_folding=True, dynamo=False)
+        try:
+            torch.onnx.export(Embedder(_hf_model()).eval(), (ids, torch.ones_like(ids)), buf,  # type: ignore[arg-type]
+                              input_names=["input_ids", "attention_mask"], output_names=["embedding"], opset_version=17,
+                              do_constant_folding=True, dynamo=False)
+        finally:
+            _hf_model().eval()  # the exporter restores the wrapper's mode on every submodule
     return buf.getvalue()
 
 

@@ -1,0 +1,65 @@
+"""Hugging Face GPT-2 language models as veil graphs (exported through ``torch.onnx``).
+
+The graph takes ``input_ids`` (batch, seq_len) int64 and returns ``logits`` (batch, seq_len, vocab)
+for a whole (static-length) sequence; the causal mask is public and folds into the attention
+softmax. :func:`tiny_gpt2` makes a small random model for tests. Needs ``pip install 'veil[hf]'``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+from veil.errors import ModelError
+from veil.graph.ir import Graph
+
+__all__ = ["tiny_gpt2", "gpt2_onnx", "gpt2_graph"]
+
+
+def tiny_gpt2(seed: int = 0, vocab_size: int = 256, n_positions: int = 64, n_embd: int = 64, n_layer: int = 2,
+              n_head: int = 4) -> Any:
+    """A randomly initialised ``GPT2LMHeadModel`` (eager attention, evaluation mode)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def gpt2_onnx(model: Any, batch: int, seq_len: int) -> bytes:
+    """ONNX export of ``model`` on a static (batch, seq_len) of token ids, output ``logits``."""
+    import torch
+
+    if seq_len > model.config.n_positions:
+        raise ModelError(f"seq_len {seq_len} exceeds the model's context of {model.config.n_positions} positions")
+
+    class Logits(torch.nn.Module):
+        def __init__(self, lm: Any) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids: Any) -> Any:
+            pos = torch.arange(ids.shape[1]).unsqueeze(0)
+            return self.lm(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos, use_cache=False).logits
+
+    ids = torch.zeros((batch, seq_len), dtype=torch.long)
+    buf = io.BytesIO()
+    wrapper = Logits(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(wrapper, (ids,), buf, input_names=["input_ids"], output_names=["logits"],  # type: ignore[arg-type]
+                              opset_version=17, do_constant_folding=True, dynamo=False)
+        finally:
+            model.eval()
+    return buf.getvalue()
+
+
+def gpt2_graph(model: Any, batch: int = 1, seq_len: int = 16) -> Graph:
+    """The veil graph of ``model`` for (batch, seq_len) token ids."""
+    from veil.graph.onnx_import import from_onnx
+
+    return from_onnx(gpt2_onnx(model, batch, seq_len), name="gpt2")
