@@ -40,7 +40,6 @@ import uvicorn
 from veil.attested.hardware.configfs_tsm import DEFAULT_TSM_ROOT, ConfigfsTsm, ConfigfsTsmPlatform
 from veil.attested.hardware.select import choose_platform
 from veil.attested.limits import Limits
-from veil.attested.onnx_model import cap_run_memory
 from veil.attested.platform import TrustedPlatform
 from veil.attested.server import ServerState, create_app
 from veil.attested.simulated import SimulatedPlatform
@@ -138,9 +137,7 @@ def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
     trusted = TrustedSide(platform, tls)
     store = ModelStore(store_path, platform)
     token = read_or_create_upload_token(token_path)
-    limits = limits or Limits()
-    cap_run_memory(limits.max_run_memory_bytes)  # before any session is built
-    state = ServerState(trusted, store, limits, token, intra_op_threads)
+    state = ServerState(trusted, store, limits or Limits(), token, intra_op_threads)
     for model_id, why in state.unavailable.items():
         print(f"WARNING: model {model_id!r} could not be restored: {why}", file=sys.stderr, flush=True)
     app = create_app(state)

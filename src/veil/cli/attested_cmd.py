@@ -51,8 +51,6 @@ def serve(
     max_models: int = typer.Option(64, help="most models in the store"),
     max_output_mb: float = typer.Option(64.0, help="largest total output of one run, MiB"),
     max_run_seconds: float = typer.Option(60.0, help="longest run; onnxruntime stops a run past it"),
-    max_run_memory_mb: float = typer.Option(
-        4096.0, help="onnxruntime memory of all runs in progress together, MiB (refused before allocating)"),
     state_dir: Path | None = typer.Option(
         None, help="directory for the server's secrets, outside the store (default: under the user's config "
                    "directory, one per store)"),
@@ -71,7 +69,7 @@ def serve(
     limits = Limits(max_model_bytes=int(max_model_mb * 1024 * 1024), max_input_elements=max_input_elements,
                     max_request_bytes=int(max_request_mb * 1024 * 1024), rate_per_s=rate, burst=burst,
                     max_models=max_models, max_output_bytes=int(max_output_mb * 1024 * 1024),
-                    max_run_seconds=max_run_seconds, max_run_memory_bytes=int(max_run_memory_mb * 1024 * 1024))
+                    max_run_seconds=max_run_seconds)
     try:
         run_server(store, host, port, hazmat_simulate_enclave=hazmat_simulate_enclave, limits=limits,
                    upload_token_file=upload_token_file, platform_dir=platform_dir, intra_op_threads=threads,
