@@ -62,7 +62,8 @@ def _check_hex(value: str, what: str, length: int) -> str:
 class Policy:
     """What the client requires of a server before it sends anything.
 
-    ``code_measurement``: hex SHA-256 the platform must report (see :mod:`veil.attested.measure`);
+    ``code_measurement``: hex SHA-256 the platform must report (see :mod:`veil.attested.measure`),
+    or on real hardware the 96-hex launch measurement (SEV-SNP ``MEASUREMENT``, TDX ``MRTD``);
     required unless ``hazmat_any_measurement=True``.
     ``allowed_platforms``: platform names accepted (the simulation still needs the client's opt-in).
     ``models``: model id -> expected hex SHA-256 of its ONNX bytes.
@@ -87,7 +88,8 @@ class Policy:
             warnings.warn("veil attested: policy accepts ANY server code (hazmat_any_measurement=True)",
                           SimulationWarning, stacklevel=3)
         else:
-            object.__setattr__(self, "code_measurement", _check_hex(self.code_measurement, "code_measurement", 64))
+            width = 96 if len(self.code_measurement) == 96 else 64  # 96: SEV-SNP MEASUREMENT / TDX MRTD
+            object.__setattr__(self, "code_measurement", _check_hex(self.code_measurement, "code_measurement", width))
         object.__setattr__(self, "allowed_platforms", frozenset(self.allowed_platforms))
         object.__setattr__(self, "models", {str(k): _check_hex(v, f"hash of model {k!r}", 64)
                                             for k, v in dict(self.models).items()})
