@@ -25,7 +25,8 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = 256, n_positions: int = 64, n_emb
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                     bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+                     bos_token_id=0, eos_token_id=0)
+    cfg._attn_implementation = "eager"  # plain matmul/softmax attention (exports as such)
     return GPT2LMHeadModel(cfg).eval()
 
 

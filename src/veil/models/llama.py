@@ -193,7 +193,8 @@ def generate_plain(model: Llama, steps: int, bos: int = 1) -> list[int]:
     """Greedy decoding with the plain executor, step graphs and an explicit cache (the oracle for mpc)."""
     from veil.plain import run_plain
 
-    token, cache, out = bos, {}, []
+    token, out = bos, []
+    cache: dict[str, np.ndarray] = {}
     for pos in range(steps):
         g = model.step_graph(pos)
         past = {s.name: cache[g.meta["state"][s.name]] for s in g.inputs if s.name != "token"}
