@@ -14,6 +14,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +51,8 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("work")  # the server's working directory, with a file a model would like to read
     (work / "secret.bin").write_bytes(SECRET.tobytes())
     srv = ServerProcess(work / "store", cwd=work, extra_args=("--max-run-seconds", "1", "--max-output-mb", "1",
-                                                              "--rate", "1000", "--burst", "1000"))
+                                                              "--max-run-memory-mb", "64", "--rate", "1000",
+                                                              "--burst", "1000"))
     try:
         srv.start()
         srv.work = work
@@ -307,6 +309,14 @@ def test_run_time_and_output_limits_keep_the_server_responsive(server):
             with pytest.raises(LimitExceededError, match="16000000 bytes") as ei:  # 2 input elements, 16 MB out
                 _quiet(bc.run_model, "expand", {"shape": np.array([2000, 2000], np.int64)})
             assert ei.value.code == "output_too_large" and ei.value.status == 413
+            # 400 MB asked for: refused by onnxruntime's capped arena before it is allocated
+            with pytest.raises(LimitExceededError, match="more memory than the 67108864 bytes") as ei:
+                bc.run_model("expand", {"shape": np.array([10000, 10000], np.int64)})
+            assert ei.value.code == "run_memory_exceeded" and ei.value.status == 413
+            status = Path(f"/proc/{server.proc.pid}/status")
+            if status.exists():  # Linux: the server's peak memory stayed far from the 400 MB asked for (x base64)
+                peak_kb = int(next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM")).split()[1])
+                assert peak_kb < 700 * 1024, peak_kb
             assert bc.run_model("expand", {"shape": np.array([3, 5], np.int64)})["y"].tolist() == [[1.0] * 5] * 3
             _health_ms(bc)
     finally:

@@ -202,7 +202,7 @@ class UnsealError(StoreError):
     """A sealed blob could not be decrypted: other platform key, other code, or tampering."""
 
 
-_LIMIT_CODES = frozenset({"run_time_exceeded", "output_too_large", "store_full"})
+_LIMIT_CODES = frozenset({"run_time_exceeded", "output_too_large", "run_memory_exceeded", "store_full"})
 
 _BY_STATUS: dict[int, type[ServerRefusedError]] = {
     400: InvalidRequestError,

@@ -18,7 +18,9 @@ class Limits:
     ``rate_per_s`` / ``burst``: requests per second per credential (token bucket), burst size.
     ``max_models``: models the store may hold (checked under the lock that inserts).
     ``max_output_bytes``: bytes of all outputs of one run (checked before they are encoded).
-    ``max_run_seconds``: wall time of one run; onnxruntime stops a run past it."""
+    ``max_run_seconds``: wall time of one run; onnxruntime stops a run past it.
+    ``max_run_memory_bytes``: onnxruntime memory of all runs in progress together (a capped shared
+    arena: a tensor that would pass it is refused before it is allocated)."""
 
     max_model_bytes: int = 256 * 1024 * 1024
     max_input_elements: int = 4 * 1024 * 1024
@@ -28,6 +30,7 @@ class Limits:
     max_models: int = 64
     max_output_bytes: int = 64 * 1024 * 1024
     max_run_seconds: float = 60.0
+    max_run_memory_bytes: int = 4 * 1024 * 1024 * 1024
 
 
 class RateLimiter:

@@ -18,7 +18,9 @@ External data is closed twice:
 Run-time limits (:meth:`ServedModel.run`): a run past ``max_seconds`` is stopped by onnxruntime
 (``RunOptions.terminate`` set from a timer; checked between kernels, including every Loop
 iteration), and outputs larger than ``max_output_bytes`` in total are refused before they are
-encoded for the answer.
+encoded for the answer. With :func:`cap_run_memory`, every session allocates its run-time tensors
+(outputs included) from one process-wide onnxruntime CPU arena capped at that many bytes, so a
+tensor that would exceed it is refused *before* it is allocated (initializers are not counted).
 """
 
 from __future__ import annotations
@@ -36,7 +38,23 @@ import onnxruntime as ort
 from veil.attested.tensors import INPUT_DTYPES, ORT_TYPE_TO_DTYPE
 
 __all__ = ["ModelRejected", "InputRejected", "RunLimitExceeded", "TensorDecl", "ServedModel", "load_served_model",
-           "external_data_tensors", "build_session"]
+           "external_data_tensors", "build_session", "cap_run_memory"]
+
+_run_memory: int | None = None  # bytes of the shared onnxruntime arena, once registered
+
+
+def cap_run_memory(max_bytes: int) -> None:
+    """Register onnxruntime's process-wide CPU arena, capped at ``max_bytes``, for every session built
+    afterwards: the memory of all runs in progress together stays below it (a run that would pass it
+    fails with ``run_memory_exceeded``). Once per process; call before building sessions."""
+    global _run_memory
+    if _run_memory is not None:
+        if _run_memory != max_bytes:
+            raise ValueError(f"the run memory cap is already {_run_memory} bytes in this process")
+        return
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(max_bytes, -1, -1, -1))
+    _run_memory = max_bytes
 
 
 class ModelRejected(ValueError):
@@ -147,6 +165,9 @@ class ServedModel:
             if ro.terminate:
                 limit = f"{max_seconds:g} s" if max_seconds is not None else "its time"
                 raise RunLimitExceeded("run_time_exceeded", f"the run was stopped after the limit of {limit}") from None
+            if _run_memory is not None and "BFCArena" in str(e):
+                raise RunLimitExceeded("run_memory_exceeded", f"the run needs more memory than the {_run_memory} bytes "
+                                       "allowed for runs in progress") from None
             raise InputRejected(f"the model could not run on these inputs: {_short(str(e))}") from None
         finally:
             if timer is not None:
@@ -179,6 +200,8 @@ def build_session(data: bytes, intra_op_threads: int = 1) -> ort.InferenceSessio
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 4
+    if _run_memory is not None:
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     with tempfile.TemporaryDirectory(prefix="veil-no-external-data-") as empty:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
         try:

@@ -470,7 +470,7 @@ def create_app(state: ServerState) -> FastAPI:
                                    max_output_bytes=state.limits.max_output_bytes)
             except InputRejected as e:
                 raise Refusal(422, "input_mismatch", str(e)) from None
-            except RunLimitExceeded as e:
+            except RunLimitExceeded as e:  # run_time_exceeded: 503; output_too_large, run_memory_exceeded: 413
                 raise Refusal(503 if e.code == "run_time_exceeded" else 413, e.code, str(e)) from None
             return {"model_id": model_id, "model_sha256": model.sha256,
                     "outputs": {k: encode_tensor(v) for k, v in result.items()}}

@@ -36,13 +36,6 @@ def serve(
     port: int = typer.Option(8443, help="TCP port (0: pick a free one, see --ready-file)"),
     hazmat_simulate_enclave: bool = typer.Option(
         False, "--hazmat-simulate-enclave", help="run a SIMULATED enclave (no hardware TEE; development only)"),
-    platform: str = typer.Option(
-        "auto", help="auto (the machine's SEV-SNP or TDX via configfs-tsm; else the simulation if "
-                     "--hazmat-simulate-enclave), simulated, sev-snp or tdx"),
-    tsm_root: Path | None = typer.Option(None, help="configfs-tsm report directory (default /sys/kernel/config/tsm/report)"),
-    ephemeral_sealing: bool = typer.Option(
-        False, "--ephemeral-sealing", help="hardware without a sealing key (TDX): seal under a random in-memory key; "
-                                           "the store cannot be reopened after a restart"),
     max_model_mb: float = typer.Option(256.0, help="largest model upload, MiB actually received"),
     max_input_elements: int = typer.Option(4 * 1024 * 1024, help="most input elements in one run request"),
     max_request_mb: float = typer.Option(64.0, help="largest run request body, MiB actually received"),
@@ -51,6 +44,8 @@ def serve(
     max_models: int = typer.Option(64, help="most models in the store"),
     max_output_mb: float = typer.Option(64.0, help="largest total output of one run, MiB"),
     max_run_seconds: float = typer.Option(60.0, help="longest run; onnxruntime stops a run past it"),
+    max_run_memory_mb: float = typer.Option(
+        4096.0, help="onnxruntime memory of all runs in progress together, MiB (refused before allocating)"),
     state_dir: Path | None = typer.Option(
         None, help="directory for the server's secrets, outside the store (default: under the user's config "
                    "directory, one per store)"),
@@ -69,12 +64,11 @@ def serve(
     limits = Limits(max_model_bytes=int(max_model_mb * 1024 * 1024), max_input_elements=max_input_elements,
                     max_request_bytes=int(max_request_mb * 1024 * 1024), rate_per_s=rate, burst=burst,
                     max_models=max_models, max_output_bytes=int(max_output_mb * 1024 * 1024),
-                    max_run_seconds=max_run_seconds)
+                    max_run_seconds=max_run_seconds, max_run_memory_bytes=int(max_run_memory_mb * 1024 * 1024))
     try:
         run_server(store, host, port, hazmat_simulate_enclave=hazmat_simulate_enclave, limits=limits,
                    upload_token_file=upload_token_file, platform_dir=platform_dir, intra_op_threads=threads,
-                   ready_file=ready_file, log_level=log_level, state_dir=state_dir, platform_kind=platform,
-                   tsm_root=tsm_root, ephemeral_sealing=ephemeral_sealing)
+                   ready_file=ready_file, log_level=log_level, state_dir=state_dir)
     except VeilError as e:
         _fail(e)
 
