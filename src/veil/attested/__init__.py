@@ -5,10 +5,13 @@ onnxruntime behind a FastAPI app over TLS, and produces evidence binding the mea
 loaded models' hashes, its TLS key and the client's nonce. The client (:func:`connect`) verifies
 that evidence against a :class:`Policy`, then pins the attested TLS key for every later call.
 
-No hardware TEE exists on these machines: the only platform is a clearly labelled simulation
-(:class:`SimulatedPlatform`) that clients accept only with ``hazmat_allow_simulation=True``.
+On AMD SEV-SNP and Intel TDX confidential VMs the server gets real evidence through Linux's
+configfs-tsm and clients verify it (:mod:`veil.attested.hardware`); elsewhere the platform is a
+clearly labelled simulation (:class:`SimulatedPlatform`) that clients accept only with
+``hazmat_allow_simulation=True``.
 """
 
+from veil.attested import hardware as _hardware  # noqa: F401  (registers the sev-snp and tdx verifiers)
 from veil.attested.client import Connection, ModelInfo, RunResult, UploadResult, connect
 from veil.attested.errors import (
     AccessDeniedError,
