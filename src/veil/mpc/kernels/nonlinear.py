@@ -39,6 +39,7 @@ result keeps its relative precision for any variance, then the Goldschmidt steps
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import erf, exp, sqrt, tanh
 
@@ -69,14 +70,14 @@ class Piecewise:
         return max(len(p) for p in self.polys) - 1
 
 
-def _fit(fn: object, a: float, b: float, deg: int) -> tuple[float, ...]:
+def _fit(fn: Callable[[float], float], a: float, b: float, deg: int) -> tuple[float, ...]:
     """Near-minimax fit on [a, b] (least squares on Chebyshev points), in the power basis of x."""
     xs = np.cos(np.linspace(0.0, np.pi, 2001)) * (b - a) / 2 + (a + b) / 2
     ys = np.vectorize(fn)(xs)
     return tuple(float(c) for c in Polynomial.fit(xs, ys, deg).convert().coef)
 
 
-def _piecewise(name: str, fn: object, breaks: list[float], deg: int, low: tuple[float, ...],
+def _piecewise(name: str, fn: Callable[[float], float], breaks: list[float], deg: int, low: tuple[float, ...],
                high: tuple[float, ...] | None, bound: float) -> Piecewise:
     polys = [low] + [_fit(fn, a, b, deg) for a, b in zip(breaks[:-1], breaks[1:], strict=True)]
     if high is not None:
@@ -114,7 +115,7 @@ FUNCTIONS: dict[str, Piecewise] = {
     "tanh": _piecewise("tanh", tanh, [-5.0, -3.0, -1.5, 0.0, 1.5, 3.0, 5.0], 6, (-1.0,), (1.0,), 2e-4),
     "sigmoid": _piecewise("sigmoid", _sigmoid, [-12.0, -8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0, 12.0], 5,
                           (0.0,), (1.0,), 1e-4),
-    "silu": _piecewise("silu", _silu, [-16.0, -8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0, 16.0], 5, (0.0,), (0.0, 1.0),
+    "silu": _piecewise("silu", _silu, [-12.0, -8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0, 12.0, 16.0], 5, (0.0,), (0.0, 1.0),
                        1.5e-4),
     "erf": _piecewise("erf", erf, [-3.0, -1.5, 0.0, 1.5, 3.0], 6, (-1.0,), (1.0,), 2e-4),
     # exp on x <= 0 (max-subtracted softmax inputs); below -13 it is 0 (exp(-13) = 2.3e-6)
