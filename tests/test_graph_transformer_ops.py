@@ -321,3 +321,26 @@ def test_batch_dependent_constant_is_refused():
              helper.make_node("Add", ["x", "z"], ["y"])]
     with pytest.raises(ModelError, match="static batch"):
         from_onnx(build(nodes, {"x": [None, 3]}, ["y"]))
+
+
+# --- per-mode operator lists ----------------------------------------------------------------------
+def test_each_mode_declares_its_ops_and_the_loader_lists_them():
+    from veil.graph import load_model, mode_ops, onnx_ops_for
+    from veil.mpc import MPC_OPS
+    from veil.plain import PLAIN_OPS
+
+    assert mode_ops("mpc") == MPC_OPS and mode_ops("plain") == PLAIN_OPS
+    with pytest.raises(ModelError, match="runs no veil graph"):
+        mode_ops("permute")
+    # an ONNX operator nobody converts: the message lists the ONNX operators of the chosen mode
+    m = build([helper.make_node("Mod", ["x", "x"], ["y"])], {"x": [None, 3]}, ["y"])
+    with pytest.raises(UnsupportedOpError, match="by mpc mode") as e:
+        load_model(m, mode="mpc")
+    assert e.value.supported == sorted(onnx_ops_for(MPC_OPS))
+    # a veil op outside a mode's set: refused at load naming the mode and listing that mode's ops
+    m = build([helper.make_node("ArgMax", ["x"], ["y"], axis=1)], {"x": [None, 3]}, ["y"])
+    small = frozenset({"relu"})
+    with pytest.raises(UnsupportedOpError, match="'argmax' is not supported by tiny mode") as e:
+        from_onnx(m, supported=small, where="tiny mode")
+    assert e.value.supported == ["relu"]
+    assert load_model(m, mode="plain").ops == {"argmax"}

@@ -15,7 +15,7 @@ An unsupported operator fails here, at load time, naming the node and listing wh
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from veil.graph.fuse import fuse_patterns
 from veil.graph.ir import Graph, Node, TensorSpec
 from veil.graph.shapes import node_shape
 
-__all__ = ["from_onnx", "SUPPORTED_ONNX_OPS"]
+__all__ = ["from_onnx", "SUPPORTED_ONNX_OPS", "ONNX_TO_IR", "onnx_ops_for"]
 
 _ONNX_DTYPES = {1: "float32", 11: "float64", 7: "int64", 6: "int32", 10: "float16"}
 
@@ -602,6 +602,29 @@ _CONVERTERS: dict[str, Converter] = {
 }
 SUPPORTED_ONNX_OPS: tuple[str, ...] = tuple(sorted(_CONVERTERS))
 
+#: the veil ops each ONNX operator may become (on activations; constant inputs fold away).
+#: Patterns recognised after conversion (GELU, SiLU, LayerNorm and RMSNorm spelt out) are not listed.
+ONNX_TO_IR: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in {
+    "Gemm": {"linear"}, "MatMul": {"linear", "matmul"}, "Conv": {"conv2d"}, "Relu": {"relu"}, "Tanh": {"tanh"},
+    "Erf": {"erf"}, "Sigmoid": {"sigmoid"}, "Sqrt": {"sqrt"}, "Reciprocal": {"reciprocal"}, "Neg": {"mul_const"},
+    "Pow": {"mul", "sqrt", "rsqrt", "reciprocal"}, "Gelu": {"gelu", "gelu_tanh"}, "ReduceMean": {"reduce_mean"},
+    "ReduceSum": {"reduce_sum"}, "Unsqueeze": {"unsqueeze"}, "Squeeze": {"squeeze"}, "Concat": {"concat"},
+    "Slice": {"slice"}, "Split": {"slice"}, "Gather": {"gather", "embedding"}, "Where": {"mul_const", "add_const", "add"},
+    "Expand": set(), "Cast": set(), "Shape": set(), "Size": set(), "RMSNormalization": {"rmsnorm"},
+    "SimplifiedLayerNormalization": {"rmsnorm"}, "MaxPool": {"maxpool"}, "AveragePool": {"avgpool"},
+    "GlobalAveragePool": {"global_avgpool"}, "BatchNormalization": {"mul_const", "add_const"},
+    "LayerNormalization": {"layernorm"}, "Flatten": {"flatten"}, "Reshape": {"reshape"}, "Transpose": {"transpose"},
+    "Add": {"add", "add_const"}, "Sub": {"sub", "add_const", "mul_const"}, "Mul": {"mul", "mul_const"},
+    "Div": {"mul_const", "reciprocal", "mul"}, "Softmax": {"softmax"}, "ArgMax": {"argmax"}, "Constant": set(),
+    "Identity": set(), "Dropout": set(),
+}.items()}
+
+
+def onnx_ops_for(ir_ops: Iterable[str]) -> tuple[str, ...]:
+    """The ONNX operators a mode running ``ir_ops`` accepts (at least one of their forms runs)."""
+    have = set(ir_ops)
+    return tuple(sorted(k for k, v in ONNX_TO_IR.items() if not v or v & have))
+
 
 def _load_proto(model: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
@@ -620,8 +643,12 @@ def _load_proto(model: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto:
 
 
 def from_onnx(model: str | Path | bytes | onnx.ModelProto, name: str | None = None,
-              constants: dict[str, np.ndarray] | None = None, fuse: bool = True) -> Graph:
+              constants: dict[str, np.ndarray] | None = None, fuse: bool = True,
+              supported: Iterable[str] | None = None, where: str = "veil") -> Graph:
     """Convert an ONNX model (path, bytes or ``ModelProto``) into a veil :class:`Graph`.
+
+    ``supported`` (a mode's veil ops, e.g. ``MPC_OPS``) checks the graph for that mode (``where``
+    names it): an operator it cannot run is refused here, and the error lists what that mode runs.
 
     ``constants`` binds graph inputs to public values (e.g. ``{"attention_mask": m}``): they are
     folded into the graph and are no longer inputs. ``fuse=False`` keeps decomposed patterns as they
@@ -667,7 +694,8 @@ def from_onnx(model: str | Path | bytes | onnx.ModelProto, name: str | None = No
             continue
         conv = _CONVERTERS.get(node.op_type)
         if conv is None:
-            raise UnsupportedOpError(node.name or node.output[0], node.op_type, SUPPORTED_ONNX_OPS)
+            listed = SUPPORTED_ONNX_OPS if supported is None else onnx_ops_for(supported)
+            raise UnsupportedOpError(node.name or node.output[0], node.op_type, listed, where=where)
         conv(node, ctx, _attrs(node))
     const_out = [o.name for o in g.output if o.name in ctx.consts]
     if const_out:
@@ -677,4 +705,6 @@ def from_onnx(model: str | Path | bytes | onnx.ModelProto, name: str | None = No
     graph.meta["opset"] = ctx.opset
     if fuse:
         graph = fuse_patterns(graph, ctx.shapes)
+    if supported is not None:
+        graph.require_ops(supported, where=where)
     return graph
