@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import struct
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from veil.attested.errors import (
@@ -26,7 +29,17 @@ from veil.attested.errors import (
     MeasurementMismatchError,
     StaleNonceError,
 )
-from veil.attested.hardware import CertificateChainError, ConfigfsTsm, ConfigfsTsmPlatform, SevSnpVerifier
+from veil.attested.hardware import (
+    CertificateChainError,
+    CollateralSource,
+    ConfigfsTsm,
+    ConfigfsTsmPlatform,
+    HardwarePolicyError,
+    SevSnpVerifier,
+    SnpPolicy,
+    TcbVersion,
+    verify_snp_report,
+)
 from veil.attested.hardware.configfs_tsm import TsmReport
 from veil.attested.hardware.sevsnp import SNP_REPORT_SIZE, SNP_SIGNED_SIZE
 from veil.attested.platform import get_verifier, register_verifier
@@ -67,13 +80,17 @@ def chain():
     exts = [_amd_ext("2", b"\x16\x08Milan-B0"), _amd_ext("4", CHIP_ID), _amd_ext("3.1", b"\x02\x01\x03"),
             _amd_ext("3.2", b"\x02\x01\x00"), _amd_ext("3.3", b"\x02\x01\x08"), _amd_ext("3.8", b"\x02\x01\x73")]
     vcek = _cert("SEV-VCEK", "SEV-Milan", vcek_key.public_key(), ask_key, exts)
-    return {"ark": ark, "ask": ask, "vcek": vcek, "vcek_key": vcek_key}
+    return {"ark": ark, "ask": ask, "vcek": vcek, "vcek_key": vcek_key, "ark_key": ark_key}
 
 
-def make_report(vcek_key, report_data: bytes, *, policy: int = 0x30000) -> bytes:
+def make_report(vcek_key, report_data: bytes, *, policy: int = 0x30000, version: int = 2,
+                cpuid: tuple[int, int, int] = (0, 0, 0), vmpl: int = 0, signing_key: int = 0) -> bytes:
     r = bytearray(SNP_REPORT_SIZE)
-    struct.pack_into("<IIQ", r, 0, 2, 0, policy)
-    struct.pack_into("<II", r, 0x30, 0, 1)  # VMPL 0, ECDSA P-384 SHA-384
+    struct.pack_into("<IIQ", r, 0, version, 0, policy)
+    struct.pack_into("<II", r, 0x30, vmpl, 1)  # VMPL, ECDSA P-384 SHA-384
+    struct.pack_into("<I", r, 0x48, signing_key << 2)
+    if version >= 3:
+        r[0x188:0x18B] = bytes(cpuid)
     r[0x38:0x40] = TCB
     r[0x50:0x90] = report_data
     r[0x90:0xC0] = MEASUREMENT
@@ -114,8 +131,6 @@ def synthetic_roots(chain):
 
 
 def _server(chain, policy: int = 0x30000) -> TrustedSide:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     tsm = SyntheticSnpTsm(chain["vcek_key"], chain["vcek"].public_bytes(Encoding.DER), policy)
     return TrustedSide(ConfigfsTsmPlatform(tsm, ephemeral_sealing=True), generate_tls_identity(("127.0.0.1",)))
 
@@ -157,3 +172,78 @@ def test_shipped_amd_roots_refuse_a_synthetic_chain(chain):
     with pytest.raises(CertificateChainError):  # the default verifier trusts only AMD's ARKs
         verify_evidence(ev, Policy(code_measurement=MEASUREMENT.hex()), nonce="bb" * 32,
                         tls_spki_sha256=server.tls.spki_sha256)
+
+
+def _verify(chain, report: bytes, **kw):
+    return verify_snp_report(report, signing_cert=kw.pop("cert", chain["vcek"]), at=dt.datetime(2024, 1, 1),
+                             roots={"Milan": (chain["ask"], chain["ark"])}, **kw)
+
+
+def test_version_3_report_and_cpuid(chain):
+    v3 = make_report(chain["vcek_key"], bytes(64), version=3, cpuid=(0x19, 0x01, 0x01))
+    v = _verify(chain, v3)
+    assert (v.report.version, v.report.cpuid, v.product) == (3, (0x19, 0x01, 0x01), "Milan")
+    assert v.reported_tcb == TcbVersion(bootloader=3, tee=0, snp=8, microcode=115)
+    genoa_cpu = make_report(chain["vcek_key"], bytes(64), version=3, cpuid=(0x19, 0x11, 0x01))
+    with pytest.raises(CertificateChainError, match="CPUID says Genoa"):
+        _verify(chain, genoa_cpu)
+    with pytest.raises(HardwarePolicyError, match="VMPL"):
+        _verify(chain, make_report(chain["vcek_key"], bytes(64), vmpl=2))
+    assert _verify(chain, make_report(chain["vcek_key"], bytes(64), vmpl=2), policy=SnpPolicy(max_vmpl=3))
+    # Turin's TCB_VERSION layout: FMC, bootloader, TEE, SNP, reserved x3, microcode
+    assert TcbVersion.from_raw(bytes([1, 2, 3, 4, 0, 0, 0, 5]), "Turin") == TcbVersion(2, 3, 4, 5, fmc=1)
+
+
+def test_vlek_chains_through_the_asvk(chain):
+    ark_key = chain["ark_key"]
+    asvk_key = rsa.generate_private_key(65537, 2048)
+    asvk = _cert("SEV-VLEK-Milan", "ARK-Milan", asvk_key.public_key(), ark_key)
+    vlek_key = ec.generate_private_key(ec.SECP384R1())
+    exts = [_amd_ext("5", b"\x16\x03csp"), _amd_ext("3.1", b"\x02\x01\x03"), _amd_ext("3.3", b"\x02\x01\x08")]
+    vlek = _cert("SEV-VLEK", "SEV-VLEK-Milan", vlek_key.public_key(), asvk_key, exts)
+    report = make_report(vlek_key, bytes(64), signing_key=1)
+    v = _verify(chain, report, cert=vlek, intermediates=[asvk])
+    assert v.signing_key == "VLEK" and v.certificate_chain == ("VLEK", "SEV-VLEK-Milan", "ARK-Milan")
+    with pytest.raises(CertificateChainError, match="ASVK"):
+        _verify(chain, report, cert=vlek)  # no ASVK given
+    with pytest.raises(HardwarePolicyError, match="VLEK"):
+        _verify(chain, report, cert=vlek, intermediates=[asvk], policy=SnpPolicy(allow_vlek=False))
+    with pytest.raises(CertificateChainError, match="signed by the VLEK"):
+        _verify(chain, report)  # a VCEK offered for a VLEK-signed report
+    rogue_key = rsa.generate_private_key(65537, 2048)  # an ASVK not signed by the trusted ARK
+    rogue = _cert("SEV-VLEK-Milan", "ARK-Milan", rogue_key.public_key(), rogue_key)
+    with pytest.raises(CertificateChainError):
+        _verify(chain, report, cert=_cert("SEV-VLEK", "SEV-VLEK-Milan", vlek_key.public_key(), rogue_key, exts),
+                intermediates=[rogue])
+
+
+def test_vcek_fetched_from_kds(chain):
+    """With fetch=True the VCEK comes from AMD's KDS at the report's chip and TCB (mock transport: no network)."""
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, content=chain["vcek"].public_bytes(Encoding.DER))
+
+    report = make_report(chain["vcek_key"], bytes(64))
+    verifier = SevSnpVerifier(collateral=CollateralSource(fetch=True, transport=httpx.MockTransport(handler)),
+                              roots={"Milan": (chain["ask"], chain["ark"])})
+    assert verifier.check(report).product == "Milan"
+    assert seen == [f"https://kdsintf.amd.com/vcek/v1/Milan/{CHIP_ID.hex()}?blSPL=03&teeSPL=00&snpSPL=08&ucodeSPL=115"]
+
+
+def test_cli_verifies_veil_evidence_json(tmp_path):
+    """`veil attested verify` on a server's evidence JSON: the real SNP report verifies, but it does not carry
+    SHA-512 of these claims, so the binding is refused."""
+    from typer.testing import CliRunner
+
+    from attestation_data import attestation_dir
+    from veil.attested.evidence import Evidence
+    from veil.cli.main import app
+
+    d = attestation_dir() / "sev-snp"
+    ev = Evidence("sev-snp", b'{"nonce":"x"}', (d / "report.bin").read_bytes(), ((d / "vcek.der").read_bytes(),))
+    path = tmp_path / "evidence.json"
+    path.write_text(json.dumps(ev.to_json()))
+    r = CliRunner().invoke(app, ["attested", "verify", str(path), "--allow-debug", "--at", "2024-01-01"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ReportDataMismatchError"), r.stderr
