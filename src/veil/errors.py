@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 
 __all__ = [
     "VeilError",
+    "OptionError",
     "ModelError",
     "ModelFormatError",
     "UnsupportedOpError",
@@ -35,6 +36,11 @@ __all__ = [
 
 class VeilError(Exception):
     """Base class of every error raised by veil."""
+
+
+class OptionError(VeilError, ValueError):
+    """An argument or option has a value veil cannot use (``batch_size=0``, ``frac_bits=40``, an
+    unknown backend): the message names the option, the value and what is accepted."""
 
 
 # --- models -----------------------------------------------------------------------------------

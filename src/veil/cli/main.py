@@ -35,15 +35,16 @@ def _register_modes() -> None:
 
 @app.command()
 def demo(
-    n: int = typer.Option(64, help="number of images from the shipped held-out slice"),
+    n: int = typer.Option(64, help="images: the first N of the 2000 shipped held-out images (MNIST test 8000..9999)"),
     model: str = typer.Option("C", help="shipped network: A, B, C or D"),
     plain: bool = typer.Option(False, "--plain", help="plaintext only (no secure computation)"),
+    batch_size: int = typer.Option(None, "--batch-size", help="samples per query (default: min(N, 256))"),
 ) -> None:
-    """Run a shipped MNIST network on the shipped test slice (secure mpc by default)."""
+    """Run a shipped MNIST network on the shipped held-out images (secure mpc by default)."""
     if not plain:
         from veil.mpc.demo import run_demo
 
-        run_demo(model=model, n=n, console=console)
+        run_demo(model=model, n=n, console=console, batch_size=batch_size)
         return
     from veil.assets import load_slice, model_path
     from veil.graph import load_model
@@ -55,7 +56,7 @@ def demo(
     acc = float((logits.argmax(-1) == y).mean())
     t = Table(title=f"network {model.upper()}, plain executor")
     t.add_column("images")
-    t.add_column("accuracy (held-out 2k slice)")
+    t.add_column(f"accuracy (held-out MNIST test 8000..{8000 + len(y) - 1})")
     t.add_row(str(len(y)), f"{acc:.2%}")
     console.print(t)
 

@@ -95,10 +95,14 @@ def local(model: str = typer.Argument(..., help="ONNX file or shipped network A-
 
 @app.command()
 def plan(model: str = typer.Argument(..., help="ONNX file or shipped network A-D"),
-         batch: int = typer.Option(1, help="batch size")) -> None:
+         batch_size: int = typer.Option(1, "--batch-size", help="samples per query"),
+         batch: int = typer.Option(None, "--batch", hidden=True, help="old name of --batch-size")) -> None:
     """Show the compiled server program and each step's declared cost."""
     from veil.graph import load_model
     from veil.mpc import FixedPoint, compile_program
+    from veil.options import check_int
+
+    batch = check_int(batch if batch is not None else batch_size, "--batch-size", 1)
 
     prog = compile_program(load_model(_model(model)), batch, FixedPoint())
     t = Table(title=f"mpc program, batch {batch}")

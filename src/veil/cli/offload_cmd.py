@@ -1,7 +1,7 @@
 """``veil offload ...``: compile, run and deploy offload mode (enclave + untrusted accelerators).
 
 * ``veil offload plan MODEL``: show the enclave/accelerator split the compiler derives.
-* ``veil offload run MODEL --hazmat-simulate``: enclave and accelerator(s) as threads in this process,
+* ``veil offload run MODEL --hazmat-allow-simulation``: enclave and accelerator(s) as threads in this process,
   compared with the plain executor (agreement, max error, bytes, times).
 * ``veil offload enclave|accelerator|user -d FILE``: one party of a deployment over mutual TLS
   (the same as ``veil party -d FILE --as NAME``).
@@ -46,14 +46,23 @@ def run(
     model: str = typer.Argument(..., help="ONNX file or shipped network A-D"),
     inputs: Path = typer.Option(None, help=".npy input batch (default: the shipped MNIST slice)"),
     n: int = typer.Option(64, help="images from the shipped slice when --inputs is not given"),
-    batch: int = typer.Option(64, help="samples per query"),
+    batch_size: int = typer.Option(64, "--batch-size", help="samples per query"),
+    batch: int = typer.Option(None, "--batch", hidden=True, help="old name of --batch-size"),
     weight_privacy: str = typer.Option("none", help="none or shares (two non-colluding accelerators)"),
     backend: str = typer.Option("auto", help="accelerator backend: auto, numpy, torch, torch-cpu, torch-cuda"),
     freivalds_reps: int = typer.Option(1, help="Freivalds repetitions (miss probability p^-reps per wrong row)"),
-    hazmat_simulate: bool = typer.Option(False, "--hazmat-simulate",
-                                         help="accept a SIMULATED enclave (no SGX here; no hardware protection)"),
+    hazmat_allow_simulation: bool = typer.Option(
+        False, "--hazmat-allow-simulation", help="accept a SIMULATED enclave (no SGX here; no hardware protection)"),
+    hazmat_simulate: bool = typer.Option(False, "--hazmat-simulate", hidden=True,
+                                         help="old name of --hazmat-allow-simulation"),
 ) -> None:
     """Run MODEL in offload mode in this process and compare with the plain executor."""
+    from veil.options import check_batch_size, check_choice, check_int
+
+    batch = check_batch_size(batch if batch is not None else batch_size, "--batch-size") or 1 << 62
+    hazmat_simulate = hazmat_allow_simulation or hazmat_simulate
+    check_choice(weight_privacy, "--weight-privacy", ("none", "shares"))
+    check_int(freivalds_reps, "--freivalds-reps", 1)
     from veil.offload import OffloadEnclave, SimulatedEnclaveRuntime, run_offload_local
     from veil.offload.party import load_offload_model
     from veil.plain import run_plain
@@ -145,11 +154,13 @@ def train(
     out: Path = typer.Option(Path("trained.onnx"), help="where to write the trained model (ONNX)"),
     backend: str = typer.Option("auto", help="accelerator backend: auto, numpy, torch, torch-cpu, torch-cuda"),
     checkpoint_every: int = typer.Option(0, help="seal a checkpoint every K steps (0: never)"),
+    min_intensity: float = typer.Option(16.0, help="products with nkm/(nk+km+nm) below this stay in the enclave "
+                                                   "(0: offload every product)"),
     resume: bool = typer.Option(False, help="resume from the sealed checkpoint in --workdir"),
     workdir: Path = typer.Option(None, help="keep deployment, keys, logs and checkpoint here (default: a temp dir)"),
     deployment: Path = typer.Option(None, "--deployment", "-d",
                                     help="play the data owner of this running deployment instead of starting parties"),
-    hazmat_simulate: bool = typer.Option(False, "--hazmat-simulate",
+    hazmat_simulate: bool = typer.Option(False, "--hazmat-allow-simulation", "--hazmat-simulate",
                                          help="accept a SIMULATED enclave (no SGX here; no hardware protection)"),
 ) -> None:
     """Train MODEL privately: a (simulated) enclave plus three untrusted accelerators as processes over mutual TLS."""
@@ -163,7 +174,8 @@ def train(
     opts: dict = {"model": str(Path(model).resolve()) if Path(model).is_file() else model,
                   "data": str(Path(data).resolve()) if Path(data).is_file() else data,
                   "optimizer": optimizer, "lr": lr, "momentum": momentum, "epochs": epochs, "batch_size": batch_size,
-                  "seed": seed, "backend": backend, "hazmat_simulate": hazmat_simulate, "output": "trained.onnx"}
+                  "seed": seed, "backend": backend, "hazmat_allow_simulation": hazmat_simulate, "output": "trained.onnx",
+                  "min_intensity": min_intensity}
     if n is not None:
         opts["n"] = n
     if max_steps is not None:
@@ -173,7 +185,7 @@ def train(
                      "sealing_key": "sealing.key"})
     if not hazmat_simulate and deployment is None:
         raise SimulationNotAllowedError("offload training: no SGX enclave is available here and the simulated enclave "
-                                        "gives no hardware protection; pass --hazmat-simulate to run it anyway")
+                                        "gives no hardware protection; pass --hazmat-allow-simulation to run it anyway")
     console.print("[bold yellow]warning:[/] the enclave is SIMULATED (software only, no SGX); three accelerators "
                   "(two share holders, one triple helper) must not collude pairwise")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

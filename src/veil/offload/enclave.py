@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from veil.errors import ChannelError, InputError, IntegrityError
+from veil.errors import ChannelError, InputError, IntegrityError, OptionError
 from veil.graph import Graph, TensorSpec, load_model
 from veil.net.channel import Channel
 from veil.offload.backend import NumpyBackend
@@ -38,6 +38,7 @@ from veil.offload.errors import AcceleratorProtocolError, AcceleratorUnavailable
 from veil.offload.field import HALF, WEIGHT_BITS, P, centered, limbs_f64, mul_full, to_field, uniform_field
 from veil.offload.material import LayerMaterial, MaterialStore
 from veil.offload.runtime import EnclaveRuntime
+from veil.options import check_choice, check_int, check_timeout
 from veil.plain import check_inputs, run_plain
 from veil.plain import kernels as K
 
@@ -58,16 +59,18 @@ class OffloadEnclave:
     def __init__(self, model: Any, runtime: EnclaveRuntime, weight_privacy: str = "none",
                  accelerators: Sequence[str] | None = None, freivalds_reps: int = 1, timeout: float = 30.0):
         if not isinstance(runtime, EnclaveRuntime):
-            raise TypeError("runtime must be an EnclaveRuntime (e.g. SimulatedEnclaveRuntime(hazmat_allow_simulation=True))")
+            raise OptionError(f"runtime must be an EnclaveRuntime (e.g. SimulatedEnclaveRuntime(hazmat_allow_simulation="
+                              f"True)), got {type(runtime).__name__}")
+        check_choice(weight_privacy, "weight_privacy", ("none", "shares"))
         self.runtime = runtime
         self.graph: Graph = load_model(model)
         self.plan: OffloadPlan = compile_offload(self.graph, weight_privacy)
         self.accelerators = tuple(accelerators or default_accelerators(weight_privacy))
         need = 2 if weight_privacy == "shares" else 1
         if len(self.accelerators) != need:
-            raise ValueError(f"weight privacy {weight_privacy!r} needs {need} accelerator(s), got {self.accelerators}")
-        if freivalds_reps < 1:
-            raise ValueError("freivalds_reps must be >= 1")
+            raise OptionError(f"weight privacy {weight_privacy!r} needs {need} accelerator(s), got {self.accelerators}")
+        check_int(freivalds_reps, "freivalds_reps", 1, why="Freivalds repetitions per layer")
+        check_timeout(timeout)
         self.reps, self.timeout = int(freivalds_reps), float(timeout)
         self.acc_weights = self._deal()
         self.material = MaterialStore(self.plan, runtime,

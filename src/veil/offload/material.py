@@ -29,6 +29,7 @@ from veil.offload.compile import OffloadLayer, OffloadPlan
 from veil.offload.errors import SealError
 from veil.offload.field import limbs_f64, mul_full, mul_small, uniform_field
 from veil.offload.runtime import EnclaveRuntime
+from veil.options import check_int
 
 __all__ = ["LayerMaterial", "MaterialStore"]
 
@@ -73,8 +74,7 @@ class MaterialStore:
     # --- offline ----------------------------------------------------------------------------------
     def precompute(self, samples: int, chunk: int = 64) -> None:
         """Produce and seal material for ``samples`` more sample slots."""
-        if samples < 0:
-            raise ValueError("samples must be >= 0")
+        check_int(samples, "samples", 0, why="sample slots of offline material")
         done = 0
         while done < samples:
             m = min(chunk, samples - done)

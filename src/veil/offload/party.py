@@ -8,30 +8,36 @@ Parties of an offload deployment (``mode = "offload"``):
   untrusted. Runs linear layers on blinded data (torch on a GPU when present, else NumPy).
 * ``user``: sends its inputs to the enclave and prints the predictions. (In a real deployment the
   user would first check the enclave's attestation; the simulated enclave has none, so the enclave
-  refuses to start without ``hazmat_simulate = true``.)
+  refuses to start without ``hazmat_allow_simulation = true``.)
 
 ``[options]``: ``model`` (path to an .onnx file, or A/B/C/D for a shipped network), ``weight_privacy``
 ("none" or "shares"), ``backend`` (accelerator: auto, numpy, torch, torch-cpu, torch-cuda),
 ``precompute`` (samples of offline material, default 256), ``freivalds_reps`` (default 1),
-``hazmat_simulate`` (must be true on machines without SGX), ``inputs`` (user: a .npy file; default
-the shipped MNIST slice), ``n`` (user: images from the slice, default 64), ``batch`` (default 64).
+``hazmat_allow_simulation`` (must be true on machines without SGX; ``hazmat_simulate`` is the old
+name), ``inputs`` (user: a .npy file, or .npz with named inputs; default the shipped MNIST held-out
+images), ``n`` (user: images from them, default 64), ``batch_size`` (default 64; ``batch`` is the old
+name), ``outputs`` (user: an .npz file that receives every output of every query; paths are relative
+to the deployment file). The user prints a summary and the predicted class of each sample; when the
+enclave refuses a query, the user stops with the enclave's reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from veil.errors import ChannelError, DeploymentError, IntegrityError, VeilError
+from veil.errors import ChannelError, DeploymentError, InputError, IntegrityError, ProtocolError, VeilError
 from veil.net.channel import Channel
 from veil.net.deployment import Deployment
 from veil.offload.accelerator import serve_accelerator
 from veil.offload.enclave import OffloadEnclave
 from veil.offload.errors import AcceleratorProtocolError
 from veil.offload.runtime import SimulatedEnclaveRuntime
+from veil.options import check_batch_size, check_int
 
 __all__ = ["peers_of", "run_party", "load_offload_model"]
 
@@ -83,7 +89,7 @@ def run_party(dep: Deployment, name: str, channel: Channel, console: Any = None)
 
 def _enclave(dep: Deployment, ch: Channel, say: Any) -> dict[str, Any]:
     opts = dep.options
-    runtime = SimulatedEnclaveRuntime(hazmat_allow_simulation=bool(opts.get("hazmat_simulate", False)))
+    runtime = SimulatedEnclaveRuntime(hazmat_allow_simulation=_allow_simulation(opts))
     say(f"[offload] enclave: {runtime.describe()}")
     enc = OffloadEnclave(load_offload_model(str(opts.get("model", "C"))), runtime,
                          weight_privacy=str(opts.get("weight_privacy", "none")), accelerators=_accelerators(dep),
@@ -110,32 +116,70 @@ def _enclave(dep: Deployment, ch: Channel, say: Any) -> dict[str, Any]:
     return {"counters": enc.counters, "timing": enc.timing, "material_left": enc.material.available}
 
 
-def _user(dep: Deployment, ch: Channel, say: Any) -> dict[str, Any]:
+def _allow_simulation(opts: dict[str, Any]) -> bool:
+    return bool(opts.get("hazmat_allow_simulation", opts.get("hazmat_simulate", False)))
+
+
+def _option_path(dep: Deployment, key: str) -> Path:
+    p = Path(str(dep.options[key]))
+    return p if p.is_absolute() or dep.path is None else dep.path.parent / p
+
+
+def _user_inputs(dep: Deployment) -> tuple[dict[str, np.ndarray] | np.ndarray, np.ndarray | None]:
     opts = dep.options
-    labels = None
-    if "inputs" in opts:
-        x = np.load(str(opts["inputs"]), allow_pickle=False)
-    else:
+    if "inputs" not in opts:
         from veil.assets import load_slice
 
-        x, labels = load_slice(int(opts.get("n", 64)))
-    batch = int(opts.get("batch", 64))
-    preds = []
+        return load_slice(check_int(opts.get("n", 64), "option n", 1))
+    path = _option_path(dep, "inputs")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"offload user: cannot read inputs from {path.name!r}: expected .npy or .npz ({e})") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            return {k: data[k] for k in data.files}, None
+    return data, None
+
+
+def _user(dep: Deployment, ch: Channel, say: Any) -> dict[str, Any]:
+    opts = dep.options
+    x, labels = _user_inputs(dep)
+    xs = x if isinstance(x, dict) else {"": x}
+    n = len(next(iter(xs.values())))
+    batch = check_batch_size(opts.get("batch_size", opts.get("batch", 64)), "option batch_size") or n
+    outs: dict[str, list[np.ndarray]] = {}
     t0 = time.perf_counter()
     try:
-        for i in range(0, len(x), batch):
-            ch.send("enclave", {"type": "infer", "x": x[i:i + batch]})
+        for i in range(0, n, batch):
+            part = {k: v[i:i + batch] for k, v in xs.items()}
+            ch.send("enclave", {"type": "infer", "x": part[""] if "" in part else part})
             reply = ch.recv("enclave", timeout=dep.timeout * 20)
             if not isinstance(reply, dict) or reply.get("type") != "outputs":
-                raise VeilError(f"the enclave refused the query: {reply.get('message') if isinstance(reply, dict) else reply}")
-            out = next(iter(reply["outputs"].values()))
-            preds.append(np.asarray(out).reshape(len(x[i:i + batch]), -1).argmax(-1))
+                why = reply.get("message") if isinstance(reply, dict) else None
+                raise ProtocolError(f"offload user: the enclave refused query {i // batch} (samples {i}..."
+                                    f"{min(i + batch, n) - 1}): {why or 'no reason given'}")
+            for k, v in reply["outputs"].items():
+                outs.setdefault(k, []).append(np.asarray(v))
     finally:
-        ch.send("enclave", {"type": "bye"})
-    pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
-    result: dict[str, Any] = {"n": int(len(pred)), "seconds": time.perf_counter() - t0, "predictions": pred.tolist()}
+        with contextlib.suppress(ChannelError):  # the enclave may be gone: keep the error that says why
+            ch.send("enclave", {"type": "bye"})
+    outputs = {k: np.concatenate(v) for k, v in outs.items()}
+    first = next(iter(outputs.values())) if outputs else np.zeros((0, 1))
+    pred = first.reshape(len(first), -1).argmax(-1) if first.size else np.zeros(0, np.int64)
+    result: dict[str, Any] = {"n": int(len(pred)), "seconds": time.perf_counter() - t0, "predictions": pred.tolist(),
+                              "outputs": outputs}
     if labels is not None:
         result["accuracy"] = float((pred == labels[: len(pred)]).mean())
-    say(f"[offload] user: {result['n']} predictions in {result['seconds']:.2f} s"
-        + (f", accuracy {result['accuracy']:.2%} (held-out slice)" if "accuracy" in result else ""))
+    if "outputs" in opts:
+        out_path = _option_path(dep, "outputs")
+        np.savez(out_path, **outputs)  # type: ignore[arg-type]  # numpy stubs check **kwds against allow_pickle
+        result["saved"] = str(out_path)
+    say(f"\\[offload] user: {result['n']} predictions in {result['seconds']:.2f} s; outputs "
+        + ", ".join(f"{k} {v.shape}" for k, v in outputs.items())
+        + (f", accuracy {result['accuracy']:.2%} (held-out MNIST images 8000..)" if "accuracy" in result else ""))
+    shown = " ".join(map(str, result["predictions"][:32])) + (" ..." if n > 32 else "")
+    say(f"\\[offload] user: predicted class per sample: {shown}")
+    say(f"\\[offload] user: every output saved to {result['saved']}" if "saved" in result
+        else "\\[offload] user: set options.outputs = \"out.npz\" to save every output")
     return result

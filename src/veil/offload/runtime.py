@@ -63,7 +63,7 @@ class SimulatedEnclaveRuntime(EnclaveRuntime):
         if not hazmat_allow_simulation:
             raise SimulationNotAllowedError(
                 "offload mode: no SGX enclave is available here and the simulated enclave gives no hardware "
-                "protection; pass hazmat_allow_simulation=True (CLI: --hazmat-simulate) to run it anyway")
+                "protection; pass hazmat_allow_simulation=True (CLI: --hazmat-allow-simulation) to run it anyway")
         warnings.warn("offload mode: the enclave is SIMULATED (a normal process; sealing key in ordinary memory); "
                       "the host can read every secret", SimulatedEnclaveWarning, stacklevel=2)
         self._key = self._load_or_create_key(Path(key_file)) if key_file else AESGCM.generate_key(bit_length=256)
