@@ -133,7 +133,8 @@ def test_secure_products_match_float_and_report_the_error():
     for k, v in g_p.items():
         assert np.abs(got["grads"][k] - v).max() <= 2e-3 * np.abs(v).max() + 1e-9, k
     c = got["counters"]
-    assert c["products"] == 9 and c["rounds"] == 6 and c["freivalds_checks"] == 27  # 3 layers x (1 + 2) products
+    # 3 layers x (forward + dX + dW), no dX for the first layer (its input is the data)
+    assert c["products"] == 8 and c["rounds"] == 6 and c["freivalds_checks"] == 24
 
 
 def test_field_products_are_exact_up_to_the_karatsuba_limit_and_beyond():
@@ -158,3 +159,22 @@ def test_field_products_are_exact_up_to_the_karatsuba_limit_and_beyond():
     k = MAX_INNER_KARATSUBA - 1  # every limb and every partial sum at its maximum
     worst = field_matmul(NumpyBackend(), np.full((2, k), P - 1), np.full((k, 2), P - 1))
     assert (worst == ((P - 1) ** 2 * k) % P).all()
+
+
+def test_low_intensity_products_stay_in_the_enclave():
+    """min_intensity: a product whose nkm / (nk + km + nm) is below it is computed in the enclave (float64,
+    nothing sent); the others go to the accelerators."""
+    from offload_train_helpers import DirectSecureMatmul
+    from veil.offload.training import TRAIN_ACCELERATORS, TrainAccelerator
+
+    accs = {a: TrainAccelerator("numpy") for a in TRAIN_ACCELERATORS}
+    eng = DirectSecureMatmul.make(runtime(), accs)
+    eng.min_intensity = 16.0
+    g = np.random.default_rng(1)
+    thin = (g.normal(size=(500, 25)), g.normal(size=(25, 10)))  # intensity ~5.7
+    wide = (g.normal(size=(64, 400)), g.normal(size=(400, 300)))  # intensity ~33
+    out_thin, out_wide = eng.matmuls([thin, wide])
+    assert np.array_equal(out_thin, thin[0] @ thin[1])
+    assert np.abs(out_wide - wide[0] @ wide[1]).max() < 1e-3 * np.abs(wide[0] @ wide[1]).max()
+    assert eng.counters["local_products"] == 1 and eng.counters["rounds"] == 1
+    assert accs["accelerator0"].requests == 1

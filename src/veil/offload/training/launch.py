@@ -41,7 +41,7 @@ def run_train_deployment(workdir: str | Path, options: dict[str, Any], timeout: 
     """Train over four local processes + this one (owner); returns the enclave's report with ``onnx``.
 
     ``options``: the deployment's ``[options]`` (see :mod:`veil.offload.training.party`); ``task`` and
-    ``hazmat_simulate`` must be set by the caller. ``kill_after_steps = (party, k)`` (tests) kills that
+    ``hazmat_allow_simulation`` must be set by the caller. ``kill_after_steps = (party, k)`` (tests) kills that
     party's process after the k-th progress message."""
     from veil.net import connect_tls, create_keys, write_deployment
 

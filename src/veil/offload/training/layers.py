@@ -99,6 +99,7 @@ class TrainGraph:
             if nd.op == "conv2d" and int(nd.attrs.get("group", 1)) != 1:
                 raise UnsupportedOpError(nd.name, "grouped conv2d", ["conv2d with group 1"], where="offload training")
         self.graph = graph
+        self.input_names = frozenset(s.name for s in graph.inputs)
         self.params: dict[str, np.ndarray] = {}
         for nd in graph.nodes:
             if nd.op in ("linear", "conv2d"):
@@ -184,7 +185,7 @@ class TrainGraph:
                 continue
             xs = [env[t] for t in nd.inputs]
             for name, gi in zip(nd.inputs, self._bwd(nd, xs, env[nd.output], g, engine, cache, grads), strict=True):
-                if gi is not None and name not in {s.name for s in self.graph.inputs}:
+                if gi is not None and name not in self.input_names:
                     dt[name] = dt[name] + gi if name in dt else gi
         return grads
 
@@ -194,20 +195,29 @@ class TrainGraph:
         if op == "linear":
             w = self.params[f"{nd.name}/W"]
             g2, x2 = g.reshape(-1, w.shape[0]), x.reshape(-1, x.shape[-1])
-            dx, dw = engine.matmuls([(g2, w), (g2.T, x2)])
+            if nd.inputs[0] in self.input_names:  # no gradient needed for the data itself
+                (dw,) = engine.matmuls([(g2.T, x2)])
+                dx = None
+            else:
+                dx, dw = engine.matmuls([(g2, w), (g2.T, x2)])
             grads[f"{nd.name}/W"] = dw
             if f"{nd.name}/b" in self.params:
                 grads[f"{nd.name}/b"] = g2.sum(0)
-            return [dx.reshape(x.shape)]
+            return [None if dx is None else dx.reshape(x.shape)]
         if op == "conv2d":
             w = self.params[f"{nd.name}/W"]
             o, c, kh, kw = w.shape
             n, _, oh, ow = g.shape
             g2 = g.transpose(0, 2, 3, 1).reshape(-1, o)
-            dcols, dw = engine.matmuls([(g2, w.reshape(o, -1)), (g2.T, cache[nd.name])])
+            if nd.inputs[0] in self.input_names:
+                (dw,) = engine.matmuls([(g2.T, cache[nd.name])])
+            else:
+                dcols, dw = engine.matmuls([(g2, w.reshape(o, -1)), (g2.T, cache[nd.name])])
             grads[f"{nd.name}/W"] = dw.reshape(w.shape)
             if f"{nd.name}/b" in self.params:
                 grads[f"{nd.name}/b"] = g2.sum(0)
+            if nd.inputs[0] in self.input_names:
+                return [None]
             d5 = dcols.reshape(n, oh, ow, c, kh * kw).transpose(0, 3, 1, 2, 4)
             return [col2im(d5, x.shape, (kh, kw), at["strides"], at["pads"])]
         if op == "relu":

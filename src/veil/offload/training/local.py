@@ -31,13 +31,15 @@ class TrainRun:
 def train_offload_local(trainer: Trainer, runtime: EnclaveRuntime, backend: str = "numpy", steps: int | None = None,
                         accelerator_factory: Callable[[str], TrainAccelerator] | None = None,
                         freivalds_reps: int = 1, timeout: float = 60.0, checkpoint: Any = None,
-                        checkpoint_every: int = 0, on_step: Any = None) -> TrainRun:
-    """Train ``trainer`` (``steps`` more steps, default: to the end) with accelerator threads."""
+                        checkpoint_every: int = 0, on_step: Any = None, min_intensity: float = 0.0) -> TrainRun:
+    """Train ``trainer`` (``steps`` more steps, default: to the end) with accelerator threads.
+
+    ``min_intensity``: see :class:`~veil.offload.training.protocol.SecureMatmul` (0: offload every product)."""
     counters: dict[str, float] = {}
     start = len(trainer.history)
 
     def enclave(ch: Channel) -> None:
-        eng = SecureMatmul(ch, runtime, freivalds_reps=freivalds_reps, timeout=timeout)
+        eng = SecureMatmul(ch, runtime, freivalds_reps=freivalds_reps, timeout=timeout, min_intensity=min_intensity)
         try:
             trainer.train(eng, on_step=on_step, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                           runtime=runtime, stop_after=steps)

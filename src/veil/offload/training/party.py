@@ -18,8 +18,10 @@ the shared MNIST file, ``mnist-slice``: the shipped 256 held-out images, ``click
 click set, or an .npz file with one array per model input and ``y``), ``n`` (use the first n
 samples), ``optimizer`` (sgd/adam), ``lr``, ``momentum``, ``epochs``, ``batch_size``, ``seed``,
 ``loss`` (cross_entropy/bce), ``max_steps``, ``output`` (trained .onnx, default ``trained.onnx``);
-enclave: ``hazmat_simulate`` (required), ``sealing_key`` (simulated sealing-key file, so a restarted
-enclave can unseal), ``checkpoint`` (file), ``checkpoint_every``, ``resume``, ``freivalds_reps``;
+enclave: ``hazmat_allow_simulation`` (required; ``hazmat_simulate`` is the old name), ``sealing_key``
+(simulated sealing-key file, so a restarted enclave can unseal), ``checkpoint`` (file), ``checkpoint_every``, ``resume``, ``freivalds_reps``,
+``min_intensity`` (default 16: a product with ``nkm / (nk + km + nm)`` below it is computed inside the
+enclave, where masking and checking it would cost more than the product; 0 offloads every product);
 accelerators: ``backend`` (auto, numpy, torch, torch-cpu, torch-cuda).
 """
 
@@ -44,6 +46,7 @@ from veil.offload.training.trainer import TrainConfig, Trainer
 __all__ = ["run_train_party", "owner_request", "run_owner", "TRAIN_PARTIES"]
 
 TRAIN_PARTIES = ("enclave", *TRAIN_ACCELERATORS, "owner")
+DEFAULT_MIN_INTENSITY = 16.0  #: deployments: products below this arithmetic intensity stay in the enclave
 
 
 def _resolve(dep: Deployment, p: str) -> Path:
@@ -169,10 +172,12 @@ def run_owner(ch: Channel, request: dict[str, Any], timeout: float = 600.0,
 def _enclave(dep: Deployment, ch: Channel, say: Any) -> dict[str, Any]:
     opts = dep.options
     key = opts.get("sealing_key")
-    runtime = SimulatedEnclaveRuntime(hazmat_allow_simulation=bool(opts.get("hazmat_simulate", False)),
+    allow = bool(opts.get("hazmat_allow_simulation", opts.get("hazmat_simulate", False)))
+    runtime = SimulatedEnclaveRuntime(hazmat_allow_simulation=allow,
                                       key_file=_resolve(dep, str(key)) if key else None)
     say(f"[offload train] enclave: {runtime.describe()}")
-    eng = SecureMatmul(ch, runtime, freivalds_reps=int(opts.get("freivalds_reps", 1)), timeout=dep.timeout)
+    eng = SecureMatmul(ch, runtime, freivalds_reps=int(opts.get("freivalds_reps", 1)), timeout=dep.timeout,
+                       min_intensity=float(opts.get("min_intensity", DEFAULT_MIN_INTENSITY)))
     try:
         req = ch.recv("owner", timeout=dep.timeout * 20)
         try:

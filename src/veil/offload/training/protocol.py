@@ -128,6 +128,12 @@ def choose_scales(u: np.ndarray, v: np.ndarray) -> tuple[int, int]:
     raise FieldRangeError(f"values too large for exact field products (max |U| {au:.3g}, max |V| {av:.3g})")
 
 
+def _intensity(u: np.ndarray, v: np.ndarray) -> float:
+    n, k = u.shape
+    m = v.shape[1]
+    return n * k * m / max(n * k + k * m + n * m, 1)
+
+
 @dataclass
 class ProductRecord:
     """Per-product figures (for error measurement and tests)."""
@@ -187,8 +193,12 @@ class SecureMatmul(MatmulEngine):
     name = "offload"
 
     def __init__(self, channel: Channel, runtime: EnclaveRuntime, accelerators: tuple[str, ...] = TRAIN_ACCELERATORS,
-                 freivalds_reps: int = 1, timeout: float = 60.0):
+                 freivalds_reps: int = 1, timeout: float = 60.0, min_intensity: float = 0.0):
         super().__init__()
+        #: products with arithmetic intensity ``nkm / (nk + km + nm)`` below this stay in the enclave
+        #: (float64): masking and checking them would cost the enclave more than computing them
+        self.min_intensity = float(min_intensity)
+        self.local = PlainMatmul()
         if len(accelerators) != 3:
             raise ValueError(f"offload training needs three accelerators (two share holders and a triple helper), "
                              f"got {accelerators}")
@@ -209,6 +219,20 @@ class SecureMatmul(MatmulEngine):
         return self.matmuls([(u, v)])[0]
 
     def matmuls(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        if self.min_intensity > 0:
+            small = [_intensity(u, v) < self.min_intensity for u, v in pairs]
+            if any(small):
+                res: list[np.ndarray | None] = [self.local.matmul(u, v) if sm else None
+                                                for (u, v), sm in zip(pairs, small, strict=True)]
+                self.counters["local_products"] = self.counters.get("local_products", 0) + sum(small)
+                self.counters["enclave_s"] += self.local.counters["enclave_s"]
+                self.local.counters["enclave_s"] = 0.0
+                rest = [p for p, sm in zip(pairs, small, strict=True) if not sm]
+                outs = iter(self._offload(rest) if rest else [])
+                return [r if r is not None else next(outs) for r in res]
+        return self._offload(pairs)
+
+    def _offload(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         t0 = time.perf_counter()
         self.round += 1
         pend: list[_Pending] = []
