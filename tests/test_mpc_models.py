@@ -246,3 +246,27 @@ def test_direct_first_layer_and_the_shared_input_path():
     pred, rep = M.run(g, x, batch_size=2)
     assert np.abs(pred - run_plain(g, x, dtype=np.float64)["y"]).max() < TOL
     assert rep.rounds == rep.declared_rounds == 2 * (3 + 1 + 1)  # relu (small: 3 rounds), linear, output
+
+
+def test_products_of_activations_are_bounded_soundly():
+    """Issue 13: a product of two activations used to be left out of the published input limit
+    (inputs of 1e4 under a limit of 2e7 silently disagreed). The limit now bounds the product: inputs
+    just under it agree with plaintext, inputs just over it are refused before anything is sent."""
+    from veil.mpc.bounds import input_limit
+
+    r = np.random.default_rng(13)
+    g = Graph([Node("l1", "linear", ("x",), "h", {"W": r.normal(0, 0.5, (6, 4)), "b": r.normal(0, 0.1, 6)}),
+               Node("sq", "mul", ("h", "h"), "h2"),
+               Node("l2", "linear", ("h2",), "y", {"W": r.normal(0, 0.5, (3, 6)), "b": r.normal(0, 0.1, 3)})],
+              [TensorSpec("x", (None, 4))], ["y"], "square")
+    lim, uncovered = input_limit(g, FixedPoint())
+    assert uncovered == [] and lim < 1e4  # the old affine bound gave about 1e7 here
+    x = r.uniform(-1, 1, (32, 4)) * 0.99 * lim
+    x[0, 0] = 0.99 * lim
+    pred, _ = M.run(g, x.astype(np.float64))
+    ref = run_plain(g, x, dtype=np.float64)["y"]
+    assert np.abs(pred - ref).max() <= 1e-4 * np.abs(ref).max()  # fixed point: relative 2^-16 per factor
+    parties, errors = _parties(g, x * 1.02 / 0.99)
+    with pytest.raises(InputRangeError, match="fixed-point range"):
+        run_local(parties, timeout=10)
+    assert isinstance(errors["server0"], ProtocolError) and "rejected" in str(errors["server0"])

@@ -23,8 +23,16 @@ __all__ = ["user_role", "check_range"]
 SERVERS = ("server0", "server1")
 
 
-def check_range(x: dict[str, np.ndarray], limit: float, fp: FixedPoint) -> None:
+def check_range(x: dict[str, np.ndarray], limit: float, fp: FixedPoint, graph: Any = None) -> None:
+    """Float inputs against the owner's published limit; integer inputs (token ids) against the
+    vocabulary of the embeddings that read them."""
     for name, v in x.items():
+        if np.issubdtype(v.dtype, np.integer):
+            for n in (graph.consumers(name) if graph is not None else []):
+                if n.op == "embedding" and v.size and (v.min() < 0 or v.max() >= n.params["table"].shape[0]):
+                    raise InputRangeError(f"input {name!r} holds ids outside [0, {n.params['table'].shape[0]}) "
+                                          f"for embedding {n.name!r}")
+            continue
         m = float(np.abs(v).max()) if v.size else 0.0
         if m > limit:
             raise InputRangeError(
@@ -39,7 +47,7 @@ def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, A
     fp = FixedPoint(info["frac_bits"])
     try:
         xs = check_inputs(graph, x)
-        check_range(xs, info["input_limit"], fp)
+        check_range(xs, info["input_limit"], fp, graph)
         n = next(iter(xs.values())).shape[0]
         enc = {k: fp.encode(v, what=f"input {k!r}") for k, v in xs.items()}
     except InputError as e:
