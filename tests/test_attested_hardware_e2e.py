@@ -230,6 +230,8 @@ def test_vcek_fetched_from_kds(chain):
                               roots={"Milan": (chain["ask"], chain["ark"])})
     assert verifier.check(report).product == "Milan"
     assert seen == [f"https://kdsintf.amd.com/vcek/v1/Milan/{CHIP_ID.hex()}?blSPL=03&teeSPL=00&snpSPL=08&ucodeSPL=115"]
+    assert verifier.check(report, (chain["vcek"].public_bytes(Encoding.DER),)).product == "Milan"
+    assert len(seen) == 1  # the evidence carried the VCEK: nothing fetched
 
 
 def test_cli_verifies_veil_evidence_json(tmp_path):

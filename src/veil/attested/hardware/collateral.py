@@ -128,13 +128,14 @@ class CollateralSource:
         return r
 
     # --- SEV-SNP ---------------------------------------------------------------------------------
-    def snp(self, report: SnpReport, products: tuple[str, ...]) -> SnpCollateral:
-        """The signing certificate, extra intermediates and ARK CRL for ``report`` (products: candidates)."""
+    def snp(self, report: SnpReport, products: tuple[str, ...], *, need_signing_cert: bool = True) -> SnpCollateral:
+        """The signing certificate, extra intermediates and ARK CRL for ``report`` (products: candidates).
+        With ``need_signing_cert=False`` (the evidence carries it) nothing is fetched for it."""
         d = self.directory
         cert = _first(d, ("vcek.der", "vcek.pem", "vlek.der", "vlek.pem"), "sev-snp")
         inter = _first(d, ("cert_chain.pem", "ask.pem", "asvk.pem"), "sev-snp")
         crl = _first(d, ("ark_crl.der", "crl.der"), "sev-snp")
-        if cert is None and self.fetch:
+        if cert is None and self.fetch and need_signing_cert:
             if report.signing_key != 0:
                 raise CollateralError("a VLEK cannot be fetched from AMD's KDS by the verifier; the cloud "
                                       "provider supplies it (put it in the collateral directory as vlek.der)")

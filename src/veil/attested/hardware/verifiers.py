@@ -65,21 +65,19 @@ class SevSnpVerifier(PlatformVerifier):
               policy: SnpPolicy | None = None) -> VerifiedSnpReport:
         rep = parse_snp_report(report)
         leaf, others = split_endorsements(endorsements)
+        signing: bytes | x509.Certificate | None = leaf
         intermediates: list[bytes | x509.Certificate] = list(others)
         crl = None
         if self.collateral is not None:
             hint = rep.cpuid_product()
-            col = self.collateral.snp(rep, (hint,) if hint else AMD_PRODUCTS)
+            col = self.collateral.snp(rep, (hint,) if hint else AMD_PRODUCTS, need_signing_cert=leaf is None)
             intermediates.extend(col.intermediates)
             crl = col.ark_crl
-            if leaf is None and col.signing_cert is not None:
-                leaf_bytes = col.signing_cert
-                return verify_snp_report(rep, signing_cert=leaf_bytes, policy=policy or self.policy, at=self.at,
-                                         roots=self.roots, intermediates=intermediates, ark_crl=crl)
-        if leaf is None:
+            signing = signing if signing is not None else col.signing_cert
+        if signing is None:
             raise CollateralError("no VCEK/VLEK: the evidence carries none and no collateral source gave one "
                                   "(a collateral directory with vcek.der, or fetching from AMD's KDS)")
-        return verify_snp_report(rep, signing_cert=leaf, policy=policy or self.policy, at=self.at, roots=self.roots,
+        return verify_snp_report(rep, signing_cert=signing, policy=policy or self.policy, at=self.at, roots=self.roots,
                                  intermediates=intermediates, ark_crl=crl)
 
     def verify(self, report: bytes, endorsements: tuple[bytes, ...],
