@@ -344,3 +344,11 @@ def test_each_mode_declares_its_ops_and_the_loader_lists_them():
         from_onnx(m, supported=small, where="tiny mode")
     assert e.value.supported == ["relu"]
     assert load_model(m, mode="plain").ops == {"argmax"}
+
+
+def test_float64_run_keeps_token_ids_integer():
+    rng = np.random.default_rng(18)
+    node = helper.make_node("Gather", ["table", "ids"], ["y"])
+    g = from_onnx(build([node], {"ids": ([None, 3], TensorProto.INT64)}, ["y"], {"table": f32(rng, 9, 4)}))
+    ids = np.array([[1, 8, 0]], np.int64)
+    np.testing.assert_array_equal(run_plain(g, ids, dtype=np.float64)["y"], g.nodes[0].params["table"][ids])

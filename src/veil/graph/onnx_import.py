@@ -29,7 +29,7 @@ from veil.graph.fuse import fuse_patterns
 from veil.graph.ir import Graph, Node, TensorSpec
 from veil.graph.shapes import node_shape
 
-__all__ = ["from_onnx", "SUPPORTED_ONNX_OPS", "ONNX_TO_IR", "onnx_ops_for"]
+__all__ = ["from_onnx", "bind_inputs", "SUPPORTED_ONNX_OPS", "ONNX_TO_IR", "onnx_ops_for"]
 
 _ONNX_DTYPES = {1: "float32", 11: "float64", 7: "int64", 6: "int32", 10: "float16"}
 
@@ -708,3 +708,21 @@ def from_onnx(model: str | Path | bytes | onnx.ModelProto, name: str | None = No
     if supported is not None:
         graph.require_ops(supported, where=where)
     return graph
+
+
+def bind_inputs(model: str | Path | bytes | onnx.ModelProto, constants: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of the ONNX model whose inputs named in ``constants`` are initializers with those
+    (public) values: what ``from_onnx(model, constants=...)`` imports, as a file another process loads."""
+    proto = _load_proto(model)
+    names = {vi.name for vi in proto.graph.input}
+    unknown = [k for k in constants if k not in names]
+    if unknown:
+        raise ModelError(f"cannot bind {unknown}: not inputs of the model; inputs: {sorted(names)}")
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    keep = [vi for vi in m.graph.input if vi.name not in constants]
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    for k, v in constants.items():
+        m.graph.initializer.append(numpy_helper.from_array(np.asarray(v), k))
+    return m

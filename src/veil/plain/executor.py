@@ -68,7 +68,7 @@ _OPS: dict[str, OpFn] = {
     "reciprocal": lambda n, xs: 1.0 / xs[0],
     "sqrt": lambda n, xs: np.sqrt(xs[0]),
     "rsqrt": lambda n, xs: 1.0 / np.sqrt(xs[0]),
-    "embedding": lambda n, xs: n.params["table"][xs[0]],
+    "embedding": lambda n, xs: n.params["table"][np.asarray(xs[0], np.int64)],
     "erf": lambda n, xs: K.erf(xs[0]),
     "tanh": lambda n, xs: np.tanh(xs[0]),
     "sigmoid": lambda n, xs: K.sigmoid(xs[0]),
@@ -124,8 +124,8 @@ def run_plain(graph: Graph, inputs: np.ndarray | Mapping[str, Any], dtype: Any =
     intermediate tensor as well (useful to compare modes layer by layer).
     """
     env: dict[str, np.ndarray] = dict(check_inputs(graph, inputs))
-    if dtype is not None:
-        env = {k: v.astype(dtype) for k, v in env.items()}
+    if dtype is not None:  # the compute precision of float tensors; integer inputs (token ids) stay integers
+        env = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in env.items()}
     for node in graph.nodes:
         fn = _OPS[node.op]
         env[node.output] = np.asarray(fn(node, [env[i] for i in node.inputs]))
