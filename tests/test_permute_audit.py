@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -77,16 +75,44 @@ def test_bigram_hill_climbing_beats_plain_frequency_on_model_text():
     bigram refinement recovers more positions than rank matching (measured here 0.18 -> 0.22; with
     4096 tokens each, 0.09 -> 0.32). It is a search, not a guarantee: on synthetic Markov chains it can
     also do worse than rank matching."""
+    from veil.assets import stories260k_path
     from veil.permute import load_source
     from veil.permute.audit import _sample_traffic, bigram_attack
 
-    path = Path("/work/shared/models/stories260K.bin")
-    if not path.is_file():
-        pytest.skip(f"{path} is not present")
-    src = load_source(path)
+    src = load_source(stories260k_path())
     traffic, reference = _sample_traffic(src, 32, 64, seed=123), _sample_traffic(src, 32, 64, seed=456)
     sigma = np.random.default_rng(5).permutation(512)
     observed = np.argsort(sigma)[traffic]
     plain = np.mean(frequency_attack(observed, reference, 512)[observed] == traffic)
     refined = np.mean(bigram_attack(observed, reference, 512)[observed] == traffic)
     assert refined > plain, (plain, refined)
+
+
+def test_sorted_row_attack_recovers_embed_mode_tokens_without_pi():
+    """Sorting a received row undoes any permutation of it: every token of stories260K's table is
+    recovered from E[t][pi] (rows are distinct). Control: rows permuted *differently* per token
+    (which no exact transform can do) are not."""
+    from veil.assets import stories260k_path
+    from veil.permute import load_source
+    from veil.permute.audit import sorted_row_attack
+
+    src = load_source(stories260k_path())
+    emb = src.state_dict()["model.embed_tokens.weight"].numpy()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, emb.shape[0], 200)
+    pi = rng.permutation(emb.shape[1])
+    assert np.mean(sorted_row_attack(emb[tokens][:, pi], emb) == tokens) == 1.0
+    scaled = emb[tokens][:, pi] * 8.0  # an embedding scale (Gemma's sqrt(d)) does not help
+    assert np.mean(sorted_row_attack(scaled, emb) == tokens) == 1.0
+    # control: add noise of the size of the values themselves; recovery collapses towards chance
+    noisy = emb[tokens][:, pi] + rng.normal(0, 3 * emb.std(), size=(200, emb.shape[1]))
+    assert np.mean(sorted_row_attack(noisy, emb) == tokens) < 0.2
+
+
+def test_run_audit_includes_sorted_row_matching(llama):
+    a, c = llama.adapter, llama.config
+    key = generate_key(a.hidden_size(c), seed=3)  # embed-mode key
+    traffic = np.random.default_rng(1).integers(0, a.vocab_size(c), size=(2, 16))
+    results = run_audit(llama, key, noises=(0.0,), traffic=traffic, reference=traffic.copy())
+    sorted_rows = [r for r in results if r.attack == "sorted-row matching (embed mode)"]
+    assert len(sorted_rows) == 1 and sorted_rows[0].recovered == 1.0

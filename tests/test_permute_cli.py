@@ -31,6 +31,8 @@ def test_keygen_transform_and_use(hf_dir, tmp_path):
     r = runner.invoke(app, ["transform", "--model", str(d), "--key", str(tmp_path / "key"),
                             "--cloud-out", str(tmp_path / "cloud"), "--user-out", str(tmp_path / "user")])
     assert r.exit_code == 0, r.output
+    # the verdict on a public checkpoint is printed every time, with the audit's figure
+    assert "verdict" in r.output and "column matching from the public checkpoint: 100.0% of pi" in r.output
     client = PermuteClient(read_user_bundle(tmp_path / "user"),
                            LocalTransport(CloudRuntime(read_cloud_package(tmp_path / "cloud"))))
     ids = np.array([[1, 2, 3, 50, 60]])
@@ -44,14 +46,24 @@ def test_keygen_transform_and_use(hf_dir, tmp_path):
     assert "column matching" in r.output and "100.0%" in r.output and "frequency analysis" in r.output
 
 
+def test_transform_prints_the_sorted_row_figure_in_embed_mode(hf_dir, tmp_path):
+    _, d = hf_dir
+    assert runner.invoke(app, ["keygen", "--model", str(d), "--out", str(tmp_path / "key")]).exit_code == 0
+    r = runner.invoke(app, ["transform", "--model", str(d), "--key", str(tmp_path / "key"),
+                            "--cloud-out", str(tmp_path / "cloud"), "--user-out", str(tmp_path / "user")])
+    assert r.exit_code == 0, r.output
+    assert "sorted-row matching (embed mode)" in r.output and "token positions of 256" in r.output
+
+
 def test_cli_errors_are_clear(hf_dir, tmp_path):
     from transformers import OPTConfig, OPTForCausalLM
 
-    opt = tmp_path / "opt"
+    opt = tmp_path / "opt"  # embeddings of width 8 projected to a residual stream of width 16
     OPTForCausalLM(OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                             vocab_size=50, max_position_embeddings=16, word_embed_proj_dim=16)).save_pretrained(opt)
+                             vocab_size=50, max_position_embeddings=16, word_embed_proj_dim=8)).save_pretrained(opt)
     r = runner.invoke(app, ["keygen", "--model", str(opt), "--out", str(tmp_path / "k")])
     assert r.exit_code == 2 and "UnsupportedFamilyError" in r.output and "'opt'" in r.output
+    assert "residual stream" in r.output
     r = runner.invoke(app, ["transform", "--model", str(hf_dir[1]), "--key", str(tmp_path / "nokey"),
                             "--cloud-out", str(tmp_path / "c"), "--user-out", str(tmp_path / "u")])
     assert r.exit_code == 2 and "KeyBundleError" in r.output

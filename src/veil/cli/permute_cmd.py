@@ -85,6 +85,21 @@ def transform(
     write_user_bundle(user_out, user, signing_key)
     console.print(f"cloud model: {cloud_out} ({len(cloud.state_dict)} tensors); user bundle: {user_out} "
                   f"(mode {meta['mode']}); both signed by developer key\n{public_key_hex(signing_key)}")
+    _print_verdict(source, pkey)
+
+
+def _print_verdict(source, pkey) -> None:
+    """What a cloud holding the public checkpoint recovers (printed by every transform)."""
+    from veil.permute.audit import public_checkpoint_verdict
+
+    results = public_checkpoint_verdict(source, pkey)
+    err_console.print("[bold yellow]verdict: if this checkpoint (or the base it was fine-tuned from) is public, "
+                      "the cloud can undo the transform:[/bold yellow]")
+    for r in results:
+        err_console.print(f"[yellow]  {r.attack} from {r.attacker_knows}: {100 * r.recovered:.1f}% of "
+                          f"{r.detail} recovered[/yellow]")
+    err_console.print("[yellow]  permute mode protects only privately trained weights; run `veil permute audit` "
+                      "for the full picture (docs/permute.md)[/yellow]")
 
 
 @app.command()
@@ -180,27 +195,95 @@ def generate(
 def encode(
     user: Path = typer.Option(..., help="user key bundle"),
     url: str = typer.Option("http://127.0.0.1:8470"),
-    text: str = typer.Option(..., help="sentence to embed (tokenised with the bundle's tokenizer)"),
+    text: list[str] = typer.Option(..., help="sentence to embed (repeat for a batch)"),
+    pair: list[str] = typer.Option([], help="second sentence of a pair, one per --text (BERT segment B)"),
+    out: Path | None = typer.Option(None, help="write the full vectors: .npy (float32, one row per text) "
+                                               "or .json (list of lists)"),
+    normalize: bool = typer.Option(True, help="L2-normalise the vectors (as sentence-transformers' MiniLM)"),
     developer_key: str | None = _DEV_KEY,
     ca: Path | None = _CA,
     server_name: str | None = _SERVER_NAME,
     client_cert: Path | None = _CLIENT_CERT,
     client_key: Path | None = _CLIENT_KEY,
 ) -> None:
-    """Sentence embedding (mean pooling) from an encoder through the cloud."""
+    """Sentence embeddings (mean pooling over the real tokens) from an encoder through the cloud."""
+    from veil.errors import InputError
     from veil.permute.errors import KeyBundleError
 
+    if pair and len(pair) != len(text):
+        raise InputError(f"--pair given {len(pair)} times for {len(text)} --text; give one per --text or none")
+    if out is not None and out.suffix not in (".npy", ".json"):
+        raise InputError(f"--out must end in .npy or .json; got {out.name!r}")
     with _connect(user, url, developer_key, ca, server_name, client_cert, client_key) as client:
         tok_json = client.bundle.tokenizer_files.get("tokenizer.json")
         if tok_json is None:
             raise KeyBundleError("the user bundle has no tokenizer.json; cannot tokenise text")
-        from tokenizers import Tokenizer
+        ids, mask, types = _tokenise(tok_json.decode(), text, pair, client.max_positions)
+        emb = client.sentence_embedding(ids, mask, types if pair else None)
+    if normalize:
+        emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".npy":
+            np.save(out, emb.astype(np.float32))
+        else:
+            import json
 
-        tok = Tokenizer.from_str(tok_json.decode())
-        ids = np.array([tok.encode(text).ids], dtype=np.int64)
-        emb = client.sentence_embedding(ids)[0]
-    emb = emb / max(float(np.linalg.norm(emb)), 1e-12)
-    console.print(np.array2string(emb[:8], precision=4) + f" ... ({emb.shape[0]} dims, L2-normalised)")
+            out.write_text(json.dumps(emb.astype(float).tolist()))
+    for row in emb:
+        console.print(np.array2string(row[:8], precision=4) + f" ... ({row.shape[0]} dims"
+                      f"{', L2-normalised' if normalize else ''})")
+    if out is not None:
+        console.print(f"[dim]{emb.shape[0]} vectors of {emb.shape[1]} written to {out}[/dim]")
+
+
+def _tokenise(tok_json: str, texts: list[str], pairs: list[str], max_len: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids, attention mask and token-type ids, padded to the longest text (not to a fixed
+    length: padding is masked out anyway, and the tokenizer's own fixed padding is switched off)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tok_json)
+    pad_id = (tok.padding or {}).get("pad_id", 0)
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_len)
+    encs = tok.encode_batch(list(zip(texts, pairs, strict=True)) if pairs else texts)
+    n = max(len(e.ids) for e in encs)
+    ids = np.full((len(encs), n), pad_id, dtype=np.int64)
+    mask = np.zeros((len(encs), n), dtype=np.int64)
+    types = np.zeros((len(encs), n), dtype=np.int64)
+    for i, e in enumerate(encs):
+        ids[i, :len(e.ids)], mask[i, :len(e.ids)], types[i, :len(e.ids)] = e.ids, e.attention_mask, e.type_ids
+    return ids, mask, types
+
+
+@app.command()
+@_clear_errors
+def export(
+    cloud: Path = typer.Option(..., help="vocab-mode cloud package directory from `transform`"),
+    out: Path = typer.Option(..., help="output: a directory (--format hf) or a .gguf file (--format gguf)"),
+    format: str = typer.Option("hf", help="hf: Hugging Face directory (transformers, vLLM); gguf: llama.cpp"),
+    key: Path | None = typer.Option(None, help="developer key: relabel BOS/EOS so engines stop correctly"),
+    developer_key: str | None = typer.Option(None, help="require the developer's signature on the package"),
+) -> None:
+    """Write the transformed model as a standard checkpoint for existing serving engines."""
+    from veil.errors import InputError
+    from veil.permute.bundle import read_cloud_package, read_key
+    from veil.permute.engines import export_gguf, export_hf
+
+    package = read_cloud_package(cloud, developer_key)
+    sigma_inv = None
+    if key is not None:
+        pkey, _ = read_key(key)
+        sigma_inv = pkey.vocab_inverse
+    if format == "hf":
+        export_hf(package, out, sigma_inv)
+    elif format == "gguf":
+        export_gguf(package, out, sigma_inv)
+    else:
+        raise InputError(f"unknown --format {format!r}; expected hf or gguf")
+    console.print(f"{format} checkpoint written to {out}; the cloud takes and returns relabelled token ids "
+                  "(map them with the user bundle: veil.permute.engines.VocabMap)")
 
 
 def _corpus_ids(model: Path, corpus: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -29,12 +29,20 @@ from veil.permute.errors import (
     SequenceTooLongError,
     UnsupportedFamilyError,
 )
-from veil.permute.families import ADAPTERS, FamilyAdapter, adapter_for, supported_families
-from veil.permute.models import SourceModel, build_module, load_source
+from veil.permute.families import (
+    TESTED_FAMILIES,
+    FamilyAdapter,
+    adapter_for,
+    analyse_model,
+    supported_families,
+)
+from veil.permute.models import SourceModel, build_module, load_source, source_from_model
 from veil.permute.transform import PermutationKey, generate_key, inverse, transform_state_dict
 
 __all__ = [
-    "ADAPTERS",
+    "TESTED_FAMILIES",
+    "analyse_model",
+    "source_from_model",
     "CloudAuthError",
     "CloudError",
     "CloudPackage",

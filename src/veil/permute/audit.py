@@ -16,7 +16,10 @@ developer's key is used only to score them.
 3. ``input inversion`` (knows: the public base model). In ``embed`` mode the cloud receives
    ``E[t][pi]``; with ``pi`` from attack 1 it un-permutes and finds the nearest row of the public
    embedding table: the user's tokens.
-4. ``embedding-row matching`` (knows: the public base model). In ``vocab`` mode the cloud holds
+4. ``sorted-row matching`` (knows: the public embedding table only). A permutation does not change
+   the multiset of values in a row, so sorting each received ``embed``-mode input row and finding the
+   nearest sorted row of the public embedding table gives the user's tokens without ``pi`` at all.
+5. ``embedding-row matching`` (knows: the public base model). In ``vocab`` mode the cloud holds
    ``E[sigma][:, pi]``; with ``pi`` from attack 1, nearest rows recover ``sigma`` without any traffic.
 
 Not run here, but published: hidden states themselves can be inverted to tokens ("Hidden No More",
@@ -41,8 +44,10 @@ __all__ = [
     "frequency_attack",
     "bigram_attack",
     "nearest_rows",
+    "sorted_row_attack",
     "perturb",
     "run_audit",
+    "public_checkpoint_verdict",
 ]
 
 
@@ -155,6 +160,37 @@ def nearest_rows(observed: np.ndarray, table: np.ndarray) -> np.ndarray:
     return out
 
 
+def sorted_row_attack(received: np.ndarray, public_table: np.ndarray) -> np.ndarray:
+    """Token guesses for ``embed``-mode inputs without knowing ``pi``: each received row, sorted, is
+    matched to the nearest sorted row of the public embedding table (a permutation keeps a row's
+    values, only their order changes). A scale the model applies to its embeddings (Gemma's sqrt(d))
+    is removed by normalising rows to unit length first."""
+    def unit_sorted(rows: np.ndarray) -> np.ndarray:
+        r = np.sort(rows.astype(np.float64), axis=-1)
+        return r / np.clip(np.linalg.norm(r, axis=-1, keepdims=True), 1e-12, None)
+
+    return nearest_rows(unit_sorted(received), unit_sorted(public_table))
+
+
+def public_checkpoint_verdict(source: Any, key: PermutationKey) -> list[AuditResult]:
+    """What the cloud recovers if the original checkpoint is public (no fine-tuning): column matching
+    for ``pi`` and, for an ``embed``-mode key, sorted-row matching of 256 random input tokens."""
+    a, c = source.adapter, source.config
+    base_sd = source.state_dict()
+    transformed = transform_state_dict(a, c, base_sd, key)
+    pi_hat = match_columns(hidden_features(a, base_sd), hidden_features(a, transformed))
+    out = [AuditResult("column matching", "the public checkpoint", float(np.mean(pi_hat == key.hidden)),
+                       f"pi entries of {len(key.hidden)}")]
+    if key.vocab is None:
+        emb = base_sd[a.embedding_name].float().numpy()
+        tokens = np.random.default_rng(0).integers(0, emb.shape[0], 256)
+        seen = emb[tokens][:, key.hidden] * np.float32(a.embedding_scale)
+        guess = sorted_row_attack(seen, emb)
+        out.append(AuditResult("sorted-row matching (embed mode)", "the public embedding table; inputs seen",
+                               float(np.mean(guess == tokens)), "token positions of 256 random tokens"))
+    return out
+
+
 def perturb(state_dict: dict[str, torch.Tensor], noise: float, seed: int = 0) -> dict[str, torch.Tensor]:
     """Simulated private fine-tuning: each tensor plus noise * its std * N(0, 1)."""
     if noise == 0:
@@ -225,6 +261,12 @@ def run_audit(
                 "input inversion (embed mode)",
                 f"public base; noise {noise:g}; inputs seen; pi from column matching",
                 float(np.mean(tokens == traffic.ravel())), f"token positions of {traffic.size}",
+            ))
+            guess = sorted_row_attack(seen * np.float32(a.embedding_scale), public_emb)
+            results.append(AuditResult(
+                "sorted-row matching (embed mode)",
+                f"public embedding table; noise {noise:g}; inputs seen; no pi needed",
+                float(np.mean(guess == traffic.ravel())), f"token positions of {traffic.size}",
             ))
     if traffic is not None and reference is not None and (sigma_inv := key.vocab_inverse) is not None:
         observed = sigma_inv[traffic]

@@ -42,7 +42,8 @@ class Transport(Protocol):
     """How the client reaches the cloud (in-process for tests, HTTP for deployments)."""
 
     def info(self) -> dict[str, Any]: ...
-    def forward(self, x: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray: ...
+    def forward(self, x: np.ndarray, attention_mask: np.ndarray | None,
+                token_type_ids: np.ndarray | None = None) -> np.ndarray: ...
     def open_session(self) -> str: ...
     def step(self, sid: str, x: np.ndarray) -> np.ndarray: ...
     def close_session(self, sid: str) -> None: ...
@@ -57,8 +58,9 @@ class LocalTransport:
     def info(self) -> dict[str, Any]:
         return self.runtime.info()
 
-    def forward(self, x: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
-        return self.runtime.forward(x, attention_mask)
+    def forward(self, x: np.ndarray, attention_mask: np.ndarray | None,
+                token_type_ids: np.ndarray | None = None) -> np.ndarray:
+        return self.runtime.forward(x, attention_mask, token_type_ids)
 
     def open_session(self) -> str:
         return self.runtime.open_session()
@@ -201,10 +203,13 @@ class HttpTransport:
     def info(self) -> dict[str, Any]:
         return self._request("GET", "/info")
 
-    def forward(self, x: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
+    def forward(self, x: np.ndarray, attention_mask: np.ndarray | None,
+                token_type_ids: np.ndarray | None = None) -> np.ndarray:
         body: dict[str, Any] = {"inputs": encode_array(x)}
         if attention_mask is not None:
             body["attention_mask"] = encode_array(attention_mask)
+        if token_type_ids is not None:
+            body["token_type_ids"] = encode_array(token_type_ids)
         return decode_array(self._request("POST", "/forward", body).get("outputs"), "outputs")
 
     def open_session(self) -> str:
@@ -246,6 +251,9 @@ class PermuteClient:
         self._embedding = None if bundle.embedding is None else bundle.embedding.float().numpy()
         head = bundle.head if bundle.head is not None else bundle.embedding
         self._head_t = None if head is None else np.ascontiguousarray(head.float().numpy().T)
+        self._scale = float(self.meta.get("embedding_scale") or 1.0)  # e.g. Gemma's sqrt(d)
+        cap = self.meta.get("logit_softcap")
+        self._softcap = None if cap is None else float(cap)
         self.check_cloud(transport.info())
 
     def close(self) -> None:
@@ -291,7 +299,8 @@ class PermuteClient:
         if self._sigma_inv is not None:
             return np.take(self._sigma_inv, ids)
         assert self._embedding is not None
-        return np.take(self._embedding[ids], self._pi, axis=-1)
+        x = np.take(self._embedding[ids], self._pi, axis=-1)
+        return x if self._scale == 1.0 else x * np.float32(self._scale)
 
     def unpermute_output(self, y: np.ndarray) -> np.ndarray:
         if self._sigma_inv is not None:
@@ -299,21 +308,44 @@ class PermuteClient:
         h = np.take(y, self._pi_inv, axis=-1)
         if not self.meta["is_decoder"]:
             return h
-        return h @ self._head_t
+        logits = h @ self._head_t
+        if self._softcap is not None:
+            logits = np.float32(self._softcap) * np.tanh(logits / np.float32(self._softcap))
+        return logits
 
     # --- inference ------------------------------------------------------------------------------
-    def forward(self, token_ids: Any, attention_mask: Any | None = None) -> np.ndarray:
-        """Whole sequences: encoder final hidden states, or decoder logits at every position."""
+    def forward(self, token_ids: Any, attention_mask: Any | None = None,
+                token_type_ids: Any | None = None) -> np.ndarray:
+        """Whole sequences: encoder final hidden states, or decoder logits at every position.
+        ``attention_mask``: 1 for real tokens, 0 for padding. ``token_type_ids``: segment ids of a
+        sentence pair (BERT-style encoders); they travel to the cloud as they are (not permuted)."""
         ids = self._ids(token_ids, 2)
         if ids.shape[1] > self.max_positions:
             raise SequenceTooLongError(ids.shape[1], self.max_positions)
         mask = None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        return self.unpermute_output(self.transport.forward(self.permute_input(ids), mask))
+        if mask is not None and mask.shape != ids.shape:
+            raise InputError(f"attention_mask has shape {mask.shape}; expected {ids.shape} like the token ids")
+        types = None
+        if token_type_ids is not None:
+            types = np.asarray(token_type_ids)
+            if types.shape != ids.shape or types.dtype.kind not in "iu":
+                raise InputError(f"token_type_ids must be integers of shape {ids.shape}; got {types.dtype} "
+                                 f"{types.shape}")
+            limit = int(self.meta.get("type_vocab_size") or 0)
+            if self.meta["is_decoder"] or limit < 1:
+                raise InputError(f"{self.meta['family']} takes no token_type_ids")
+            if types.min() < 0 or types.max() >= limit:
+                raise InputError(f"token_type_ids must lie in 0..{limit - 1}")
+            types = types.astype(np.int64)
+        return self.unpermute_output(self.transport.forward(self.permute_input(ids), mask, types))
 
-    def sentence_embedding(self, token_ids: Any, attention_mask: Any | None = None) -> np.ndarray:
+    def sentence_embedding(self, token_ids: Any, attention_mask: Any | None = None,
+                           token_type_ids: Any | None = None) -> np.ndarray:
+        """Mean of the final hidden states over the real tokens (``attention_mask`` 1), as
+        sentence-transformers pools. Without a mask every position counts, padding included."""
         ids = self._ids(token_ids, 2)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        return mean_pool(self.forward(ids, mask), mask)
+        return mean_pool(self.forward(ids, mask, token_type_ids), mask)
 
     def generate(
         self,

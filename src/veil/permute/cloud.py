@@ -99,14 +99,25 @@ class CloudRuntime:
         return out.logits if (self.mode == "vocab" and self.adapter.is_decoder) else out.last_hidden_state
 
     # --- whole sequences ------------------------------------------------------------------------
-    def forward(self, x: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-        """All positions of a batch of whole sequences (encoders; decoders without a cache)."""
+    def forward(self, x: np.ndarray, attention_mask: np.ndarray | None = None,
+                token_type_ids: np.ndarray | None = None) -> np.ndarray:
+        """All positions of a batch of whole sequences (encoders; decoders without a cache).
+        ``token_type_ids``: segment ids of sentence pairs (encoders with token-type embeddings)."""
         self.check_input(x)
         kwargs: dict[str, Any] = {"use_cache": False} if self.adapter.is_decoder else {}
         if attention_mask is not None:
             if attention_mask.shape != x.shape[:2]:
                 raise InputShapeError("attention_mask", attention_mask.shape, x.shape[:2])
             kwargs["attention_mask"] = torch.from_numpy(attention_mask.astype(np.int64))
+        if token_type_ids is not None:
+            types = int(getattr(self.config, "type_vocab_size", 0) or 0)
+            if self.adapter.is_decoder or types < 1:
+                raise InputError(f"{self.adapter.family} takes no token_type_ids (no token-type embeddings)")
+            if token_type_ids.shape != x.shape[:2]:
+                raise InputShapeError("token_type_ids", token_type_ids.shape, x.shape[:2])
+            if token_type_ids.dtype.kind not in "iu" or token_type_ids.min() < 0 or token_type_ids.max() >= types:
+                raise InputError(f"token_type_ids must be integers in 0..{types - 1}")
+            kwargs["token_type_ids"] = torch.from_numpy(token_type_ids.astype(np.int64))
         return self._output(self._call(x, **kwargs)).float().numpy()
 
     # --- sessions -------------------------------------------------------------------------------

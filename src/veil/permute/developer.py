@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from veil.permute.bundle import CloudPackage, UserBundle
-from veil.permute.errors import KeyBundleError
+from veil.permute.errors import KeyBundleError, UnsupportedFamilyError
+from veil.permute.families import supported_families
 from veil.permute.models import SourceModel
 from veil.permute.transform import PermutationKey, generate_key, transform_state_dict
 
@@ -37,6 +38,9 @@ def public_meta(source: SourceModel, mode: str) -> dict[str, Any]:
         "tied": a.tied(c),
         "bos_token_id": getattr(c, "bos_token_id", None),
         "eos_token_id": getattr(c, "eos_token_id", None),
+        "embedding_scale": a.embedding_scale,
+        "logit_softcap": a.logit_softcap,
+        "type_vocab_size": int(getattr(c, "type_vocab_size", 0) or 0),
     }
 
 
@@ -44,6 +48,9 @@ def make_key(source: SourceModel, mode: str = "embed", seed: int | None = None) 
     """Step 1: a fresh key for ``source`` (``seed`` only for tests and reproducible benchmarks)."""
     if mode not in MODES:
         raise KeyBundleError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode == "embed" and source.adapter.embed_problem:
+        raise UnsupportedFamilyError(source.adapter.family, supported_families(),
+                                     f"embed mode: {source.adapter.embed_problem}; use --mode vocab")
     meta = public_meta(source, mode)
     vocab = meta["vocab_size"] if mode == "vocab" else None
     return generate_key(meta["hidden_size"], vocab, seed=seed), meta

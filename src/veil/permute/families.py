@@ -1,58 +1,59 @@
-"""Per-family adapters: which parameters of a Hugging Face model carry the residual stream.
+"""Adapters: what the transform, the cloud and the user need to know about a model.
 
-The transform in :mod:`veil.permute.transform` is generic. All it needs from a family is a table of
-rules, one per kind of parameter (matched by a regular expression on the state-dict name):
+There is no per-family table. An adapter is made in two steps:
 
-* ``hidden``: the axes of the parameter that index the residual stream (size d). The STIP rule
-  ``y = x W`` becomes, for torch's ``(out, in)`` weights, "input side takes pi" (axis 1 of the
-  query/key/value and first feed-forward weights), "output side takes pi" (axis 0 of the attention
-  output and last feed-forward weights, and their biases), and norm gains/biases (axis 0).
-  GPT-2's ``Conv1D`` stores ``(in, out)``, so its axes are the other way round.
-* ``vocab``: the axes that index the vocabulary (the token embedding rows and the head rows),
-  permuted only when a vocabulary permutation is used.
-* ``role``: ``"embedding"`` for the token embedding table, ``"head"`` for the output head.
+* :func:`adapter_for` (from a Hugging Face config alone, as the cloud has it): is the model a decoder
+  (a causal language model: logits out, KV cache) or an encoder (a masked-LM family used for hidden
+  states), and which ``transformers`` Auto class builds it. Encoder-decoder models are refused.
+* :func:`analyse_model` (from the weights, as the developer has them): which axis of which parameter
+  carries the residual stream, found by :mod:`veil.permute.analysis` from the operations one forward
+  pass performs, then checked numerically on random tokens with a random key. A model whose axes
+  cannot be proven permutable (an operation that depends on the order of the hidden axis, a
+  projection between the embedding and the residual stream, a constant meeting the stream, ...) is
+  refused with :class:`UnsupportedFamilyError` naming the reason.
 
-Every parameter of a model must match exactly one rule (parameters that carry no residual axis,
-such as the query bias, match a rule with no axes). A parameter no rule knows makes the adapter
-refuse the model: a silent skip is how the authors' code lost the norm parameters.
+``TESTED_FAMILIES`` lists the ``model_type`` values the test suite checks (tiny random models, every
+norm parameter and bias random); other families are accepted when the analysis proves them exact.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from veil.permute.errors import UnsupportedFamilyError
 
-__all__ = ["Rule", "FamilyAdapter", "ADAPTERS", "adapter_for", "supported_families"]
+__all__ = ["Rule", "FamilyAdapter", "TESTED_FAMILIES", "adapter_for", "analyse_model", "io_names",
+           "supported_families"]
+
+TESTED_FAMILIES = ("bert", "distilbert", "falcon", "gemma", "gemma2", "gpt2", "gpt_neox", "llama", "mistral",
+                   "opt", "phi3", "qwen2", "qwen3", "roberta")
 
 
 @dataclass(frozen=True)
 class Rule:
-    """How one kind of parameter is permuted."""
+    """How one parameter is permuted: its residual axes, its vocabulary axes, its role."""
 
-    pattern: str
     hidden: tuple[int, ...] = ()
     vocab: tuple[int, ...] = ()
-    role: str | None = None
-
-    def matches(self, name: str) -> bool:
-        return re.fullmatch(self.pattern, name) is not None
+    role: str | None = None  # "embedding" (token table) or "head" (output head)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FamilyAdapter:
-    """What the transform, the cloud and the user need to know about one model family."""
+    """Facts about one model. ``rules`` is filled by :func:`analyse_model` (empty on the cloud)."""
 
     family: str
-    model_types: tuple[str, ...]
     is_decoder: bool
-    base_attr: str | None  # attribute of the full model that holds the base (no head); None: full is base
-    rules: tuple[Rule, ...] = field(default_factory=tuple)
+    rules: dict[str, Rule] = field(default_factory=dict)
     embedding_name: str = ""
     head_name: str | None = None
-    ignored: tuple[str, ...] = ()  # buffers that may appear in checkpoints and carry no weights
+    is_tied: bool = False
+    embedding_scale: float = 1.0
+    logit_softcap: float | None = None  # decoders: logits = cap * tanh(head(h) / cap)
+    embed_problem: str | None = None  # why the embed mode cannot serve this model (None: it can)
 
     # --- config ---------------------------------------------------------------------------------
     def hidden_size(self, config: Any) -> int:
@@ -68,135 +69,173 @@ class FamilyAdapter:
                 return int(value)
         raise UnsupportedFamilyError(self.family, supported_families(), "config names no maximum length")
 
-    def tied(self, config: Any) -> bool:
-        return self.head_name is not None and bool(getattr(config, "tie_word_embeddings", False))
+    def tied(self, config: Any = None) -> bool:
+        return self.is_tied
 
     # --- modules --------------------------------------------------------------------------------
-    def build(self, config: Any):
-        """A randomly initialised full model of this family, in eval mode."""
+    @property
+    def model_class(self) -> str:
+        return "AutoModelForCausalLM" if self.is_decoder else "AutoModel"
+
+    def auto_class(self):
         import transformers
 
-        cls = getattr(transformers, self.model_class)
-        model = cls(config)
+        return getattr(transformers, self.model_class)
+
+    def build(self, config: Any):
+        """A randomly initialised full model for ``config``, float32, in eval mode."""
+        model = self.auto_class().from_config(config, dtype=torch.float32)
         model.eval()
         return model
 
-    @property
-    def model_class(self) -> str:
-        return {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[self.family]
-
     def base(self, model):
         """The base model (hidden states out, no head)."""
-        return model if self.base_attr is None else getattr(model, self.base_attr)
+        return model.base_model
 
     # --- rules ----------------------------------------------------------------------------------
     def is_ignored(self, name: str) -> bool:
-        return any(re.fullmatch(p, name) for p in self.ignored)
+        return False
 
     def rule_for(self, name: str) -> Rule:
-        found = [r for r in self.rules if r.matches(name)]
-        if len(found) != 1:
-            why = "no rule" if not found else f"{len(found)} rules"
-            raise UnsupportedFamilyError(
-                self.family, supported_families(),
-                f"parameter {name!r} matches {why}; this checkpoint is a variant the adapter does not know",
-            )
-        return found[0]
-
-
-_L = r"\d+"
-
-BERT = FamilyAdapter(
-    family="bert",
-    model_types=("bert",),
-    is_decoder=False,
-    base_attr=None,
-    embedding_name="embeddings.word_embeddings.weight",
-    head_name=None,
-    ignored=(r"embeddings\.position_ids", r"embeddings\.token_type_ids"),
-    rules=(
-        Rule(r"embeddings\.word_embeddings\.weight", hidden=(1,), vocab=(0,), role="embedding"),
-        Rule(r"embeddings\.(position|token_type)_embeddings\.weight", hidden=(1,)),
-        Rule(r"embeddings\.LayerNorm\.(weight|bias)", hidden=(0,)),
-        Rule(rf"encoder\.layer\.{_L}\.attention\.self\.(query|key|value)\.weight", hidden=(1,)),
-        Rule(rf"encoder\.layer\.{_L}\.attention\.self\.(query|key|value)\.bias"),
-        Rule(rf"encoder\.layer\.{_L}\.attention\.output\.dense\.(weight|bias)", hidden=(0,)),
-        Rule(rf"encoder\.layer\.{_L}\.(attention\.output|output)\.LayerNorm\.(weight|bias)", hidden=(0,)),
-        Rule(rf"encoder\.layer\.{_L}\.intermediate\.dense\.weight", hidden=(1,)),
-        Rule(rf"encoder\.layer\.{_L}\.intermediate\.dense\.bias"),
-        Rule(rf"encoder\.layer\.{_L}\.output\.dense\.(weight|bias)", hidden=(0,)),
-        # the pooler is tanh(W h_cls + b): permuting both sides makes its output permuted too
-        Rule(r"pooler\.dense\.weight", hidden=(0, 1)),
-        Rule(r"pooler\.dense\.bias", hidden=(0,)),
-    ),
-)
-
-GPT2 = FamilyAdapter(
-    family="gpt2",
-    model_types=("gpt2",),
-    is_decoder=True,
-    base_attr="transformer",
-    embedding_name="transformer.wte.weight",
-    head_name="lm_head.weight",
-    ignored=(rf"transformer\.h\.{_L}\.attn\.(bias|masked_bias)",),
-    rules=(
-        Rule(r"transformer\.wte\.weight", hidden=(1,), vocab=(0,), role="embedding"),
-        Rule(r"transformer\.wpe\.weight", hidden=(1,)),
-        Rule(rf"transformer\.h\.{_L}\.ln_[12]\.(weight|bias)", hidden=(0,)),
-        Rule(r"transformer\.ln_f\.(weight|bias)", hidden=(0,)),
-        # Conv1D weights are (in, out)
-        Rule(rf"transformer\.h\.{_L}\.(attn\.c_attn|mlp\.c_fc)\.weight", hidden=(0,)),
-        Rule(rf"transformer\.h\.{_L}\.(attn\.c_attn|mlp\.c_fc)\.bias"),
-        Rule(rf"transformer\.h\.{_L}\.(attn|mlp)\.c_proj\.weight", hidden=(1,)),
-        Rule(rf"transformer\.h\.{_L}\.(attn|mlp)\.c_proj\.bias", hidden=(0,)),
-        Rule(r"lm_head\.weight", hidden=(1,), vocab=(0,), role="head"),
-    ),
-)
-
-LLAMA = FamilyAdapter(
-    family="llama",
-    model_types=("llama",),
-    is_decoder=True,
-    base_attr="model",
-    embedding_name="model.embed_tokens.weight",
-    head_name="lm_head.weight",
-    ignored=(rf"model\.layers\.{_L}\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq"),
-    rules=(
-        Rule(r"model\.embed_tokens\.weight", hidden=(1,), vocab=(0,), role="embedding"),
-        Rule(rf"model\.layers\.{_L}\.self_attn\.[qkv]_proj\.weight", hidden=(1,)),
-        Rule(rf"model\.layers\.{_L}\.self_attn\.[qkv]_proj\.bias"),
-        Rule(rf"model\.layers\.{_L}\.self_attn\.o_proj\.(weight|bias)", hidden=(0,)),
-        Rule(rf"model\.layers\.{_L}\.mlp\.(gate|up)_proj\.weight", hidden=(1,)),
-        Rule(rf"model\.layers\.{_L}\.mlp\.(gate|up)_proj\.bias"),
-        Rule(rf"model\.layers\.{_L}\.mlp\.down_proj\.(weight|bias)", hidden=(0,)),
-        Rule(rf"model\.layers\.{_L}\.(input|post_attention)_layernorm\.weight", hidden=(0,)),
-        Rule(r"model\.norm\.weight", hidden=(0,)),
-        Rule(r"lm_head\.weight", hidden=(1,), vocab=(0,), role="head"),
-    ),
-)
-
-ADAPTERS: dict[str, FamilyAdapter] = {a.family: a for a in (BERT, GPT2, LLAMA)}
+        rule = self.rules.get(name)
+        if rule is None:
+            why = "the model was not analysed" if not self.rules else "the analysed model has no such parameter"
+            raise UnsupportedFamilyError(self.family, supported_families(), f"parameter {name!r}: {why}")
+        return rule
 
 
 def supported_families() -> list[str]:
-    return sorted(ADAPTERS)
+    """The families the test suite checks (others are accepted when the analysis proves them exact)."""
+    return list(TESTED_FAMILIES)
 
 
 def adapter_for(config: Any) -> FamilyAdapter:
-    """The adapter for a Hugging Face config (by ``model_type``), or :class:`UnsupportedFamilyError`."""
+    """The config-level adapter: decoder or encoder, or :class:`UnsupportedFamilyError`."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
     model_type = str(getattr(config, "model_type", "") or "")
-    for adapter in ADAPTERS.values():
-        if model_type in adapter.model_types:
-            _check_config(adapter, config)
-            return adapter
-    raise UnsupportedFamilyError(model_type or "<none>", supported_families())
+    if not model_type:
+        raise UnsupportedFamilyError("<none>", supported_families(), "the config has no model_type")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedFamilyError(model_type, supported_families(),
+                                     "encoder-decoder models (two stacks with cross-attention) are not supported")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        if getattr(config, "is_decoder", False):
+            raise UnsupportedFamilyError(model_type, supported_families(),
+                                         "a masked-LM family configured as a decoder is not supported")
+        return FamilyAdapter(family=model_type, is_decoder=False)
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return FamilyAdapter(family=model_type, is_decoder=True)
+    raise UnsupportedFamilyError(model_type, supported_families(),
+                                 "neither a causal language model nor a masked-LM encoder in transformers")
 
 
-def _check_config(adapter: FamilyAdapter, config: Any) -> None:
-    if adapter.family == "bert" and getattr(config, "position_embedding_type", "absolute") != "absolute":
-        raise UnsupportedFamilyError(
-            "bert", supported_families(),
-            f"position_embedding_type={config.position_embedding_type!r}; only 'absolute' is supported",
-        )
-    if adapter.family == "bert" and getattr(config, "is_decoder", False):
-        raise UnsupportedFamilyError("bert", supported_families(), "BERT used as a decoder is not supported")
+def io_names(model: Any) -> tuple[str, str | None, bool]:
+    """State-dict names of the token embedding table and the output head (None for encoders built
+    with AutoModel), and whether the head is the embedding table itself."""
+    emb = model.get_input_embeddings().weight
+    head_mod = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = None if head_mod is None else head_mod.weight
+    emb_name = head_name = None
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p is emb and emb_name is None:
+            emb_name = name
+        elif head is not None and p is head and head_name is None and name != emb_name:
+            head_name = name
+    if emb_name is None:
+        raise UnsupportedFamilyError(type(model).__name__, supported_families(), "no token embedding parameter")
+    return emb_name, head_name, head is not None and head is emb
+
+
+def analyse_model(model: Any, verify: bool = True) -> FamilyAdapter:
+    """The full adapter for a loaded model: residual and vocabulary axes of every parameter, found by
+    tracing (:mod:`veil.permute.analysis`) and, with ``verify``, checked on random tokens."""
+    from veil.permute.analysis import analyse_residual
+
+    config = model.config
+    kind = adapter_for(config)
+    d = kind.hidden_size(config)
+    vocab = kind.vocab_size(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 5), generator=g)
+    result = analyse_residual(model, kind.base(model), d, kind.is_decoder, ids)
+    if not result.exact:
+        raise UnsupportedFamilyError(kind.family, supported_families(),
+                                     "cannot prove the permutation exact: " + "; ".join(result.problems[:4]))
+    emb_name, head_name, tied = io_names(model)
+    if not kind.is_decoder:
+        head_name, tied = None, False
+    rules: dict[str, Rule] = {}
+    for name in model.state_dict():
+        role = "embedding" if name == emb_name else "head" if name == head_name else None
+        rules[name] = Rule(hidden=result.hidden_axes.get(name, ()), vocab=result.vocab_axes.get(name, ()), role=role)
+    softcap, embed_problem = _user_head(model, result) if kind.is_decoder else (None, None)
+    adapter = FamilyAdapter(family=kind.family, is_decoder=kind.is_decoder, rules=rules, embedding_name=emb_name,
+                            head_name=head_name, is_tied=tied, embedding_scale=result.embedding_scale,
+                            logit_softcap=softcap, embed_problem=embed_problem)
+    if verify:
+        verify_exact(model, adapter, ids)
+    return adapter
+
+
+def _user_head(model: Any, result: Any) -> tuple[float | None, str | None]:
+    """In embed mode the user applies the head: is it ``h @ W^T`` (optionally soft-capped as
+    ``cap * tanh(x / cap)`` with the config's ``final_logit_softcapping``)?"""
+    head = model.get_output_embeddings()
+    h, logits = result.head_input, result.logits
+    if head is None or h is None or logits is None:
+        return None, "the output head's input could not be observed"
+    if getattr(head, "bias", None) is not None:
+        return None, "the output head has a bias, which the user bundle does not carry"
+    with torch.no_grad():
+        plain = torch.nn.functional.linear(h, head.weight)
+        if plain.shape == logits.shape and torch.allclose(plain, logits, rtol=1e-4, atol=1e-5):
+            return None, None
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap and torch.allclose(cap * torch.tanh(plain / cap), logits, rtol=1e-4, atol=1e-5):
+            return float(cap), None
+    return None, "the logits are not a plain product with the output head"
+
+
+def verify_exact(model: Any, adapter: FamilyAdapter, ids: torch.Tensor, tol: float = 1e-3) -> float:
+    """Run the model with transformed weights on ``ids`` as both modes do and compare with the
+    original: ``vocab`` (random hidden and vocabulary permutations, token ids in) and ``embed``
+    (hidden permutation only, the scaled embeddings ``E[t] * scale`` permuted in). A difference
+    larger than ``tol`` times the output's scale is :class:`UnsupportedFamilyError`. Returns the
+    largest relative difference."""
+    from torch.func import functional_call
+
+    from veil.permute.transform import generate_key, transform_state_dict
+
+    config = model.config
+    d, vocab = adapter.hidden_size(config), adapter.vocab_size(config)
+    kwargs: dict[str, Any] = {"use_cache": False} if adapter.is_decoder else {}
+    worst = 0.0
+    with torch.no_grad():
+        ref = model(input_ids=ids, **kwargs)
+        ref_out = ref.logits if adapter.is_decoder else ref.last_hidden_state
+        embedded = torch.nn.functional.embedding(ids, model.get_input_embeddings().weight) * adapter.embedding_scale
+        for mode in ("vocab", "embed"):
+            key = generate_key(d, vocab if mode == "vocab" else None, seed=7)
+            sd = transform_state_dict(adapter, config, model.state_dict(), key)
+            pi, pi_inv = torch.from_numpy(key.hidden), torch.from_numpy(key.hidden_inverse)
+            if mode == "vocab":
+                sigma_inv = torch.from_numpy(key.vocab_inverse)  # type: ignore[arg-type]
+                inputs: dict[str, Any] = {"input_ids": sigma_inv[ids]}
+            else:
+                inputs = {"inputs_embeds": embedded[..., pi]}
+            out = functional_call(model, sd, (), {**inputs, **kwargs}, tie_weights=True, strict=False)
+            if adapter.is_decoder:
+                got = out.logits[..., sigma_inv] if mode == "vocab" else out.logits
+            else:
+                got = out.last_hidden_state[..., pi_inv]
+            err = float((ref_out - got).abs().max() / ref_out.abs().max().clamp_min(1e-12))
+            if not err <= tol:
+                raise UnsupportedFamilyError(adapter.family, supported_families(),
+                                             f"the transformed weights do not reproduce the model in {mode} mode "
+                                             f"(relative difference {err:.2e} on random tokens)")
+            worst = max(worst, err)
+    return worst

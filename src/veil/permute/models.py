@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from veil.errors import ModelError, ModelFormatError
-from veil.permute.families import FamilyAdapter, adapter_for
+from veil.permute.families import FamilyAdapter, adapter_for, analyse_model, io_names
 
-__all__ = ["SourceModel", "load_source", "build_module", "config_from_dict"]
+__all__ = ["SourceModel", "load_source", "source_from_model", "build_module", "config_from_dict"]
 
 
 @dataclass
@@ -37,24 +37,31 @@ def load_source(path: str | Path) -> SourceModel:
     if path.is_file() and path.suffix == ".bin":
         from veil.permute.llama2c import load_llama2c
 
-        model = load_llama2c(path)
-        return SourceModel(adapter_for(model.config), model.config, model)
+        return source_from_model(load_llama2c(path))
     if path.is_dir() and (path / "config.json").is_file():
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        adapter = adapter_for(config)
-        import transformers
-
-        cls = getattr(transformers, adapter.model_class)
-        model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except (ValueError, KeyError, OSError) as exc:
+            raise ModelFormatError(f"{path}/config.json is not a Hugging Face config this transformers "
+                                   f"version knows ({exc.__class__.__name__})") from None
+        kind = adapter_for(config)
+        model = kind.auto_class().from_pretrained(path, local_files_only=True, dtype=torch.float32)
         model.eval()
-        return SourceModel(adapter, model.config, model)
+        return source_from_model(model)
     if isinstance(path, Path) and not path.exists():
         raise ModelError(f"model path {str(path)!r} does not exist")
     raise ModelFormatError(
         f"{str(path)!r} is neither a Hugging Face model directory (with config.json) nor a llama2.c .bin file"
     )
+
+
+def source_from_model(model: torch.nn.Module, verify: bool = True) -> SourceModel:
+    """Analyse a loaded Hugging Face model (eval mode) and wrap it as a source; refused with
+    :class:`~veil.permute.errors.UnsupportedFamilyError` (and the reason) when not provably exact."""
+    model.eval()
+    return SourceModel(analyse_model(model, verify=verify), model.config, model)
 
 
 def config_from_dict(data: dict[str, Any]):
@@ -81,17 +88,18 @@ def build_module(adapter: FamilyAdapter, config: Any, state_dict: dict[str, torc
     except the embedding and the head must be in ``state_dict``.
     """
     model = adapter.build(config)
-    expected_missing = {adapter.embedding_name, adapter.head_name} if base_only else set()
-    if not base_only and adapter.tied(config):
-        expected_missing.add(adapter.head_name)
+    emb_name, head_name, tied = io_names(model)
+    expected_missing = {emb_name, head_name} if base_only else set()
+    if not base_only and tied:
+        expected_missing.add(head_name)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [m for m in missing if m not in expected_missing and not adapter.is_ignored(m)]
+    missing = [m for m in missing if m not in expected_missing]
     if missing or unexpected:
         raise ModelFormatError(
             f"transformed weights do not fit {adapter.model_class}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    if not base_only and adapter.tied(config):
+    if not base_only and tied:
         model.tie_weights()
     if base_only:
         base = adapter.base(model)

@@ -3,7 +3,8 @@
 Endpoints (JSON; arrays as in :mod:`veil.permute.wire`):
 
 * ``GET /info``: public facts (family, mode, key_id, sizes). ``GET /stats``: batching counters.
-* ``POST /forward`` ``{"inputs", "attention_mask"?}``: whole sequences, all positions.
+* ``POST /forward`` ``{"inputs", "attention_mask"?, "token_type_ids"?}``: whole sequences, all positions
+  (``token_type_ids``: BERT-style segment ids of sentence pairs, encoders only).
 * ``POST /sessions``: open a decoder session (its KV cache stays here); ``DELETE /sessions/{id}``.
 * ``POST /sessions/{id}/step`` ``{"inputs"}``: append positions, get the last position's output.
 
@@ -167,7 +168,9 @@ def create_app(runtime: CloudRuntime, max_batch: int = 16, window_ms: float = 0.
         x = decode_array(body.get("inputs"), "inputs")
         mask = body.get("attention_mask")
         mask_arr = None if mask is None else decode_array(mask, "attention_mask")
-        out = await on_model_thread(runtime.forward, x, mask_arr)
+        types = body.get("token_type_ids")
+        types_arr = None if types is None else decode_array(types, "token_type_ids")
+        out = await on_model_thread(runtime.forward, x, mask_arr, types_arr)
         return {"outputs": encode_array(out)}
 
     @app.post("/sessions")

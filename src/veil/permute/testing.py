@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from veil.net.ports import free_port
-from veil.permute.families import adapter_for
-from veil.permute.models import SourceModel
+from veil.permute.models import SourceModel, source_from_model
 
-__all__ = ["random_gpt2", "random_llama", "randomise_norms", "cloud_server", "cloud_servers", "ServerTLS",
-           "MINILM_DIR"]
+__all__ = ["random_gpt2", "random_llama", "random_model", "TINY_CONFIGS", "randomise_norms", "cloud_server",
+           "cloud_servers", "ServerTLS", "MINILM_DIR"]
 
 
 def _minilm_dir() -> Path | None:
@@ -37,21 +36,62 @@ MINILM_DIR = _minilm_dir()
 
 
 def randomise_norms(model: torch.nn.Module, seed: int) -> None:
-    """Give every LayerNorm/RMSNorm gain and every bias random values (a fresh init has 1 and 0)."""
+    """Give every one-dimensional parameter random values: norm gains (LayerNorm, RMSNorm, (1 + w)
+    RMSNorm, per-head q/k norms) about 1 +- 0.5, biases about 0 +- 0.1 (a fresh init has 1 and 0, or 0
+    for (1 + w) gains, which would hide a forgotten permutation)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            low = name.lower()
+            if p.dim() != 1:
+                continue
             if name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            elif "norm" in low or ".ln_" in low or low.startswith("ln_") or "ln_f" in low:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + 1.0)
 
 
 def _finish(model: torch.nn.Module, seed: int) -> SourceModel:
     randomise_norms(model, seed)
     model.eval()
-    return SourceModel(adapter_for(model.config), model.config, model)
+    return source_from_model(model)
+
+
+# Tiny configurations (hidden 32, 2 layers) of the families the tests check; every other setting is the
+# family's default. Biases are switched on where the family has the option, so they are tested too.
+_COMMON: dict[str, object] = {"vocab_size": 151, "hidden_size": 32, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 128,
+                              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+TINY_CONFIGS: dict[str, dict[str, object]] = {
+    "llama": {"num_key_value_heads": 2},
+    "qwen2": {"num_key_value_heads": 2},
+    "qwen3": {"num_key_value_heads": 2, "head_dim": 8},
+    "mistral": {"num_key_value_heads": 2},
+    "phi3": {"num_key_value_heads": 2},
+    "gemma": {"num_key_value_heads": 2, "head_dim": 8},
+    "gemma2": {"num_key_value_heads": 2, "head_dim": 8},
+    "gpt_neox": {},
+    "opt": {"ffn_dim": 64, "word_embed_proj_dim": 32, "enable_bias": True},
+    "falcon": {"bias": True},
+    "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128},
+    "bert": {"type_vocab_size": 2},
+    "roberta": {"type_vocab_size": 1, "pad_token_id": 1},
+    "distilbert": {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64},
+}
+
+
+def random_model(family: str, seed: int = 0, **overrides: object) -> SourceModel:
+    """A tiny random model of ``family`` (a ``model_type``) with random norm gains and biases."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from veil.permute.families import adapter_for
+
+    kwargs = dict(_COMMON)
+    kwargs.update(TINY_CONFIGS[family])
+    kwargs.update(overrides)
+    cfg = AutoConfig.for_model(family, **kwargs)
+    torch.manual_seed(seed)
+    cls = AutoModelForCausalLM if adapter_for(cfg).is_decoder else AutoModel
+    return _finish(cls.from_config(cfg, dtype=torch.float32), seed)
 
 
 def random_gpt2(seed: int = 0, layers: int = 2, d: int = 48, heads: int = 4, vocab: int = 211,
