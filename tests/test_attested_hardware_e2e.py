@@ -31,10 +31,12 @@ from veil.attested.errors import (
 )
 from veil.attested.hardware import (
     CertificateChainError,
+    CollateralError,
     CollateralSource,
     ConfigfsTsm,
     ConfigfsTsmPlatform,
     HardwarePolicyError,
+    RevokedError,
     SevSnpVerifier,
     SnpPolicy,
     TcbVersion,
@@ -220,18 +222,38 @@ def test_vlek_chains_through_the_asvk(chain):
 def test_vcek_fetched_from_kds(chain):
     """With fetch=True the VCEK comes from AMD's KDS at the report's chip and TCB (mock transport: no network)."""
     seen = []
+    crl = {"der": _ark_crl(chain, revoked=())}
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(str(request.url))
+        if request.url.path.endswith("/crl"):
+            return httpx.Response(200, content=crl["der"])
         return httpx.Response(200, content=chain["vcek"].public_bytes(Encoding.DER))
 
     report = make_report(chain["vcek_key"], bytes(64))
     verifier = SevSnpVerifier(collateral=CollateralSource(fetch=True, transport=httpx.MockTransport(handler)),
-                              roots={"Milan": (chain["ask"], chain["ark"])})
+                              roots={"Milan": (chain["ask"], chain["ark"])}, at=dt.datetime(2024, 1, 1))
     assert verifier.check(report).product == "Milan"
-    assert seen == [f"https://kdsintf.amd.com/vcek/v1/Milan/{CHIP_ID.hex()}?blSPL=03&teeSPL=00&snpSPL=08&ucodeSPL=115"]
+    assert seen == [f"https://kdsintf.amd.com/vcek/v1/Milan/{CHIP_ID.hex()}?blSPL=03&teeSPL=00&snpSPL=08&ucodeSPL=115",
+                    "https://kdsintf.amd.com/vcek/v1/Milan/crl"]
     assert verifier.check(report, (chain["vcek"].public_bytes(Encoding.DER),)).product == "Milan"
-    assert len(seen) == 1  # the evidence carried the VCEK: nothing fetched
+    assert len(seen) == 3  # the evidence carried the VCEK: only the CRL was fetched
+    crl["der"] = _ark_crl(chain, revoked=(chain["ask"],))
+    with pytest.raises(RevokedError, match="SEV-Milan"):  # AMD's CRL revokes an ASK
+        verifier.check(report)
+    crl["der"] = _ark_crl(chain, revoked=(), signer=rsa.generate_private_key(65537, 2048))
+    with pytest.raises(CollateralError, match="signature"):
+        verifier.check(report)
+
+
+def _ark_crl(chain, revoked, signer=None) -> bytes:
+    b = (x509.CertificateRevocationListBuilder().issuer_name(chain["ark"].subject)
+         .last_update(dt.datetime(2023, 1, 1)).next_update(dt.datetime(2025, 1, 1)))
+    for cert in revoked:
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
+                                      .revocation_date(dt.datetime(2023, 6, 1)).build())
+    crl = b.sign(signer or chain["ark_key"], hashes.SHA384(), rsa_padding=PSS)
+    return crl.public_bytes(Encoding.DER)
 
 
 def test_cli_verifies_veil_evidence_json(tmp_path):

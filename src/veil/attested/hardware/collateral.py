@@ -28,6 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from veil.attested.hardware.anchors import AMD_PRODUCTS
+from veil.attested.hardware.certs import load_certificate
 from veil.attested.hardware.errors import CollateralError
 from veil.attested.hardware.sevsnp import SnpReport, TcbVersion
 from veil.attested.hardware.tdx import PckInfo, TdxCollateral
@@ -149,6 +151,11 @@ class CollateralSource:
                     errors.append(str(e))
             if cert is None:
                 raise CollateralError("; ".join(errors))
+        if crl is None and self.fetch:
+            product = products[0] if len(products) == 1 else _product_from_cert(cert)
+            if product is not None:
+                kind = "VLEK" if report.signing_key == 1 else "VCEK"
+                crl = self._get(kds_crl_url(product, kind), f"the {product} ARK CRL").content
         chain = tuple(x for x in (inter,) if x is not None)
         return SnpCollateral(cert, _split_pem(chain), crl)
 
@@ -176,6 +183,13 @@ class CollateralSource:
                 root_crl = self._get(INTEL_ROOT_CRL_URL, "Intel root CA CRL").content
         return TdxCollateral(tcb_info=tcb, tcb_info_chain=tcb_chain, qe_identity=qe, qe_identity_chain=qe_chain,
                              pck_crl=pck_crl, root_crl=root_crl, local=local)
+
+
+def _product_from_cert(cert: bytes | None) -> str | None:
+    if cert is None:
+        return None
+    issuer = load_certificate(cert, "VCEK/VLEK").issuer.rfc4514_string()
+    return next((p for p in AMD_PRODUCTS if f"CN=SEV-{p}" in issuer or f"CN=SEV-VLEK-{p}" in issuer), None)
 
 
 def _header_chain(response: httpx.Response, names: tuple[str, ...]) -> bytes:

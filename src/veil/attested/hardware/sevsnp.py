@@ -62,6 +62,7 @@ __all__ = [
     "product_from_cpuid",
     "verify_snp_report",
     "split_endorsements",
+    "signing_cert_product",
 ]
 
 SNP_REPORT_SIZE = 0x4A0
@@ -323,7 +324,7 @@ def _cn(name: x509.Name) -> str:
     return value if isinstance(value, str) else value.decode(errors="replace")
 
 
-def _product_of(cert: x509.Certificate) -> str:
+def signing_cert_product(cert: x509.Certificate) -> str:
     """The product line named by the issuer of a VCEK (``SEV-Milan``) or VLEK (``SEV-VLEK-Milan``)."""
     issuer = _cn(cert.issuer)
     for product in AMD_PRODUCTS:
@@ -388,7 +389,7 @@ def verify_snp_report(report: bytes | SnpReport, *, signing_cert: bytes | x509.C
         raise CertificateChainError(f"the report says it is signed by the {expected_kind}, the certificate is a {kind}")
     if kind == "VLEK" and not policy.allow_vlek:
         raise HardwarePolicyError("the report is signed by a VLEK, which the policy does not accept")
-    product = _product_of(cert)
+    product = signing_cert_product(cert)
     cpuid_product = rep.cpuid_product()
     if cpuid_product is not None and cpuid_product != product:
         raise CertificateChainError(f"the report's CPUID says {cpuid_product}, its certificate is of the {product} line")

@@ -31,6 +31,7 @@ from veil.attested.hardware.sevsnp import (
     SnpPolicy,
     VerifiedSnpReport,
     parse_snp_report,
+    signing_cert_product,
     split_endorsements,
     verify_snp_report,
 )
@@ -69,7 +70,7 @@ class SevSnpVerifier(PlatformVerifier):
         intermediates: list[bytes | x509.Certificate] = list(others)
         crl = None
         if self.collateral is not None:
-            hint = rep.cpuid_product()
+            hint = signing_cert_product(leaf) if leaf is not None else rep.cpuid_product()
             col = self.collateral.snp(rep, (hint,) if hint else AMD_PRODUCTS, need_signing_cert=leaf is None)
             intermediates.extend(col.intermediates)
             crl = col.ark_crl
