@@ -152,10 +152,10 @@ class CollateralSource:
             if cert is None:
                 raise CollateralError("; ".join(errors))
         if crl is None and self.fetch:
-            product = products[0] if len(products) == 1 else _product_from_cert(cert)
-            if product is not None:
+            crl_product = products[0] if len(products) == 1 else _product_from_cert(cert)
+            if crl_product is not None:
                 kind = "VLEK" if report.signing_key == 1 else "VCEK"
-                crl = self._get(kds_crl_url(product, kind), f"the {product} ARK CRL").content
+                crl = self._get(kds_crl_url(crl_product, kind), f"the {crl_product} ARK CRL").content
         chain = tuple(x for x in (inter,) if x is not None)
         return SnpCollateral(cert, _split_pem(chain), crl)
 
