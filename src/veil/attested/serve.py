@@ -2,8 +2,8 @@
 
 Steps at start:
 
-1. open the platform (only the simulation exists on these machines: ``hazmat_simulate_enclave``
-   must be set, and it warns);
+1. open the platform (``platform_kind``, see :mod:`veil.attested.hardware.select`): SEV-SNP or TDX
+   through Linux's configfs-tsm, or the simulation, which needs ``hazmat_simulate_enclave`` and warns;
 2. generate a fresh TLS key pair and self-signed certificate inside the trusted side;
 3. open the store and unseal every model (a model that fails to unseal is reported and skipped);
 4. hand the key to uvicorn through a file encrypted under a random in-memory password, which is
@@ -37,8 +37,11 @@ from types import FrameType
 
 import uvicorn
 
+from veil.attested.hardware.configfs_tsm import DEFAULT_TSM_ROOT, ConfigfsTsm, ConfigfsTsmPlatform
+from veil.attested.hardware.select import choose_platform
 from veil.attested.limits import Limits
 from veil.attested.onnx_model import cap_run_memory
+from veil.attested.platform import TrustedPlatform
 from veil.attested.server import ServerState, create_app
 from veil.attested.simulated import SimulatedPlatform
 from veil.attested.store import ModelStore
@@ -102,12 +105,10 @@ def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
           upload_token_file: str | os.PathLike[str] | None = None,
           platform_dir: str | os.PathLike[str] | None = None, intra_op_threads: int = 1,
           ready_file: str | os.PathLike[str] | None = None, log_level: str = "warning",
-          state_dir: str | os.PathLike[str] | None = None) -> None:
-    if not hazmat_simulate_enclave:
-        raise DeploymentError(
-            "no hardware TEE backend (SEV-SNP, TDX) is available in this build; start with "
-            "--hazmat-simulate-enclave to run a SIMULATED enclave (development only)"
-        )
+          state_dir: str | os.PathLike[str] | None = None, platform_kind: str = "auto",
+          tsm_root: str | os.PathLike[str] | None = None, ephemeral_sealing: bool = False) -> None:
+    tsm = ConfigfsTsm(tsm_root if tsm_root is not None else DEFAULT_TSM_ROOT)
+    kind = choose_platform(platform_kind, hazmat_simulate_enclave=hazmat_simulate_enclave, tsm=tsm)
     store_path = Path(store_dir)
     store_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     state_path = Path(state_dir) if state_dir is not None else default_state_dir(store_path)
@@ -123,11 +124,16 @@ def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
         raise DeploymentError(f"the store {store_path} holds secrets in clear ({', '.join(legacy)}; older layout): "
                               f"move them into the state directory {state_path} (or pass --state-dir) and restart")
     _private_dir(state_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        platform = SimulatedPlatform(platform_path)
-    print("WARNING: veil attested runs a SIMULATED enclave: evidence is signed by a simulation key and proves "
-          "nothing about the hardware.", file=sys.stderr, flush=True)
+    platform: TrustedPlatform
+    if kind == "simulated":
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            platform = SimulatedPlatform(platform_path)
+        print("WARNING: veil attested runs a SIMULATED enclave: evidence is signed by a simulation key and proves "
+              "nothing about the hardware.", file=sys.stderr, flush=True)
+    else:
+        platform = ConfigfsTsmPlatform(tsm, expect=kind, ephemeral_sealing=ephemeral_sealing)
+    signer = platform.public_key_hex if isinstance(platform, SimulatedPlatform) else None
     tls = generate_tls_identity(tuple(dict.fromkeys((host, "127.0.0.1", "localhost"))))
     trusted = TrustedSide(platform, tls)
     store = ModelStore(store_path, platform)
@@ -160,7 +166,7 @@ def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
         config.load()  # builds the SSL context; the key files are deleted right after
     info = {"url": f"https://{host}:{actual_port}", "port": actual_port, "pid": os.getpid(),
             "platform": platform.name, "measurement": trusted.measurement,
-            "simulation_signer": platform.public_key_hex, "tls_spki_sha256": tls.spki_sha256,
+            "simulation_signer": signer, "tls_spki_sha256": tls.spki_sha256,
             "state_dir": str(state_path), "upload_token_file": str(token_path), "models": len(state.models)}
     if ready_file is not None:
         tmp_ready = Path(str(ready_file) + ".tmp")
@@ -168,7 +174,8 @@ def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
         os.replace(tmp_ready, ready_file)
     print(f"veil attested: serving {info['url']} (platform {platform.name}, code {trusted.measurement[:16]}..., "
           f"{len(state.models)} models; secrets in {state_path})", flush=True)
-    print(f"veil attested: simulation signer to pin in clients: {platform.public_key_hex}", flush=True)
+    if signer is not None:
+        print(f"veil attested: simulation signer to pin in clients: {signer}", flush=True)
     try:
         _Server(config, state.stop_runs).run(sockets=[sock])
     finally:

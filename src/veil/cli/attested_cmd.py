@@ -36,6 +36,13 @@ def serve(
     port: int = typer.Option(8443, help="TCP port (0: pick a free one, see --ready-file)"),
     hazmat_simulate_enclave: bool = typer.Option(
         False, "--hazmat-simulate-enclave", help="run a SIMULATED enclave (no hardware TEE; development only)"),
+    platform: str = typer.Option(
+        "auto", help="auto (the machine's SEV-SNP or TDX via configfs-tsm; else the simulation if "
+                     "--hazmat-simulate-enclave), simulated, sev-snp or tdx"),
+    tsm_root: Path | None = typer.Option(None, help="configfs-tsm report directory (default /sys/kernel/config/tsm/report)"),
+    ephemeral_sealing: bool = typer.Option(
+        False, "--ephemeral-sealing", help="hardware without a sealing key (TDX): seal under a random in-memory key; "
+                                           "the store cannot be reopened after a restart"),
     max_model_mb: float = typer.Option(256.0, help="largest model upload, MiB actually received"),
     max_input_elements: int = typer.Option(4 * 1024 * 1024, help="most input elements in one run request"),
     max_request_mb: float = typer.Option(64.0, help="largest run request body, MiB actually received"),
@@ -68,7 +75,8 @@ def serve(
     try:
         run_server(store, host, port, hazmat_simulate_enclave=hazmat_simulate_enclave, limits=limits,
                    upload_token_file=upload_token_file, platform_dir=platform_dir, intra_op_threads=threads,
-                   ready_file=ready_file, log_level=log_level, state_dir=state_dir)
+                   ready_file=ready_file, log_level=log_level, state_dir=state_dir, platform_kind=platform,
+                   tsm_root=tsm_root, ephemeral_sealing=ephemeral_sealing)
     except VeilError as e:
         _fail(e)
 
