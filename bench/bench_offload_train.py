@@ -114,7 +114,8 @@ class ErrorProbe(SecureMatmul):
         return outs
 
 
-def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, reps: int, backend: str) -> dict:
+def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, reps: int, backend: str,
+               min_intensity: float) -> dict:
     n = len(y)
     cfg = TrainConfig(optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9}, batch_size=n, seed=0, loss=loss, epochs=100)
     names = [s.name for s in graph.inputs]
@@ -154,7 +155,8 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
         accs.append(a)
         return a
 
-    train_offload_local(tr, rt, steps=1, accelerator_factory=factory, backend=backend, timeout=600)
+    train_offload_local(tr, rt, steps=1, accelerator_factory=factory, backend=backend, timeout=600,
+                        min_intensity=min_intensity)
     steps: list[dict] = []
     e0 = dict(tr.timing)
 
@@ -166,7 +168,7 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
     accs.clear()
     t0 = time.perf_counter()
     run = train_offload_local(tr, rt, steps=reps, accelerator_factory=factory, backend=backend, timeout=600,
-                              on_step=on_step)
+                              on_step=on_step, min_intensity=min_intensity)
     wall = time.perf_counter() - t0
     c = run.counters
     enclave_work = (tr.timing["enclave_s"] - e0["enclave_s"]) + c["enclave_s"]
@@ -177,7 +179,7 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
     from veil.offload.training import TRAIN_ACCELERATORS, serve_train_accelerator
 
     def enclave(ch):
-        e = ErrorProbe(ch, rt, timeout=600)
+        e = ErrorProbe(ch, rt, timeout=600)  # every product offloaded, to measure each one's error
         try:
             tr.step(e)
         finally:
@@ -185,7 +187,8 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
 
     run_local({"enclave": enclave, **{a: (lambda ch: serve_train_accelerator(ch, backend=backend))
                                       for a in TRAIN_ACCELERATORS}}, timeout=600)
-    return {"net": name, "batch": n, "torch_ms": t_torch * 1e3, "enclave_only_ms": t_enc * 1e3,
+    return {"net": name, "min_intensity": min_intensity, "local_products": c.get("local_products", 0) / reps,
+            "batch": n, "torch_ms": t_torch * 1e3, "enclave_only_ms": t_enc * 1e3,
             "offload_ms": min(s["t"] for s in steps) * 1e3, "offload_mean_ms": wall / reps * 1e3,
             "enclave_share": enclave_work / wall, "accel_compute_ms": sum(a.compute_s for a in accs) / reps * 1e3,
             "bytes_to_acc": st.bytes_sent / reps, "bytes_from_acc": st.bytes_recv / reps,
@@ -196,7 +199,8 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
 
 
 # --- parts 2/3: side-by-side training ----------------------------------------------------------------
-def side_by_side(mod, graph, feeds, y, cfg: TrainConfig, backend: str, evaluate, label: str) -> dict:
+def side_by_side(mod, graph, feeds, y, cfg: TrainConfig, backend: str, evaluate, label: str,
+                 min_intensity: float) -> dict:
     names = [s.name for s in graph.inputs]
     # plaintext torch: same initial weights (the module the graph came from), same order, same optimizer
     tm = copy.deepcopy(mod).float()
@@ -226,7 +230,7 @@ def side_by_side(mod, graph, feeds, y, cfg: TrainConfig, backend: str, evaluate,
             console.print(f"  [{label}] offload step {t.step_count}/{t.total_steps} loss {loss:.4f} "
                           f"({(time.perf_counter() - t0) / done[0]:.2f} s/step)")
 
-    run = train_offload_local(tr, runtime(), backend=backend, timeout=600, on_step=progress)
+    run = train_offload_local(tr, runtime(), backend=backend, timeout=600, on_step=progress, min_intensity=min_intensity)
     t_off = time.perf_counter() - t0
     with torch.no_grad():
         ev_t = evaluate(lambda f: torch_forward(tm, f, names).numpy().astype(np.float64))
@@ -284,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--click-n", type=int, default=8000)
     ap.add_argument("--click-epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-intensity", type=float, default=16.0,
+                    help="products below this arithmetic intensity stay in the enclave (the step part also runs 0)")
+    ap.add_argument("--train-min-intensity", type=float, default=0.0,
+                    help="the same for the side-by-side trainings (default 0: every product through the accelerators)")
     ap.add_argument("--png", default="docs/offload_train_curves.png")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -296,16 +304,20 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         xs, ys = load_mnist("train")
         mod, graph = model_c(a.seed)
-        rows.append(step_costs("C", mod, graph, {"x": xs[: a.batch]}, ys[: a.batch], "cross_entropy", a.reps, a.backend))
+        for mi in sorted({0.0, a.min_intensity}):
+            rows.append(step_costs("C", mod, graph, {"x": xs[: a.batch]}, ys[: a.batch], "cross_entropy", a.reps,
+                                   a.backend, mi))
         cd = synthetic_clicks(max(a.batch, 256), seed=1)
         mod, graph = model_dc(cd.vocab, cd.dense.shape[1], a.seed)
-        rows.append(step_costs("DeepCrossing", mod, graph, cd.feeds(slice(0, 256)), cd.y[:256], "bce", a.reps, a.backend))
+        for mi in sorted({0.0, a.min_intensity}):
+            rows.append(step_costs("DeepCrossing", mod, graph, cd.feeds(slice(0, 256)), cd.y[:256], "bce", a.reps,
+                                   a.backend, mi))
         t = Table(title="offload training, per step (best of reps; offload mean in brackets)")
-        for c in ("net", "batch", "torch f32 ms", "enclave-only ms", "offload ms", "x enclave-only", "enclave share",
+        for c in ("net", "batch", "min intensity (local products)", "torch f32 ms", "enclave-only ms", "offload ms", "x enclave-only", "enclave share",
                   "accel compute ms", "bytes to acc", "bytes from acc", "products", "rounds", "max rel. product err"):
             t.add_column(c)
         for r in rows:
-            t.add_row(r["net"], str(r["batch"]), f"{r['torch_ms']:.1f}", f"{r['enclave_only_ms']:.1f}",
+            t.add_row(r["net"], str(r["batch"]), f"{r['min_intensity']:g} ({r['local_products']:.0f})", f"{r['torch_ms']:.1f}", f"{r['enclave_only_ms']:.1f}",
                       f"{r['offload_ms']:.0f} ({r['offload_mean_ms']:.0f})", f"{r['offload_ms'] / r['enclave_only_ms']:.1f}",
                       f"{r['enclave_share']:.0%}", f"{r['accel_compute_ms']:.0f}", f"{r['bytes_to_acc']:,.0f}",
                       f"{r['bytes_from_acc']:,.0f}", f"{r['products']:.0f}", f"{r['rounds']:.0f}",
@@ -326,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             logits = np.concatenate([fwd({"x": xh[i:i + 500]}) for i in range(0, len(yh), 500)])
             return {"accuracy": float((logits.argmax(-1) == yh).mean())}
 
-        r = side_by_side(mod, graph, {"x": x}, y, cfg, a.backend, ev_mnist, "C")
+        r = side_by_side(mod, graph, {"x": x}, y, cfg, a.backend, ev_mnist, "C", a.train_min_intensity)
         r["config"] = cfg.as_dict() | {"train_images": len(y)}
         curves[f"C / MNIST 0..{len(y) - 1}"] = r
         results["mnist"] = r
@@ -344,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             return {"logloss": float(-(yh * np.log(p) + (1 - yh) * np.log(1 - p)).mean()),
                     "accuracy": float(((p > 0.5) == yh).mean()), "auc": auc(p, yh)}
 
-        r = side_by_side(mod, graph, data.feeds(tr_idx), data.y[tr_idx], cfg, a.backend, ev_clicks, "clicks")
+        r = side_by_side(mod, graph, data.feeds(tr_idx), data.y[tr_idx], cfg, a.backend, ev_clicks, "clicks",
+                         a.train_min_intensity)
         r["config"] = cfg.as_dict() | {"train_samples": a.click_n}
         curves[f"DeepCrossing / clicks ({a.click_n})"] = r
         results["clicks"] = r

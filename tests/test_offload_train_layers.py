@@ -178,3 +178,17 @@ def test_low_intensity_products_stay_in_the_enclave():
     assert np.abs(out_wide - wide[0] @ wide[1]).max() < 1e-3 * np.abs(wide[0] @ wide[1]).max()
     assert eng.counters["local_products"] == 1 and eng.counters["rounds"] == 1
     assert accs["accelerator0"].requests == 1
+
+
+def test_training_data_that_does_not_fit_the_model_is_a_clear_error():
+    from veil.offload.training import TrainConfig, Trainer
+    from veil.offload.training.trainer import TrainingDataError
+
+    cfg = TrainConfig(optimizer={"name": "sgd", "lr": 0.1})
+    g = small_cnn(0)
+    with pytest.raises(TrainingDataError, match="lacks model input"):
+        Trainer(g, {"image": np.zeros((4, 1, 8, 8))}, np.zeros(4, np.int64), cfg)
+    with pytest.raises(TrainingDataError, match=r"sample shape \(1, 9, 9\)"):
+        Trainer(g, {"x": np.zeros((4, 1, 9, 9))}, np.zeros(4, np.int64), cfg)
+    with pytest.raises(TrainingDataError, match="number of samples"):
+        Trainer(g, {"x": np.zeros((4, 1, 8, 8))}, np.zeros(3, np.int64), cfg)
