@@ -9,7 +9,9 @@ Layers, bottom up: :mod:`fixedpoint`, :mod:`ring`, :mod:`prg`, :mod:`sharing`, :
 from veil.mpc import api
 from veil.mpc.api import run, run_session
 from veil.mpc.fixedpoint import FixedPoint
+from veil.mpc.generate import generate, generate_session
 from veil.mpc.program import MPC_OPS, compile_program
 from veil.mpc.report import Report
 
-__all__ = ["api", "run", "run_session", "FixedPoint", "Report", "MPC_OPS", "compile_program"]
+__all__ = ["api", "run", "run_session", "generate", "generate_session", "FixedPoint", "Report", "MPC_OPS",
+           "compile_program"]

@@ -30,7 +30,7 @@ from veil.mpc.rewrite import pool_before_relu
 from veil.plain.executor import trace_shapes
 
 __all__ = ["MPC_OPS", "COMPILERS", "Program", "ServerState", "Instr", "compile_program", "fixed_spec", "apply_prefix",
-           "DIRECT_INPUT", "LOW_LATENCY_ELEMENTS"]
+           "DIRECT_INPUT", "LOW_LATENCY_ELEMENTS", "state_of", "user_inputs"]
 
 # Comparison layers up to this many elements (per query) use the 3-round protocol: one round less for
 # about 90 words of dealer material per element instead of ~8 (worth it where latency dominates).
@@ -106,14 +106,30 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
             continue
         COMPILERS[node.op](b, node, [b.alias.get(i, i) for i in node.inputs])
     final = {o: b.alias.get(o, o) for o in graph.outputs}
+    for o in state_of(graph).values():  # state kept on the servers is fed back as an input: scale f
+        final[o] = b.at_f(final[o], f"state:{o}")
     return Program(graph, batch, fp, b.instrs, b.scale, b.shapes, b.post, final, b.direct)
+
+
+def state_of(graph: Graph) -> dict[str, str]:
+    """``{input: output}`` of the secret state a multi-step session keeps on the servers
+    (``graph.meta["state"]``, e.g. a decoder's key/value cache); only pairs present in this graph."""
+    st = graph.meta.get("state", {}) or {}
+    outs = set(graph.outputs)
+    return {i: o for i, o in st.items() if o in outs}
+
+
+def user_inputs(graph: Graph) -> list[Any]:
+    """The inputs the user sends (every input that is not fed from the servers' state)."""
+    st = graph.meta.get("state", {}) or {}
+    return [s for s in graph.inputs if s.name not in st]
 
 
 def _direct_first_layer(graph: Graph) -> dict[str, Any] | None:
     """If the single input reaches a linear/conv layer through shape ops only (flatten, reshape,
     transpose), the user can mask that layer's input itself: the dealer gives it the mask ``A`` (offline)
     and it sends ``E = X - A`` to both servers, saving the servers' first opening (one round)."""
-    if len(graph.inputs) != 1:
+    if len(graph.inputs) != 1 or graph.inputs[0].dtype.startswith("int"):
         return None
     t, prefix = graph.inputs[0].name, []
     for node in graph.nodes:

@@ -42,7 +42,8 @@ def to_public(graph: Graph) -> dict[str, Any]:
             "public": {k: np.asarray(v, np.float64) for k, v in n.params.items() if k not in secret},
         })
     return {"name": graph.name, "nodes": nodes, "outputs": list(graph.outputs),
-            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in graph.inputs]}
+            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in graph.inputs],
+            "state": dict(graph.meta.get("state", {}) or {})}
 
 
 def from_public(desc: dict[str, Any]) -> Graph:
@@ -54,4 +55,4 @@ def from_public(desc: dict[str, Any]) -> Graph:
         attrs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d["attrs"].items()}
         nodes.append(Node(d["name"], d["op"], tuple(d["inputs"]), d["output"], params, attrs))
     inputs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in desc["inputs"]]
-    return Graph(nodes, inputs, list(desc["outputs"]), desc["name"])
+    return Graph(nodes, inputs, list(desc["outputs"]), desc["name"], meta={"state": dict(desc.get("state", {}))})

@@ -38,6 +38,7 @@ class Report:
     declared_rounds: int = 0
     declared_server_bytes: int = 0
     server_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
     plain_s: float | None = None
     agreement: float | None = None
     max_abs_error: float | None = None

@@ -30,6 +30,7 @@ def weight_masks(side: Any, graph: Any) -> dict[str, Any]:
 def dealer_role(ch: Channel) -> dict[str, Any]:
     info = recv_msg(ch, "owner")
     graph = from_public(info["model"])
+    graphs = [graph] + [from_public(d) for d in info.get("steps", [])]
     fp = FixedPoint(info["frac_bits"])
     s0, s1 = new_seed(), new_seed()
     g0, g1 = Prg(s0), Prg(s1)
@@ -37,7 +38,7 @@ def dealer_role(ch: Channel) -> dict[str, Any]:
     ch.send("server1", {"seed": s1})
     masks = weight_masks(DealerSide(g0, g1), graph)
     setup = ch.stats.copy()
-    programs: dict[int, Program] = {}
+    programs: dict[tuple[int, int], Program] = {}
     served: list[dict[str, Any]] = []
     while True:
         msg = recv_msg(ch, "user", QUERY_WAIT)
@@ -47,11 +48,13 @@ def dealer_role(ch: Channel) -> dict[str, Any]:
             raise ProtocolError(f"dealer: unexpected request {msg.get('op')!r} from the user")
         t0 = time.perf_counter()
         before = ch.stats.copy()
-        batch = int(msg["batch"])
-        if batch not in programs:
-            programs[batch] = compile_program(graph, batch, fp)
+        batch, gi = int(msg["batch"]), int(msg.get("g", 0))
+        if not 0 <= gi < len(graphs):
+            raise ProtocolError(f"dealer: query {msg['q']!r} names graph {gi}, the owner sent {len(graphs)}")
+        if (gi, batch) not in programs:
+            programs[(gi, batch)] = compile_program(graphs[gi], batch, fp)
         side = DealerSide(g0, g1)
-        prog = programs[batch]
+        prog = programs[(gi, batch)]
         mats = prog.materials(side, msg["q"], masks)
         ch.send("server1", {"q": msg["q"], "corrections": side.corrections})
         ch.send("server0", {"q": msg["q"]})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from veil.errors import VeilError
+from veil.errors import ModelError, VeilError
 from veil.graph.ir import Graph
 from veil.mpc.bounds import input_limit
 from veil.mpc.fixedpoint import FixedPoint
@@ -26,11 +26,22 @@ def encode_weights(graph: Graph, fp: FixedPoint) -> dict[str, Any]:
     return out
 
 
-def owner_role(ch: Channel, graph: Graph, fp: FixedPoint) -> dict[str, Any]:
+def owner_role(ch: Channel, graph: Graph, fp: FixedPoint, steps: list[Graph] | None = None) -> dict[str, Any]:
+    """Share the weights, publish the architecture. ``steps``: the further graphs of a multi-step
+    session (a decoder's step graphs for positions 1, 2, ...; ``graph`` is position 0); they must hold
+    the same secret weights, and their public descriptions go to every party at setup."""
+    steps = list(steps or [])
     try:
-        compile_program(graph, 1, fp)  # unsupported ops and misplaced softmax fail here, before anything is sent
+        for g in [graph, *steps[:1], *steps[-1:]]:  # unsupported ops fail here, before anything is sent
+            compile_program(g, 1, fp)
         enc = encode_weights(graph, fp)
-        limit, uncovered = input_limit(graph, fp)
+        for g in steps:
+            if {k: v.shape for k, v in secret_params(g).items()} != {k: v.shape for k, v in secret_params(graph).items()}:
+                raise ModelError(f"step graph {g.name!r} does not hold the same secret weights as the first one")
+        limit, _ = input_limit(graph, fp)
+        # a model whose worst-case bounds exceed the ring even at input 0 cannot be guaranteed exact:
+        # said to the user (flagged in its report), who decides
+        range_ok = limit > 0.0
     except VeilError as e:
         abort_all(ch, f"the model owner cannot run this model: {e}")
         raise
@@ -38,11 +49,11 @@ def owner_role(ch: Channel, graph: Graph, fp: FixedPoint) -> dict[str, Any]:
     seed = new_seed()
     prg = Prg(seed)
     shares1 = {k: v - prg.words(f"owner/{k}", v.shape) for k, v in enc.items()}
-    info = {"model": pub, "frac_bits": fp.frac_bits}
+    info = {"model": pub, "frac_bits": fp.frac_bits, "steps": [to_public(g) for g in steps]}
     ch.send("server0", {**info, "seed": seed})
     ch.send("server1", {**info, "shares": shares1})
     ch.send("dealer", info)
-    ch.send("user", {**info, "input_limit": limit, "uncovered": uncovered})
+    ch.send("user", {**info, "input_limit": limit, "uncovered": [], "range_guaranteed": range_ok})
     setup = ch.stats.copy()
     recv_msg(ch, "user", QUERY_WAIT)  # done
     ch.send("user", {"setup": setup.as_dict(), "total": ch.stats.as_dict()})

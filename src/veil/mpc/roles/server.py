@@ -14,7 +14,15 @@ from veil.mpc.kernels.base import Ctx
 from veil.mpc.kernels.products import FixedWeight
 from veil.mpc.material import MaterialStore, ServerSide
 from veil.mpc.prg import Prg
-from veil.mpc.program import DIRECT_INPUT, Program, ServerState, compile_program, fixed_spec
+from veil.mpc.program import (
+    DIRECT_INPUT,
+    Program,
+    ServerState,
+    compile_program,
+    fixed_spec,
+    state_of,
+    user_inputs,
+)
 from veil.mpc.public import SECRET_PARAMS, from_public, secret_params
 from veil.mpc.roles.common import QUERY_WAIT, recv_msg
 from veil.mpc.roles.dealer import weight_masks
@@ -23,10 +31,11 @@ from veil.net.channel import Channel
 __all__ = ["server_role"]
 
 
-def _setup(ch: Channel, i: int) -> tuple[Any, FixedPoint, ServerState, Prg, Prg | None]:
+def _setup(ch: Channel, i: int) -> tuple[list[Any], FixedPoint, ServerState, Prg, Prg | None]:
     peer = f"server{1 - i}"
     info = recv_msg(ch, "owner")
     graph = from_public(info["model"])
+    graphs = [graph] + [from_public(d) for d in info.get("steps", [])]
     fp = FixedPoint(info["frac_bits"])
     dealer_prg = Prg(recv_msg(ch, "dealer")["seed"])
     hello = recv_msg(ch, "user")  # before talking to the peer, so a user's abort reaches both servers
@@ -49,7 +58,7 @@ def _setup(ch: Channel, i: int) -> tuple[Any, FixedPoint, ServerState, Prg, Prg 
                 bias[n.name] = shares[f"{n.name}/b"]
         elif n.op in SECRET_PARAMS:
             params.update({k: v for k, v in shares.items() if k.startswith(f"{n.name}/")})
-    return graph, fp, ServerState(Ctx(i, ch, peer, fp), fixed, bias, params), dealer_prg, user_prg
+    return graphs, fp, ServerState(Ctx(i, ch, peer, fp), fixed, bias, params), dealer_prg, user_prg
 
 
 def _node_shares(shares: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
@@ -57,9 +66,13 @@ def _node_shares(shares: dict[str, np.ndarray], name: str) -> dict[str, np.ndarr
 
 
 def server_role(ch: Channel, i: int) -> dict[str, Any]:
-    graph, fp, st, dealer_prg, user_prg = _setup(ch, i)
+    """Serve the user's queries. A query names the graph it runs (``g``: index into the owner's step
+    graphs, 0 for single-graph models); the inputs listed in the graph's ``meta["state"]`` come from
+    the secret state this server kept from the previous query (never from the user), and the state
+    outputs are kept for the next one instead of being sent to the user."""
+    graphs, fp, st, dealer_prg, user_prg = _setup(ch, i)
     setup = ch.stats.copy()
-    programs: dict[int, Program] = {}
+    programs: dict[tuple[int, int], Program] = {}
     log: list[dict[str, Any]] = []
     while True:
         msg = recv_msg(ch, "user", QUERY_WAIT)
@@ -67,12 +80,15 @@ def server_role(ch: Channel, i: int) -> dict[str, Any]:
             break
         if msg.get("op") != "query":
             raise ProtocolError(f"server{i}: unexpected request {msg.get('op')!r} from the user")
-        q, batch = msg["q"], int(msg["batch"])
+        q, batch, gi = msg["q"], int(msg["batch"]), int(msg.get("g", 0))
+        if not 0 <= gi < len(graphs):
+            raise ProtocolError(f"server{i}: query {q!r} names graph {gi}, the owner sent {len(graphs)}")
+        graph = graphs[gi]
         # offline: material from the dealer, expanded and precomputed
         t0 = time.perf_counter()
-        if batch not in programs:
-            programs[batch] = compile_program(graph, batch, fp)
-        prog = programs[batch]
+        if (gi, batch) not in programs:
+            programs[(gi, batch)] = compile_program(graph, batch, fp)
+        prog = programs[(gi, batch)]
         side = ServerSide(i, dealer_prg)
         early = prog.precompute(st, side, q)  # while the dealer works
         t_early = time.perf_counter()
@@ -87,9 +103,10 @@ def server_role(ch: Channel, i: int) -> dict[str, Any]:
         t_expand = time.perf_counter()
         prog.prepare(st, store, early)
         t_prep = time.perf_counter()
+        mine = user_inputs(graph)
         if i == 0 and prog.direct is None:
             assert user_prg is not None
-            x = {s.name: user_prg.words(f"{q}/input/{s.name}", s.concrete(batch)) for s in graph.inputs}
+            x = {s.name: user_prg.words(f"{q}/input/{s.name}", s.concrete(batch)) for s in mine}
         offline_s = time.perf_counter() - t0
         ch.send("user", {"ready": q})
         # online
@@ -101,9 +118,17 @@ def server_role(ch: Channel, i: int) -> dict[str, Any]:
             x = recv_msg(ch, "user")  # its input share
         else:
             recv_msg(ch, "user")  # the input exists: go (server0's share comes from the user's seed)
-        out = prog.run(st, {k: np.asarray(v, np.uint64) for k, v in x.items()}, store)
+        x = {k: np.asarray(v, np.uint64) for k, v in x.items()}
+        kept = state_of(graph)
+        for s in graph.inputs:
+            if s.name in (graph.meta.get("state") or {}):
+                if s.name not in st.state:
+                    raise ProtocolError(f"server{i}: query {q!r} reads state {s.name!r}, which no earlier query produced")
+                x[s.name] = st.state[s.name]
+        out = prog.run(st, x, store)
         if len(store):
             raise ProtocolError(f"server{i}: {len(store)} material items of query {q!r} were not consumed")
+        st.state = {inp: out.pop(o) for inp, o in kept.items()}  # secret state stays here
         ch.send("user", out)
         online = ch.stats - before
         log.append({"q": q, "offline_s": offline_s, "online_s": time.perf_counter() - t1, "precompute_s": t_early - t0,
