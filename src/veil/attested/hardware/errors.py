@@ -1,4 +1,4 @@
-"""Typed failures of the real-hardware verifiers (all are :class:`veil.attested.errors.AttestationError`)."""
+"""Typed failures of the real-hardware verifiers (:class:`AttestationError` subclasses) and of sealing on hardware."""
 
 from __future__ import annotations
 
