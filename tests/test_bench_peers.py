@@ -132,3 +132,32 @@ def test_peer_computes_network_a(peer, monkeypatch):
     assert rec["total_s"] > 0 and rec["total_bytes"] > 0
     if peer == "crypten":
         assert rec["cache_misses"] == 0 and rec["online_bytes"] > 0
+
+
+def test_peer_timeout_stops_its_processes(tmp_path, monkeypatch):
+    """A peer that hangs (here a fake venv whose python forks a child and sleeps) is reported within the
+    timeout, and the processes it started are gone."""
+    import os
+    import time
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    pidfile = tmp_path / "child.pid"
+    fake = venv / "bin" / "python"
+    fake.write_text(f"#!/bin/sh\nsleep 120 &\necho $! > {pidfile}\nsleep 120\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("VEIL_CRYPTEN_VENV", str(venv))
+    x, _ = load_slice(1)
+    t0 = time.perf_counter()
+    res = driver.run_networks("crypten", ["A"], [1], x, timeout=2)
+    assert time.perf_counter() - t0 < 15
+    assert isinstance(res, driver.NotMeasured) and "did not finish within 2 s" in res.reason
+    child = int(pidfile.read_text())
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the peer's child process outlived the timeout")

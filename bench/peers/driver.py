@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,12 +79,21 @@ def _run(peer: str, args: list[str], out: Path, timeout: float) -> dict[str, Any
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
     cmd = [str(venv_python(peer)), str(HERE / peer / f"run_{peer}.py"), *args, "--out", str(out)]
+    # its own session, so that a timeout stops the party processes the peer forks, not only its launcher
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+                            start_new_session=True)
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+        text, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return NotMeasured(peer, f"run did not finish within {timeout:.0f} s")
-    if r.returncode != 0 or not out.exists():
-        return NotMeasured(peer, f"run failed (exit {r.returncode}): {_tail(r.stdout + r.stderr)}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.returncode != 0 or not out.exists():
+        return NotMeasured(peer, f"run failed (exit {proc.returncode}): {_tail(text)}")
     return json.loads(out.read_text())
 
 
