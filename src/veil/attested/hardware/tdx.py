@@ -545,8 +545,9 @@ def verify_tdx_quote(quote: bytes | TdxQuote, *, collateral: TdxCollateral | Non
     missing = [n for n, v in (("root CA CRL", collateral.root_crl), ("PCK CRL", collateral.pck_crl),
                               ("TCB info", collateral.tcb_info), ("QE identity", collateral.qe_identity)) if v is None]
     if missing and policy.require_collateral:
-        raise CollateralError(f"missing TDX collateral: {', '.join(missing)} (give a collateral directory or "
-                              "allow fetching from Intel's PCS)")
+        raise CollateralError(f"missing TDX collateral: {', '.join(missing)} (give a collateral directory: "
+                              "--collateral DIR or $VEIL_ATTESTATION_COLLATERAL, or allow fetching from Intel's "
+                              "PCS: --fetch)")
     notes.extend(f"{n} not checked (absent)" for n in missing)
 
     # 4. QE report
