@@ -4,6 +4,9 @@ Parties: ``owner``, ``user``, ``server0``, ``server1``, ``dealer`` (all connecte
 TLS). Options read from the deployment's ``[options]`` table (paths relative to the file):
 
 * owner: ``model`` (ONNX file), ``frac_bits`` (default 16);
+* generation instead (a llama2c decoder, key/value cache kept on the servers): ``llama2c`` (checkpoint,
+  read by the owner), ``steps`` (default 20), ``prompt`` (token ids, default [1]); the user writes the
+  generated ``ids`` to ``outputs``;
 * user: ``inputs`` (.npy for a single-input model, .npz with named inputs), ``batch_size``
   (default: all at once), ``outputs`` (.npz written with the outputs; the report goes next to it
   as JSON).
@@ -22,6 +25,7 @@ from veil.errors import DeploymentError, InputError
 from veil.graph import load_model
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.roles import PARTIES, dealer_role, owner_role, server_role, user_role
+from veil.mpc.roles.user import user_generate_role
 from veil.net.channel import Channel
 from veil.net.deployment import Deployment
 
@@ -74,13 +78,31 @@ def run_party(deployment: Deployment, name: str, channel: Channel, console: Any 
     peers_of(deployment, name)
     opts = deployment.options
     with blas_single_thread():
+        generating = "llama2c" in opts
+        prompt = [int(t) for t in opts.get("prompt", [1])]
+        steps = int(opts.get("steps", 20))
         if name == "owner":
-            graph = load_model(_path(deployment, "model"))
-            return owner_role(channel, graph, FixedPoint(int(opts.get("frac_bits", 16))))
+            fp = FixedPoint(int(opts.get("frac_bits", 16)))
+            if generating:  # a decoder: one graph per position, the cache stays on the servers
+                from veil.models.llama import load_llama2c
+                from veil.mpc.generate import step_graphs
+
+                graphs = step_graphs(load_llama2c(_path(deployment, "llama2c")), len(prompt) + steps - 1)
+                return owner_role(channel, graphs[0], fp, graphs[1:])
+            return owner_role(channel, load_model(_path(deployment, "model")), fp)
         if name == "dealer":
             return dealer_role(channel)
         if name in ("server0", "server1"):
             return server_role(channel, int(name[-1]))
+        if generating:
+            res = user_generate_role(channel, prompt, steps)
+            if "outputs" in opts:
+                out = _path(deployment, "outputs")
+                np.savez(out, ids=np.asarray(res["ids"], np.int64))
+                report_path(out).write_text(json.dumps(res["report"].as_dict(), indent=1))
+            if console is not None:
+                console.print(f"user: ids {res['ids']}; {res['report'].summary()}")
+            return res
         x = load_inputs(_path(deployment, "inputs"))
         bs = opts.get("batch_size")
         res = user_role(channel, x, int(bs) if bs else None)
