@@ -240,3 +240,15 @@ def test_vendor_urls():
     assert kds_vcek_url("Turin", chip, turin) == (
         f"https://kdsintf.amd.com/vcek/v1/Turin/{chip[:8].hex()}?fmcSPL=05&blSPL=01&teeSPL=02&snpSPL=03&ucodeSPL=04")
     assert pcs_pck_crl_url("platform").endswith("/sgx/certification/v4/pckcrl?ca=platform&encoding=der")
+
+
+def test_collateral_signing_chain_is_used(tdx):
+    """Inside the quote verification: a TCB info issuer chain not rooted in Intel's root is refused, and
+    collateral not from local files must come with its chain."""
+    quote = tdx["tdx_prod_quote_SPR_E4.dat"]
+    _, fake_root = _self_signed_ca("Intel SGX Root CA")
+    chain = fake_root.public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(CollateralError, match="TCB info signer"):
+        verify_tdx_quote(quote, collateral=_collateral(tdx, tcb_info_chain=chain), at=AT)
+    with pytest.raises(CollateralError, match="without its issuer chain"):
+        verify_tdx_quote(quote, collateral=dataclasses.replace(_collateral(tdx), local=False), at=AT)
