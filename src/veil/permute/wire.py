@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from veil import tensor_json
+from veil.errors import InputError
 
 __all__ = ["encode_array", "decode_array", "MAX_ELEMENTS"]
 
@@ -19,8 +20,14 @@ MAX_ELEMENTS = 1 << 26
 
 
 def encode_array(x: np.ndarray) -> dict[str, Any]:
-    return tensor_json.encode(np.asarray(x), _DTYPES, cast=_CAST, name="array")
+    try:
+        return tensor_json.encode(np.asarray(x), _DTYPES, cast=_CAST, name="array")
+    except tensor_json.TensorFormatError as e:
+        raise InputError(str(e)) from None  # the class name travels in error replies: keep InputError
 
 
 def decode_array(obj: Any, what: str = "array") -> np.ndarray:
-    return tensor_json.decode(obj, what, _DTYPES, max_rank=4, max_elements=MAX_ELEMENTS)
+    try:
+        return tensor_json.decode(obj, what, _DTYPES, max_rank=4, max_elements=MAX_ELEMENTS)
+    except tensor_json.TensorFormatError as e:
+        raise InputError(str(e)) from None
