@@ -45,7 +45,7 @@ from veil.offload.errors import AcceleratorProtocolError, AcceleratorUnavailable
 from veil.offload.field import HALF, MAX_INNER_FULL, P, centered, uniform_field
 from veil.offload.runtime import EnclaveRuntime
 
-__all__ = ["TRAIN_ACCELERATORS", "field_matmul", "expand_masks", "choose_scales", "MatmulEngine", "field_matvec",
+__all__ = ["TRAIN_ACCELERATORS", "field_matmul", "expand_masks", "choose_scales", "MatmulEngine", "field_matvec", "quantise_pair",
            "PlainMatmul", "SecureMatmul", "ProductRecord"]
 
 #: party names: two share holders and the triple helper
@@ -95,6 +95,19 @@ def field_matvec(m: np.ndarray, s: np.ndarray) -> np.ndarray:
     return out
 
 
+def _to_field(q: np.ndarray) -> np.ndarray:
+    """Integers held in float64 (|q| < p) -> field elements (int64 in [0, p))."""
+    return np.mod(q.astype(np.int64), P)
+
+
+def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a + b) % P
+
+
+def _sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a - b) % P
+
+
 def expand_masks(seed: bytes, n: int, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     """A share holder's masks ``(A_j (n x k), B_j (k x m))``, uniform in F_p, from its 32-byte seed."""
     r = uniform_field(seed, n * k + k * m)
@@ -102,16 +115,24 @@ def expand_masks(seed: bytes, n: int, k: int, m: int) -> tuple[np.ndarray, np.nd
 
 
 def choose_scales(u: np.ndarray, v: np.ndarray) -> tuple[int, int]:
-    """Fractional bits ``(fu, fv)`` for one product: as many as fit, shared so that both operands get
+    """Fractional bits ``(fu, fv)`` for one product (see :func:`quantise_pair`)."""
+    fu, fv, _, _ = quantise_pair(u, v)
+    return fu, fv
+
+
+def quantise_pair(u: np.ndarray, v: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """``(fu, fv, U_q, V_q)``: fractional bits for one product, as many as fit, shared so that both operands get
     about the same relative precision, with ``|U_q V_q|`` provably < (p-1)/2 entry by entry.
 
     Bound: ``|(U_q V_q)_ij| <= ||U_q row i||_2 ||V_q col j||_2`` (Cauchy-Schwarz), checked on the
-    quantised values themselves; a scale that fails it is lowered until it holds."""
+    quantised values themselves; a scale that fails it is lowered until it holds. ``U_q``, ``V_q`` are
+    the quantised operands (float64 holding integers)."""
     ru = float(np.sqrt((u.astype(np.float64) ** 2).sum(1).max())) if u.size else 0.0
     cv = float(np.sqrt((v.astype(np.float64) ** 2).sum(0).max())) if v.size else 0.0
     au, av = float(np.abs(u).max()) if u.size else 0.0, float(np.abs(v).max()) if v.size else 0.0
     if ru == 0.0 or cv == 0.0:
-        return SCALE_MAX // 2, SCALE_MAX // 2
+        fu = fv = SCALE_MAX // 2
+        return fu, fv, np.rint(u * 2.0**fu), np.rint(v * 2.0**fv)
     total = math.floor(math.log2(HALF / (ru * cv))) - 1
     fu = round((total + math.log2(av / au)) / 2)
     fu = min(max(fu, SCALE_MIN), SCALE_MAX)
@@ -120,7 +141,7 @@ def choose_scales(u: np.ndarray, v: np.ndarray) -> tuple[int, int]:
         uq, vq = np.rint(u * 2.0**fu), np.rint(v * 2.0**fv)
         bound = np.sqrt((uq ** 2).sum(1).max()) * np.sqrt((vq ** 2).sum(0).max())
         if bound < HALF:
-            return fu, fv
+            return fu, fv, uq, vq
         if fu >= fv:
             fu -= 1
         else:
@@ -244,14 +265,13 @@ class SecureMatmul(MatmulEngine):
                 raise ValueError(f"product shapes do not match: {u.shape} @ {v.shape}")
             if k >= MAX_INNER_FULL:
                 raise FieldRangeError(f"inner dimension {k} too large for exact field products (< {MAX_INNER_FULL})")
-            fu, fv = choose_scales(u, v)
-            uq = np.mod(np.rint(u * 2.0**fu).astype(np.int64), P)
-            vq = np.mod(np.rint(v * 2.0**fv).astype(np.int64), P)
+            fu, fv, uqf, vqf = quantise_pair(u, v)
+            uq, vq = _to_field(uqf), _to_field(vqf)
             s0, s1 = self.runtime.random_bytes(32), self.runtime.random_bytes(32)
             a0, b0 = expand_masks(s0, n, k, m)
             a1, b1 = expand_masks(s1, n, k, m)
-            a, b = (a0 + a1) % P, (b0 + b1) % P
-            e, f = (uq - a) % P, (vq - b) % P
+            a, b = _add(a0, a1), _add(b0, b1)
+            e, f = _sub(uq, a), _sub(vq, b)
             e32, f32 = e.astype(np.uint32), f.astype(np.uint32)
             msgs[0].append({"id": i, "role": 0, "e": e32, "f": f32, "seed": s0})
             msgs[1].append({"id": i, "role": 1, "e": e32, "f": f32, "seed": s1})
@@ -269,7 +289,7 @@ class SecureMatmul(MatmulEngine):
         for i, p in enumerate(pend):
             zs = [self._result(j, replies[j], i, p.shape) for j in range(3)]
             self._check(zs, p)
-            total = (zs[0] + zs[1] + zs[2]) % P
+            total = _add(_add(zs[0], zs[1]), zs[2])
             outs.append(centered(total).astype(np.float64) * 2.0 ** -(p.fu + p.fv))
         self.counters["rounds"] += 1
         self.counters["wait_s"] += t_back - t_sent
@@ -297,14 +317,15 @@ class SecureMatmul(MatmulEngine):
         return z64
 
     def _check(self, zs: list[np.ndarray], p: _Pending) -> None:
-        m = p.shape[2]
-        s = uniform_field(self.runtime.random_bytes(32), m * self.reps).reshape(m, self.reps)
-        fs = field_matvec(p.f, s)
-        expect = [
-            (field_matvec(p.e, (fs + field_matvec(p.b0, s)) % P) + field_matvec(p.a0, fs)) % P,
-            (field_matvec(p.e, field_matvec(p.b1, s)) + field_matvec(p.a1, fs)) % P,
-            field_matvec((p.a0 + p.a1) % P, (field_matvec(p.b0, s) + field_matvec(p.b1, s)) % P),
-        ]
+        """Freivalds, per accelerator (three matrix-vector passes over n x k operands in all)."""
+        m, r = p.shape[2], self.reps
+        s = uniform_field(self.runtime.random_bytes(32), m * r).reshape(m, r)
+        fs, b0s, b1s = field_matvec(p.f, s), field_matvec(p.b0, s), field_matvec(p.b1, s)
+        bs = _add(b0s, b1s)
+        ew = field_matvec(p.e, np.concatenate([_add(fs, b0s), b1s], axis=1))
+        a0w = field_matvec(p.a0, np.concatenate([fs, bs], axis=1))
+        a1w = field_matvec(p.a1, np.concatenate([fs, bs], axis=1))
+        expect = [_add(ew[:, :r], a0w[:, :r]), _add(ew[:, r:], a1w[:, :r]), _add(a0w[:, r:], a1w[:, r:])]
         for j in range(3):
             self.counters["freivalds_checks"] += 1
             got = field_matvec(zs[j], s)
