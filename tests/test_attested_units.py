@@ -314,13 +314,13 @@ def test_external_data_anywhere_is_refused(place, tmp_path, monkeypatch):
         load_served_model(external_data_model(place, "secret.bin"), "0" * 64)
 
 
-@pytest.mark.parametrize("location", ["secret.bin", "../work/secret.bin", "ABSOLUTE"])
+@pytest.mark.parametrize("location", ["secret.bin", "../cwd/secret.bin", "ABSOLUTE"])
 def test_sessions_cannot_read_files_even_past_the_scan(location, tmp_path, monkeypatch):
     """With the scan switched off, every external-data placement still reads no file next to the server
     (the working directory holds one), nor any absolute path."""
     import veil.attested.onnx_model as om
 
-    work = tmp_path / "work"
+    work = tmp_path / "cwd"
     work.mkdir()
     secret = np.arange(1, 5, dtype=np.float32)
     (work / "secret.bin").write_bytes(secret.tobytes())
