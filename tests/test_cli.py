@@ -120,3 +120,28 @@ def test_plain_demo():
     r = veil_cli("demo", "--plain", "--n", "64")
     assert r.returncode == 0, r.stderr
     assert "accuracy" in r.stdout
+
+
+def test_same_option_names_in_every_mode():
+    """One name per thing: --batch-size for samples per query, --hazmat-allow-simulation for the
+    simulation opt-in; the old names still parse (hidden where cheap)."""
+    import typer.main
+
+    from veil.cli.main import app
+
+    root = typer.main.get_command(app)
+
+    def opts(*path):
+        cmd = root
+        for p in path:
+            cmd = cmd.commands[p]  # type: ignore[attr-defined]
+        return {o: prm for prm in cmd.params for o in prm.opts}
+
+    for path in (("mpc", "run"), ("mpc", "local"), ("mpc", "plan"), ("offload", "run"), ("demo",)):
+        assert "--batch-size" in opts(*path), path
+    for path in (("offload", "run"), ("offload", "train"), ("attested", "serve"), ("attested", "attest")):
+        assert "--hazmat-allow-simulation" in opts(*path), path
+    assert opts("offload", "run")["--batch"].hidden and opts("offload", "run")["--hazmat-simulate"].hidden
+    assert opts("mpc", "plan")["--batch"].hidden
+    r = veil_cli("mpc", "plan", "A", "--batch", "2")  # the old name still works
+    assert r.returncode == 0 and "batch 2" in r.stdout, r.stderr

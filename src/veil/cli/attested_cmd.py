@@ -35,7 +35,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to bind"),
     port: int = typer.Option(8443, help="TCP port (0: pick a free one, see --ready-file)"),
     hazmat_simulate_enclave: bool = typer.Option(
-        False, "--hazmat-simulate-enclave", help="run a SIMULATED enclave (no hardware TEE; development only)"),
+        False, "--hazmat-allow-simulation", "--hazmat-simulate-enclave",
+        help="run a SIMULATED enclave (no hardware TEE; development only); the same flag as offload's"),
     platform: str = typer.Option(
         "auto", help="auto (the machine's SEV-SNP or TDX via configfs-tsm; else the simulation if "
                      "--hazmat-simulate-enclave), simulated, sev-snp or tdx"),
