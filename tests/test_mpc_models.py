@@ -270,3 +270,14 @@ def test_products_of_activations_are_bounded_soundly():
     with pytest.raises(InputRangeError, match="fixed-point range"):
         run_local(parties, timeout=10)
     assert isinstance(errors["server0"], ProtocolError) and "rejected" in str(errors["server0"])
+
+
+def test_a_model_the_range_analysis_cannot_prove_is_flagged_to_the_user():
+    """Integer inputs only, but a product of two embeddings whose worst case exceeds the ring: the
+    owner cannot publish a safe limit, so the user is warned and its report says so."""
+    table = np.full((4, 2), 3e4)
+    g = Graph([Node("e", "embedding", ("ids",), "h", {"table": table}), Node("sq", "mul", ("h", "h"), "y")],
+              [TensorSpec("ids", (1, 3), "int64")], ["y"], "big")
+    with pytest.warns(UserWarning, match="worst-case bounds"):
+        _, rep = M.run(g, np.array([[0, 1, 3]], np.int64), compare=False)
+    assert rep.warnings

@@ -6,6 +6,10 @@ norm (largest absolute row sum) and add the largest bias; ``mul`` of two activat
 bounds, ``matmul`` too, times the inner dimension; ``relu``, pooling and shape ops do not increase
 bounds; ``add`` sums them; ``softmax``, ``sigmoid``, ``tanh``, ``erf`` are at most 1; LayerNorm and
 RMSNorm at most ``sqrt(n) max|gamma| + max|beta|``; an embedding at most its table's largest entry.
+Alongside the element bound each tensor carries a bound of the L2 norm of its vectors along the last
+axis (``|W h|_j <= |W_j|_2 |h|_2``, ``|W h|_2 <= |W|_2 |h|_2``): after a normalisation layer it is
+``sqrt(n)`` times smaller than the element bound suggests, which keeps transformer bounds useful; a
+product of softmax rows with V is bounded by V's bound (a convex combination).
 Every bound is non-decreasing in X, so the largest admissible X is found by bisection.
 
 Constraints (f fractional bits, every secret value below 2^62 at its scale):
@@ -13,8 +17,8 @@ Constraints (f fractional bits, every secret value below 2^62 at its scale):
   headroom for the differences taken by comparisons);
 * inputs of ``gelu``/``gelu_tanh``/``silu`` below ``2^(61 - f - coef_scale(f))`` (their outer segment
   ``x`` is carried at the coefficient scale);
-* inputs of ``layernorm``/``rmsnorm`` below ``2^(61 - 3f)`` with ``n (2B)^2 < 2^(61 - 2f)`` (the centred
-  row at scale 3f, the sum of squares at 2f);
+* inputs of ``layernorm`` below ``2^(61 - 3f)`` with row L2 norms ``R^2 < 2^(61 - 2f + 8)`` (the centred
+  row at scale 3f, the sum of squares at ``2f - 8``); of ``rmsnorm`` with ``R^2 < 2^(61 - 2f)``;
 * inputs of ``reciprocal`` below 2^24, ``rsqrt`` 2^30, ``sqrt`` 2^26 (their normalisation ranges; their
   lower ends, 2^-8 and 2^-16, are a documented precondition).
 
@@ -32,7 +36,7 @@ import numpy as np
 
 from veil.graph.ir import Graph, Node
 from veil.mpc.fixedpoint import FixedPoint
-from veil.mpc.kernels.nonlinear import coef_scale
+from veil.mpc.kernels.nonlinear import NORM_SQUARE_DROP, coef_scale
 
 __all__ = ["input_limit", "tensor_bounds"]
 
@@ -45,52 +49,85 @@ def _amax(v: np.ndarray | None) -> float:
     return float(np.abs(np.asarray(v, np.float64)).max()) if v is not None and np.size(v) else 0.0
 
 
-_NORMS: dict[int, tuple[np.ndarray, float]] = {}
+_NORMS: dict[int, tuple[np.ndarray, tuple[float, float, float]]] = {}
 
 
-def _norm_of(w: np.ndarray) -> float:
+def _norms_of(w: np.ndarray) -> tuple[float, float, float]:
+    """(infinity norm, largest row L2 norm, spectral norm) of a weight as a matrix (out, in)."""
     hit = _NORMS.get(id(w))
     if hit is None or hit[0] is not w:
-        hit = (w, _inf_norm(np.asarray(w, np.float64)))
-        _NORMS.clear() if len(_NORMS) > 4096 else None
+        m = np.asarray(w, np.float64).reshape(w.shape[0], -1)
+        spec = float(np.linalg.norm(m, 2)) if m.size else 0.0
+        vals = (_inf_norm(m), float(np.sqrt((m * m).sum(axis=1)).max()) if m.size else 0.0, spec)
+        if len(_NORMS) > 4096:
+            _NORMS.clear()
+        hit = (w, vals)
         _NORMS[id(w)] = hit
     return hit[1]
 
 
-def _node_bound(n: Node, ins: list[float], shapes: dict[str, tuple[int, ...]]) -> float:
-    x = ins[0] if ins else 0.0
+def _l2(v: np.ndarray | None) -> float:
+    return float(np.sqrt((np.asarray(v, np.float64) ** 2).sum())) if v is not None and np.size(v) else 0.0
+
+
+Bound = tuple[float, float]  # (max |element|, max L2 norm of a vector along the last axis)
+
+
+def _node_bound(n: Node, ins: list[Bound], shapes: dict[str, tuple[int, ...]], softmax_last: set[str]) -> Bound:
+    """Sound bounds of a node's output from its inputs' bounds."""
+    x, r = ins[0] if ins else (0.0, 0.0)
     op = n.op
-    if op in ("linear", "conv2d"):
-        return _norm_of(n.params["W"]) * x + _amax(n.params.get("b"))
+    last = shapes[n.output][-1] if shapes.get(n.output) else 1
+    root = float(np.sqrt(last))
+    if op == "linear":
+        inf, row, spec = _norms_of(n.params["W"])
+        b = n.params.get("b")
+        e = min(inf * x, row * r) + _amax(b)
+        return e, min(e * root, spec * r + _l2(b))
+    if op == "conv2d":
+        return _norms_of(n.params["W"])[0] * x + _amax(n.params.get("b")), np.inf
     if op in ("add", "sub"):
-        return ins[0] + ins[1]
+        return ins[0][0] + ins[1][0], ins[0][1] + ins[1][1]
     if op == "add_const":
-        return x + _amax(n.params["c"])
+        c = np.asarray(n.params["c"], np.float64)
+        return x + _amax(c), r + (_l2(c) if c.ndim and c.shape[-1] == last and c.size == last else _amax(c) * root)
     if op == "mul_const":
-        return x * _amax(n.params["c"])
+        return x * _amax(n.params["c"]), r * _amax(n.params["c"])
     if op == "mul":
-        return ins[0] * ins[1]
+        e = ins[0][0] * ins[1][0]
+        return e, min(ins[0][0] * ins[1][1], ins[1][0] * ins[0][1], e * root)
     if op == "matmul":
-        return ins[0] * ins[1] * shapes[n.inputs[0]][-1]
+        k = shapes[n.inputs[0]][-1]
+        if n.inputs[0] in softmax_last:  # rows of probabilities: a convex combination of b's rows
+            e = ins[1][0]
+        else:
+            e = min(k * ins[0][0] * ins[1][0], ins[0][1] * ins[1][0] * np.sqrt(k))
+        return e, e * root
     if op in ("softmax", "sigmoid", "tanh", "erf"):
-        return 1.0
+        return 1.0, (1.0 if op == "softmax" and n.output in softmax_last else root)
     if op == "argmax":
-        return float(max(shapes[n.inputs[0]]))
-    if op == "layernorm":
-        return np.sqrt(shapes[n.inputs[0]][-1]) * _amax(n.params["gamma"]) + _amax(n.params["beta"])
-    if op == "rmsnorm":
-        return np.sqrt(shapes[n.inputs[0]][-1]) * _amax(n.params["gamma"])
+        e = float(max(shapes[n.inputs[0]]))
+        return e, e * root
+    if op in ("layernorm", "rmsnorm"):
+        k = shapes[n.inputs[0]][-1]
+        g, beta = n.params["gamma"], n.params.get("beta")
+        return float(np.sqrt(k)) * _amax(g) + _amax(beta), float(np.sqrt(k)) * _amax(g) + _l2(beta)
     if op == "embedding":
-        return _amax(n.params["table"])
+        t = np.asarray(n.params["table"], np.float64)
+        return _amax(t), float(np.sqrt((t * t).sum(axis=-1)).max()) if t.size else 0.0
     if op == "reduce_sum":
-        return x * int(np.prod([shapes[n.inputs[0]][a] for a in n.attrs["axes"]]))
-    if op == "reciprocal":
-        return 2.0**8
-    if op == "rsqrt":
-        return 2.0**8
+        e = x * int(np.prod([shapes[n.inputs[0]][a] for a in n.attrs["axes"]]))
+        return e, e * root
+    if op in ("reciprocal", "rsqrt"):
+        return 2.0**8, 2.0**8 * root
     if op == "sqrt":
-        return float(np.sqrt(x))
-    return max(ins) if ins else 0.0  # relu, pooling, gelu/silu (|g(x)| <= |x|), shape ops, reduce_mean
+        return float(np.sqrt(x)), float(np.sqrt(x)) * root
+    if op in ("relu", "gelu", "gelu_tanh", "silu"):  # |g(x)| <= |x| element-wise
+        return x, r
+    e = max(i[0] for i in ins) if ins else 0.0  # pooling, shape ops, reduce_mean, concat
+    if op in ("unsqueeze", "squeeze", "gather") or (op == "slice" and last == shapes[n.inputs[0]][-1]):
+        return e, min(r, e * root) if shapes[n.inputs[0]][-1] == last else e * root
+    return e, e * root
 
 
 def _input_caps(n: Node, fp: FixedPoint, shapes: dict[str, tuple[int, ...]]) -> list[float]:
@@ -99,38 +136,40 @@ def _input_caps(n: Node, fp: FixedPoint, shapes: dict[str, tuple[int, ...]]) -> 
     if n.op in ("gelu", "gelu_tanh", "silu"):
         return [2.0 ** (61 - f - coef_scale(f))]
     if n.op in ("layernorm", "rmsnorm"):
-        k = shapes[n.inputs[0]][-1]
-        return [2.0 ** (61 - 3 * f), np.sqrt(2.0 ** (61 - 2 * f) / k) / 2]
+        return [2.0 ** (61 - 3 * f)]
     return [{"reciprocal": 2.0**24, "rsqrt": 2.0**30, "sqrt": 2.0**26}[n.op]] if n.op in ("reciprocal", "rsqrt", "sqrt") else []
 
 
 def tensor_bounds(graph: Graph, x: float, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
-    """``B_t(x)`` for every tensor."""
-    state = dict(graph.meta.get("state", {}) or {})
-    fed: dict[str, float] = {i: 0.0 for i in state}
+    """``B_t(x)`` (max |element|) for every tensor."""
+    return {k: v[0] for k, v in _bounds(graph, x, shapes).items()}
 
-    def one_pass() -> dict[str, float]:
-        b: dict[str, float] = {}
+
+def _bounds(graph: Graph, x: float, shapes: dict[str, tuple[int, ...]]) -> dict[str, Bound]:
+    state = dict(graph.meta.get("state", {}) or {})
+    fed: dict[str, Bound] = {i: (0.0, 0.0) for i in state}
+    smax = {n.output for n in graph.nodes if n.op == "softmax" and n.attrs["axis"] in (-1, len(shapes[n.output]) - 1)}
+
+    def one_pass() -> dict[str, Bound]:
+        b: dict[str, Bound] = {}
         for s in graph.inputs:
+            root = float(np.sqrt(s.shape[-1])) if s.shape and s.shape[-1] else 1.0
             if s.name in fed:
                 b[s.name] = fed[s.name]
             else:
-                b[s.name] = 0.0 if s.dtype.startswith("int") else x
+                v = 0.0 if s.dtype.startswith("int") else x
+                b[s.name] = (v, v * root)
         for n in graph.nodes:
-            b[n.output] = _node_bound(n, [b.get(i, np.inf) for i in n.inputs], shapes)
+            b[n.output] = _node_bound(n, [b.get(i, (np.inf, np.inf)) for i in n.inputs], shapes, smax)
         return b
 
     b = one_pass()
     for _ in range(3 if state else 0):
-        new = {i: b.get(o, x) for i, o in state.items()}
-        if all(new[i] <= fed[i] for i in new):
+        new = {i: b.get(o, (x, np.inf)) for i, o in state.items()}
+        if all(new[i][0] <= fed[i][0] and new[i][1] <= fed[i][1] for i in new):
             break
-        fed.update(new)
+        fed.update({i: (max(fed[i][0], new[i][0]), max(fed[i][1], new[i][1])) for i in new})
         b = one_pass()
-    else:
-        if state and any(b.get(o, x) > fed[i] for i, o in state.items()):
-            fed.update({i: max(x, b.get(o, x)) for i, o in state.items()})
-            b = one_pass()
     return b
 
 
@@ -138,13 +177,17 @@ def _violation(graph: Graph, fp: FixedPoint, shapes: dict[str, tuple[int, ...]])
     lim = fp.max_abs() / 2
 
     def bad(x: float) -> bool:
-        b = tensor_bounds(graph, x, shapes)
-        if any(v >= lim for v in b.values()):
+        bb = _bounds(graph, x, shapes)
+        if any(v[0] >= lim for v in bb.values()):
             return True
         for n in graph.nodes:
             caps = _input_caps(n, fp, shapes)
-            if caps and b[n.inputs[0]] >= min(caps):
+            if caps and bb[n.inputs[0]][0] >= min(caps):
                 return True
+            if n.op in ("layernorm", "rmsnorm"):  # the row's sum of squares (centring only shrinks it)
+                drop = NORM_SQUARE_DROP if n.op == "layernorm" else 0
+                if bb[n.inputs[0]][1] ** 2 >= 2.0 ** (61 - 2 * (fp.frac_bits - drop)):
+                    return True
         return False
     return bad
 

@@ -49,10 +49,13 @@ from numpy.polynomial import Polynomial
 from veil.mpc.kernels.steps import Runner
 
 __all__ = ["Piecewise", "FUNCTIONS", "piecewise_a", "powers_a", "reciprocal_a", "rsqrt_a", "softmax_a",
-           "layernorm_a", "rmsnorm_a", "exp_neg_a", "working_scale", "NEG_MASK", "sqrt_a", "coef_scale"]
+           "layernorm_a", "rmsnorm_a", "exp_neg_a", "working_scale", "NEG_MASK", "sqrt_a", "coef_scale",
+           "NORM_SQUARE_DROP"]
 
 # a masked softmax entry: far below every threshold of exp, far inside the ring
 NEG_MASK = -(2.0**20)
+# LayerNorm squares the centred row at scale f - NORM_SQUARE_DROP: sums of squares up to 2^(61-2f+8)
+NORM_SQUARE_DROP = 4
 
 
 @dataclass(frozen=True)
@@ -299,14 +302,18 @@ def layernorm_a(run: Runner, x: np.ndarray, gamma: np.ndarray, beta: np.ndarray 
     shape = x.shape
     v = _rows(x)
     n = v.shape[1]
-    if centre:
+    drop = 0
+    if centre:  # the centred row at f, and at f - drop for its squares (one truncation round)
         s = v.sum(axis=1, keepdims=True)
         d2 = (v << np.uint64(2 * f)) - s * _enc(1.0 / n, 2 * f)  # x - mean at scale 3f (|x| < 2^13)
-        v = run.trunc(d2, 2 * f)
-    sq, dg = run.mul_many([(v, v), (v, np.broadcast_to(gamma, v.shape))])  # scale 2f
-    s_f, dg_f = run.trunc_many([(sq.sum(axis=1), f), (dg, f)])
+        drop = NORM_SQUARE_DROP
+        v, vs = run.trunc_many([(d2, 2 * f), (d2, 2 * f + drop)])
+    else:
+        vs = v
+    sq, dg = run.mul_many([(vs, vs), (v, np.broadcast_to(gamma, v.shape))])  # scales 2f - 2 drop, 2f
+    s_f, dg_f = run.trunc_many([(sq.sum(axis=1), f - 2 * drop), (dg, f)])
     s_f = s_f + run.public(np.full(s_f.shape, _enc(n * eps, f)))
-    lo, hi = -f, 62 - 2 * f  # S at scale f stays below 2^(62-2f) (range analysis)
+    lo, hi = -f, 62 - 2 * f + 2 * drop  # S (range analysis)
     sc = 61 - f - 14  # q c = d gamma / sqrt(var): about the output, below 2^13
     xn, c = _magnitude(run, s_f, lo, hi, sc, half=True, cmul=sqrt(n))
     y = _rsqrt_iterate(run, xn, c, sc, dg_f, f)
