@@ -4,6 +4,7 @@
   report next to plaintext (agreement, error, time, bytes, rounds).
 * ``veil mpc local MODEL [--inputs FILE]``: the five parties as processes over mutual TLS on loopback.
 * ``veil mpc plan MODEL``: the compiled program with each step's declared rounds and bytes.
+* ``veil mpc encode --text ...``: MiniLM sentence embeddings, five local processes over mutual TLS.
 * The parties of a real deployment run with ``veil party --deployment FILE --as NAME`` (see docs/mpc.md).
 
 MODEL is an ONNX file or a shipped network name (A, B, C, D); without ``--inputs`` the shipped
@@ -114,3 +115,40 @@ def plan(model: str = typer.Argument(..., help="ONNX file or shipped network A-D
     total = prog.cost
     t.add_row("[bold]total[/]", str(total.rounds), f"{total.bytes:,}")
     console.print(t)
+
+
+@app.command()
+def encode(text: list[str] = typer.Option(..., "--text", "-t", help="a sentence to embed (repeat for several)"),
+           seq_len: int = typer.Option(16, "--seq-len", help="tokens per sentence (padded/truncated; public)"),
+           out: Path = typer.Option(None, "--out", help="write the embeddings to a .npy or .json file"),
+           frac_bits: int = typer.Option(16, help="fractional bits of the fixed-point format"),
+           timeout: float = typer.Option(900, help="seconds before every party is stopped")) -> None:
+    """MiniLM (all-MiniLM-L6-v2) sentence embeddings under mpc, five local processes over mutual TLS."""
+    import json
+
+    from veil.errors import InputError
+    from veil.models.secure import encode_local
+    from veil.options import check_int
+
+    seq_len = check_int(seq_len, "--seq-len", 2, 512)
+    if out is not None and out.suffix not in (".npy", ".json"):
+        raise InputError(f"--out {out.name!r}: expected a .npy or .json file")
+    with tempfile.TemporaryDirectory(prefix="veil-mpc-encode-") as tmp:
+        res = encode_local(text, tmp, seq_len=seq_len, frac_bits=frac_bits, timeout=timeout)
+    rep, emb = res["report"], res["embedding"]
+    t = Table(title=f"all-MiniLM-L6-v2 under mpc: {len(text)} sentence(s), sequence length {seq_len}")
+    for c in ("sentence", "tokens", "embedding[:3]", "cosine vs plaintext"):
+        t.add_column(c)
+    for s, n, e, c in zip(res["texts"], res["tokens"], emb, res["cosine"], strict=True):
+        t.add_row(s if len(s) <= 40 else s[:37] + "...", str(n), " ".join(f"{v:+.3f}" for v in e[:3]), f"{c:.6f}")
+    console.print(t)
+    console.print(f"online {rep['online_s']:.2f} s, offline {rep['offline_s']:.2f} s, whole run {res['wall_s']:.1f} s; "
+                  f"{rep['online_bytes'] / 1e6:.1f} MB online, {rep['offline_bytes'] / 1e6:.1f} MB offline, "
+                  f"{rep['setup_bytes'] / 1e6:.1f} MB setup; {rep['rounds']} rounds")
+    if out is not None:
+        if out.suffix == ".npy":
+            np.save(out, emb)
+        else:
+            out.write_text(json.dumps({"texts": res["texts"], "seq_len": seq_len, "embedding": emb.tolist(),
+                                       "cosine_vs_plain": res["cosine"].tolist()}))
+        console.print(f"wrote {len(emb)} embeddings of {emb.shape[1]} values to {out}")
