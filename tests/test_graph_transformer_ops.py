@@ -238,6 +238,15 @@ def test_concat_split_slice_gather_transpose_squeeze():
     assert {"concat", "slice", "gather", "transpose", "unsqueeze", "squeeze"} <= set(ops(g))
 
 
+def test_expand_that_broadcasts_an_activation():
+    """GQA's repeat_kv: (B, kv, 1, S, d) expanded to (B, kv, rep, S, d)."""
+    rng = np.random.default_rng(19)
+    node = helper.make_node("Expand", ["x", "shp"], ["y"])
+    g = check(build([node], {"x": [2, 2, 1, 3, 4]}, ["y"], {"shp": np.array([2, 2, 3, 3, 4], np.int64)}),
+              {"x": f32(rng, 2, 2, 1, 3, 4)})
+    assert ops(g) == ["add_const"] and g.nodes[0].params["c"].shape == (1, 1, 3, 1, 1)
+
+
 def test_expand_noop_and_cast():
     rng = np.random.default_rng(11)
     nodes = [helper.make_node("Expand", ["x", "shp"], ["e"]), helper.make_node("Cast", ["e"], ["y"], to=TensorProto.FLOAT)]

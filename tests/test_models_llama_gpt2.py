@@ -75,3 +75,24 @@ def test_tiny_gpt2_logits_match_hugging_face():
     with torch.no_grad():
         want = model(input_ids=torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_hugging_face_llama_with_grouped_query_attention():
+    """HF LlamaForCausalLM export: decomposed RMSNorm and SiLU recognised, RoPE and repeat_kv lowered."""
+    pytest.importorskip("transformers", reason="needs transformers (veil[hf])")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from veil.models.gpt2 import causal_lm_graph
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).eval()
+    graph = causal_lm_graph(model, batch=1, seq_len=10)
+    assert {"rmsnorm", "silu", "softmax", "embedding"} <= graph.ops and "reduce_mean" not in graph.ops
+    ids = np.random.default_rng(1).integers(0, 128, (1, 10)).astype(np.int64)
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(run_plain(graph, {"input_ids": ids})["logits"], want, rtol=1e-4, atol=1e-4)

@@ -500,9 +500,16 @@ def _expand(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:
         full = np.broadcast_shapes(shape, tuple(int(d) for d in target.reshape(-1)))
     except ValueError:
         raise _unsupported(node, f"Expand of {shape} to {target.tolist()}") from None
-    if tuple(full) != tuple(shape):
-        raise _unsupported(node, "Expand that enlarges an activation (only a no-op Expand)")
-    ctx.alias[node.output[0]] = ctx.name(node.input[0])
+    if tuple(full) == tuple(shape):
+        ctx.alias[node.output[0]] = ctx.name(node.input[0])
+        return
+    # broadcasting: x + zeros, the zeros only as large as the new or stretched axes (e.g. GQA's repeat_kv)
+    pad = (1,) * (len(full) - len(shape)) + tuple(shape)
+    zshape = tuple(f if p == 1 else 1 for f, p in zip(full, pad, strict=True))
+    if SYMBOLIC in zshape:
+        raise _unsupported(node, "Expand along the batch dim")
+    ctx.emit(Node(node.name or node.output[0], "add_const", (ctx.name(node.input[0]),), node.output[0],
+                  {"c": np.zeros(zshape, np.float32)}))
 
 
 def _cast(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 language models as veil graphs (exported through ``torch.onnx``).
 
-The graph takes ``input_ids`` (batch, seq_len) int64 and returns ``logits`` (batch, seq_len, vocab)
+:func:`causal_lm_graph` serves any Hugging Face causal LM with eager attention the same way (tested
+with a tiny random Llama with grouped-query attention). The graph takes ``input_ids`` (batch, seq_len) int64 and returns ``logits`` (batch, seq_len, vocab)
 for a whole (static-length) sequence; the causal mask is public and folds into the attention
 softmax. :func:`tiny_gpt2` makes a small random model for tests. Needs ``pip install 'veil[hf]'``.
 """
@@ -14,7 +15,7 @@ from typing import Any
 from veil.errors import ModelError
 from veil.graph.ir import Graph
 
-__all__ = ["tiny_gpt2", "gpt2_onnx", "gpt2_graph"]
+__all__ = ["tiny_gpt2", "gpt2_onnx", "gpt2_graph", "causal_lm_graph"]
 
 
 def tiny_gpt2(seed: int = 0, vocab_size: int = 256, n_positions: int = 64, n_embd: int = 64, n_layer: int = 2,
@@ -34,8 +35,9 @@ def gpt2_onnx(model: Any, batch: int, seq_len: int) -> bytes:
     """ONNX export of ``model`` on a static (batch, seq_len) of token ids, output ``logits``."""
     import torch
 
-    if seq_len > model.config.n_positions:
-        raise ModelError(f"seq_len {seq_len} exceeds the model's context of {model.config.n_positions} positions")
+    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and seq_len > ctx:
+        raise ModelError(f"seq_len {seq_len} exceeds the model's context of {ctx} positions")
 
     class Logits(torch.nn.Module):
         def __init__(self, lm: Any) -> None:
@@ -59,8 +61,13 @@ def gpt2_onnx(model: Any, batch: int, seq_len: int) -> bytes:
     return buf.getvalue()
 
 
-def gpt2_graph(model: Any, batch: int = 1, seq_len: int = 16) -> Graph:
-    """The veil graph of ``model`` for (batch, seq_len) token ids."""
+def causal_lm_graph(model: Any, batch: int = 1, seq_len: int = 16, name: str | None = None) -> Graph:
+    """The veil graph of a Hugging Face causal LM (eager attention) for (batch, seq_len) token ids."""
     from veil.graph.onnx_import import from_onnx
 
-    return from_onnx(gpt2_onnx(model, batch, seq_len), name="gpt2")
+    return from_onnx(gpt2_onnx(model, batch, seq_len), name=name or type(model).__name__)
+
+
+def gpt2_graph(model: Any, batch: int = 1, seq_len: int = 16) -> Graph:
+    """The veil graph of ``model`` for (batch, seq_len) token ids."""
+    return causal_lm_graph(model, batch, seq_len, name="gpt2")
