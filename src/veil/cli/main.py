@@ -94,6 +94,7 @@ def party(
 
     peers = mod.peers_of(dep, name) if hasattr(mod, "peers_of") else None
     channel = connect_tls(dep, name, peers)
+    console.print(f"party {name}: connected to {', '.join(channel.peers)} over mutual TLS")
     try:
         with channel.aborting():  # on any error the peers are told why and stop at once
             mod.run_party(dep, name, channel, console)

@@ -44,7 +44,8 @@ def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_s
     """Run the five parties as processes over loopback TLS; return the user's outputs and report.
 
     ``tamper(keys_dir)`` (tests) may alter the keys before the processes start; ``kill_after =
-    (party, seconds)`` (tests) kills that party's process mid-run; ``on_progress(text, done, total)``
+    (party, seconds)`` (tests) kills that party's process ``seconds`` after it has connected to its
+    peers (its log says so), i.e. mid-run however slowly the processes start; ``on_progress(text, done, total)``
     is called as keys are made and parties finish (for progress bars). Raises
     :class:`VeilError` naming the failing parties and their last error lines."""
     from veil.mpc.api import check_options
@@ -79,11 +80,15 @@ def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_s
                                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = t0 + timeout
         first_fail: float | None = None
+        victim_connected: float | None = None
         while any(pr.poll() is None for pr in procs.values()):
             now = time.perf_counter()
             running = [p for p, pr in procs.items() if pr.poll() is None]
             report_progress(f"parties running: {', '.join(running)}", total - len(running), total)
-            if kill_after is not None and now - t0 > kill_after[1] and procs[kill_after[0]].poll() is None:
+            if kill_after is not None and victim_connected is None and "connected to" in _tail(logs[kill_after[0]], 50):
+                victim_connected = now
+            if kill_after is not None and victim_connected is not None and now - victim_connected > kill_after[1] \
+                    and procs[kill_after[0]].poll() is None:
                 os.killpg(procs[kill_after[0]].pid, signal.SIGKILL)
                 kill_after = None
             if any(pr.returncode not in (None, 0) for pr in procs.values()) and first_fail is None:

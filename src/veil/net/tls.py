@@ -261,7 +261,8 @@ class TLSChannel(Channel):
             raise ChannelError(f"party {self.me!r}: channel is closed")
         w = self._writers.get(peer)
         if w is None or w.is_closing():
-            raise PeerDisconnectedError(f"party {self.me!r}: connection to {peer!r} is closed", peer=peer)
+            raise PeerDisconnectedError(f"party {self.me!r}: {peer!r} closed the connection or died (send failed)",
+                                        peer=peer)
 
         # Fast path: hand the frame to the event loop and return (one thread hand-off, no wait).
         # A dead peer then shows up at the next receive; a slow peer makes senders wait below.
