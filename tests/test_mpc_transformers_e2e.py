@@ -59,6 +59,21 @@ def test_tiny_gpt2_logits_under_mpc_match_hugging_face():
     np.testing.assert_array_equal(logits.argmax(-1), want.argmax(-1))
 
 
+@pytest.mark.slow
+def test_stories260k_generates_the_reference_ids_under_mpc():
+    from veil.assets import stories260k_path
+    from veil.errors import ModelError
+    from veil.models.llama import load_llama2c
+
+    try:
+        model = load_llama2c(stories260k_path())
+    except ModelError as e:
+        pytest.skip(f"stories260K.bin is not shipped in this checkout: {e}")
+    ids, rep = veil.mpc.generate(model, steps=20)
+    assert list(ids) == STORIES_IDS
+    assert rep.rounds > 0
+
+
 def test_cli_encode_with_five_processes(minilm, tmp_path):
     from typer.testing import CliRunner
 
