@@ -40,13 +40,15 @@ def _tail(path: Path, lines: int = 3) -> str:
 def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_size: int | None = None,
                          frac_bits: int = 16, timeout: float = 300.0, recv_timeout: float = 60.0,
                          tamper: Any = None, kill_after: tuple[str, float] | None = None,
-                         on_progress: Any = None) -> dict[str, Any]:
+                         on_progress: Any = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the five parties as processes over loopback TLS; return the user's outputs and report.
 
     ``tamper(keys_dir)`` (tests) may alter the keys before the processes start; ``kill_after =
     (party, seconds)`` (tests) kills that party's process ``seconds`` after it has connected to its
     peers (its log says so), i.e. mid-run however slowly the processes start; ``on_progress(text, done, total)``
-    is called as keys are made and parties finish (for progress bars). Raises
+    is called as keys are made and parties finish (for progress bars); ``options`` are merged into the
+    deployment's options after the defaults (e.g. ``{"llama2c": path, "steps": 20, "prompt": [1]}`` for
+    generation, whose ``outputs.npz`` then holds ``ids``). Raises
     :class:`VeilError` naming the failing parties and their last error lines."""
     from veil.mpc.api import check_options
     from veil.net import create_keys, write_deployment
@@ -59,6 +61,7 @@ def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_s
                             "frac_bits": frac_bits}
     if batch_size is not None:
         opts["batch_size"] = batch_size
+    opts.update(options or {})
     dep = write_deployment(wd / "deployment.toml", "veil-mpc-demo", "mpc",
                            {p: f"127.0.0.1:{port}" for p, port in zip(PARTIES, ports, strict=True)},
                            timeout=recv_timeout, options=opts)
