@@ -153,6 +153,7 @@ def _fuse_regions(g: Graph, unary: bool, shapes: dict[str, tuple[int, ...]] | No
         except Exception:  # a graph the plain executor cannot trace is left as it is
             return
     shapes = shapes or {}
+    done: set[str] = set()  # roots with nothing (left) to fuse: never scanned again
     changed = True
     while changed:
         changed = False
@@ -160,6 +161,9 @@ def _fuse_regions(g: Graph, unary: bool, shapes: dict[str, tuple[int, ...]] | No
         prod = _producer(g)
         roots = [s.name for s in g.inputs] + [n.output for n in g.nodes]
         for x in roots:
+            if x in done:
+                continue
+            done.add(x)  # removed again below if a fusion happened (x may start another pattern)
             start = prod.get(x, -1) + 1
             rank = -1  # reduce_mean allowed only over this axis + 1 (none for unary regions)
             if unary:
@@ -198,6 +202,7 @@ def _fuse_regions(g: Graph, unary: bool, shapes: dict[str, tuple[int, ...]] | No
                     continue
                 node, absorbed = new
                 _replace(g, sorted(set(anc) | absorbed), node)
+                done.discard(x)
                 changed = True
                 break
             if changed:
