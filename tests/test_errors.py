@@ -90,6 +90,7 @@ def _cli(*args: str):
     (("offload", "run", "A", "--n", "2", "--weight-privacy", "all", "--hazmat-allow-simulation"),
      "--weight-privacy must be one of none, shares"),
     (("demo", "--plain", "--n", "5000"), "held-out set has 2000 images"),
+    (("offload", "run", "A", "--inputs", "no-such-file.npy", "--hazmat-allow-simulation"), "cannot read inputs from"),
 ])
 def test_bad_options_are_one_clear_line(args, words):
     r = _cli(*args)

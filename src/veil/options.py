@@ -8,11 +8,12 @@ The same option has the same name everywhere: ``batch_size`` (``--batch-size``: 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from veil.errors import OptionError
+from veil.errors import InputError, OptionError
 
-__all__ = ["check_batch_size", "check_int", "check_choice", "check_timeout"]
+__all__ = ["check_batch_size", "check_int", "check_choice", "check_timeout", "read_inputs"]
 
 
 def _is_int(v: Any) -> bool:
@@ -51,3 +52,19 @@ def check_timeout(value: Any, name: str = "timeout") -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise OptionError(f"{name} must be a positive number of seconds; got {value!r}")
     return float(value)
+
+
+def read_inputs(path: str | Path) -> Any:
+    """Inputs from a file: ``.npy`` (one array) or ``.npz`` (named arrays, as a dict); never unpickles.
+    A missing or unreadable file is an :class:`~veil.errors.InputError` naming it."""
+    import numpy as np
+
+    p = Path(path)
+    try:
+        data = np.load(p, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read inputs from {str(p)!r}: expected a .npy or .npz file ({e})") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            return {k: data[k] for k in data.files}
+    return data

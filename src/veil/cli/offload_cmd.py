@@ -44,8 +44,8 @@ def plan(model: str = typer.Argument(..., help="ONNX file or shipped network A-D
 @app.command()
 def run(
     model: str = typer.Argument(..., help="ONNX file or shipped network A-D"),
-    inputs: Path = typer.Option(None, help=".npy input batch (default: the shipped MNIST slice)"),
-    n: int = typer.Option(64, help="images from the shipped slice when --inputs is not given"),
+    inputs: Path = typer.Option(None, help=".npy input batch or .npz of named inputs (default: shipped MNIST images)"),
+    n: int = typer.Option(64, help="the first N shipped held-out images when --inputs is not given"),
     batch_size: int = typer.Option(64, "--batch-size", help="samples per query"),
     batch: int = typer.Option(None, "--batch", hidden=True, help="old name of --batch-size"),
     weight_privacy: str = typer.Option("none", help="none or shares (two non-colluding accelerators)"),
@@ -57,50 +57,44 @@ def run(
                                          help="old name of --hazmat-allow-simulation"),
 ) -> None:
     """Run MODEL in offload mode in this process and compare with the plain executor."""
-    from veil.options import check_batch_size, check_choice, check_int
+    from veil.offload import run as offload_run
+    from veil.options import check_batch_size, read_inputs
+    from veil.simulation import SimulationWarning
 
-    batch = check_batch_size(batch if batch is not None else batch_size, "--batch-size") or 1 << 62
-    hazmat_simulate = hazmat_allow_simulation or hazmat_simulate
-    check_choice(weight_privacy, "--weight-privacy", ("none", "shares"))
-    check_int(freivalds_reps, "--freivalds-reps", 1)
-    from veil.offload import OffloadEnclave, SimulatedEnclaveRuntime, run_offload_local
-    from veil.offload.party import load_offload_model
-    from veil.plain import run_plain
-
-    graph = load_offload_model(model)
+    per_query = check_batch_size(batch if batch is not None else batch_size, "--batch-size")
     labels = None
     if inputs is not None:
-        x = np.load(inputs, allow_pickle=False)
+        x = read_inputs(inputs)
     else:
         from veil.assets import load_slice
 
         x, labels = load_slice(n)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        runtime = SimulatedEnclaveRuntime(hazmat_allow_simulation=hazmat_simulate)
-    console.print(f"[bold yellow]warning:[/] {runtime.describe()}")
-    enc = OffloadEnclave(graph, runtime, weight_privacy=weight_privacy, freivalds_reps=freivalds_reps)
-    offline = enc.precompute(len(x))
-    queries = [x[i:i + batch] for i in range(0, len(x), batch)]
-    res = run_offload_local(enc, queries, backend=backend)
-    out = np.concatenate([next(iter(o.values())) for o in res.outputs])
-    ref = next(iter(run_plain(graph, x, dtype=np.float64).values()))
-    t = Table(title=f"offload mode: {graph.name}, {len(x)} samples, weight privacy {weight_privacy!r}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SimulationWarning)
+        out, rep = offload_run(model, x, batch_size=per_query, weight_privacy=weight_privacy, backend=backend,
+                               freivalds_reps=freivalds_reps,
+                               hazmat_allow_simulation=hazmat_allow_simulation or hazmat_simulate)
+    for w in {str(w.message) for w in caught if issubclass(w.category, SimulationWarning)}:
+        console.print(f"[bold yellow]warning:[/] {w}")
+    first = out if isinstance(out, np.ndarray) else next(iter(out.values()))
+    t = Table(title=f"offload mode: {Path(model).name}, {rep.images} samples, weight privacy {weight_privacy!r}")
     t.add_column("figure")
     t.add_column("value")
-    t.add_row("accelerator backend(s)", ", ".join(f"{k}={v}" for k, v in res.backends.items()))
-    t.add_row("max |offload - plain|", f"{np.abs(out - ref).max():.2e}")
-    if out.ndim == 2:
-        t.add_row("same class as plain", f"{(out.argmax(-1) == ref.argmax(-1)).mean():.2%}")
-    if labels is not None and out.ndim == 2:
-        t.add_row("accuracy (held-out slice)", f"{(out.argmax(-1) == labels).mean():.2%}")
-    t.add_row("offline phase", f"{offline:.3f} s")
-    t.add_row("online (enclave)", f"{res.timing['online_s']:.3f} s")
-    t.add_row("bytes enclave -> accelerators", f"{res.stats['enclave'].bytes_sent:,}")
-    t.add_row("bytes accelerators -> enclave", f"{res.stats['enclave'].bytes_recv:,}")
-    t.add_row("rounds", str(res.counters["rounds"]))
-    t.add_row("Freivalds checks (miss prob. each)", f"{res.counters['freivalds_checks']:,} ({enc.soundness_error:.1e})")
-    t.add_row("material left (samples)", str(res.material_left))
+    t.add_row("accelerator backend(s)", ", ".join(f"{k}={v}" for k, v in rep.backends.items()))
+    t.add_row("max |offload - plain|", f"{rep.max_abs_error:.2e}")
+    if rep.agreement is not None:
+        t.add_row("same class as plain", f"{rep.agreement:.2%}")
+    if labels is not None and first.ndim == 2:
+        t.add_row(f"accuracy (held-out MNIST test 8000..{8000 + len(labels) - 1})",
+                  f"{(first.argmax(-1) == labels).mean():.2%}")
+    t.add_row("queries x batch", f"{rep.queries} x {rep.batch}")
+    t.add_row("offline phase", f"{rep.offline_s:.3f} s")
+    t.add_row("online (enclave)", f"{rep.online_s:.3f} s")
+    t.add_row("bytes enclave -> accelerators", f"{rep.bytes_to_accelerators:,}")
+    t.add_row("bytes accelerators -> enclave", f"{rep.bytes_from_accelerators:,}")
+    t.add_row("rounds", str(rep.rounds))
+    t.add_row("Freivalds checks (miss prob. each)", f"{rep.freivalds_checks:,} ({rep.soundness_error:.1e})")
+    t.add_row("material left (samples)", str(rep.material_left))
     console.print(t)
 
 

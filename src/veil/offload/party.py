@@ -30,14 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from veil.errors import ChannelError, DeploymentError, InputError, IntegrityError, ProtocolError, VeilError
+from veil.errors import ChannelError, DeploymentError, IntegrityError, ProtocolError, VeilError
 from veil.net.channel import Channel
 from veil.net.deployment import Deployment
 from veil.offload.accelerator import serve_accelerator
 from veil.offload.enclave import OffloadEnclave
 from veil.offload.errors import AcceleratorProtocolError
 from veil.offload.runtime import SimulatedEnclaveRuntime
-from veil.options import check_batch_size, check_int
+from veil.options import check_batch_size, check_int, read_inputs
 
 __all__ = ["peers_of", "run_party", "load_offload_model"]
 
@@ -131,15 +131,7 @@ def _user_inputs(dep: Deployment) -> tuple[dict[str, np.ndarray] | np.ndarray, n
         from veil.assets import load_slice
 
         return load_slice(check_int(opts.get("n", 64), "option n", 1))
-    path = _option_path(dep, "inputs")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InputError(f"offload user: cannot read inputs from {path.name!r}: expected .npy or .npz ({e})") from None
-    if isinstance(data, np.lib.npyio.NpzFile):
-        with data:
-            return {k: data[k] for k in data.files}, None
-    return data, None
+    return read_inputs(_option_path(dep, "inputs")), None
 
 
 def _user(dep: Deployment, ch: Channel, say: Any) -> dict[str, Any]:
