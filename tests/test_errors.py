@@ -88,7 +88,7 @@ def _cli(*args: str):
     (("offload", "run", "A", "--n", "2", "--batch-size", "0", "--hazmat-allow-simulation"),
      "--batch-size must be a whole number >= 1"),
     (("offload", "run", "A", "--n", "2", "--weight-privacy", "all", "--hazmat-allow-simulation"),
-     "--weight-privacy must be one of none, shares"),
+     "weight_privacy must be one of none, shares"),
     (("demo", "--plain", "--n", "5000"), "held-out set has 2000 images"),
     (("offload", "run", "A", "--inputs", "no-such-file.npy", "--hazmat-allow-simulation"), "cannot read inputs from"),
 ])
