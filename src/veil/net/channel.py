@@ -121,7 +121,7 @@ class Channel(ABC):
         frame = encode_abort(*abort_reason(error))
         for p in self.peers:
             with contextlib.suppress(Exception):
-                self._send_bytes(p, frame)
+                self._send_abort_bytes(p, frame)
 
     @contextlib.contextmanager
     def aborting(self) -> Iterator[Channel]:
@@ -145,6 +145,10 @@ class Channel(ABC):
 
     @abstractmethod
     def _recv_bytes(self, peer: str, timeout: float) -> bytes: ...
+
+    def _send_abort_bytes(self, peer: str, data: bytes) -> None:
+        """Send an abort notice without waiting for a slow peer (backends override when sends can block)."""
+        self._send_bytes(peer, data)
 
     @abstractmethod
     def close(self) -> None:

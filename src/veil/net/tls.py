@@ -286,6 +286,11 @@ class TLSChannel(Channel):
             raise PeerDisconnectedError(f"party {self.me!r}: sending to {peer!r} failed ({type(e).__name__})",
                                         peer=peer) from None
 
+    def _send_abort_bytes(self, peer: str, data: bytes) -> None:
+        w = self._writers.get(peer)
+        if w is not None and not w.is_closing() and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._write_frame, w, data)  # never waits for a slow peer
+
     @staticmethod
     def _write_frame(w: asyncio.StreamWriter, data: bytes) -> None:
         if not w.is_closing():
