@@ -362,7 +362,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--images", type=int, default=256, help="images of the shipped held-out set for agreement")
     ap.add_argument("--peers", default="crypten,spu", help="comma list of crypten, spu; 'none' for veil alone")
-    ap.add_argument("--peer-queries", type=int, default=3,
+    ap.add_argument("--peer-queries", type=int, default=5,
                     help="timed queries per peer measurement below batch 16 (median; 1 from batch 16 on)")
     ap.add_argument("--results", default=str(RESULTS), help="folder for mpc_peers.md/.json and the PNG plots")
     ap.add_argument("--no-plots", action="store_true")
