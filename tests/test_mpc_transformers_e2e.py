@@ -9,6 +9,8 @@ sequence lengths on a few of the 32 test sentences (the full 32 sentences x {16,
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -89,3 +91,25 @@ def test_cli_encode_with_five_processes(minilm, tmp_path):
     ids, mask = minilm.tokenize([SENTENCES[0], SENTENCES[17]], 8)
     plain = run_plain(minilm.minilm_graph(mask), {"input_ids": ids})["embedding"]
     assert emb.shape == (2, 384) and cosine(emb, plain).min() >= 0.999
+
+
+def test_cli_generate_with_five_processes(tmp_path):
+    from typer.testing import CliRunner
+
+    from veil.cli.main import app
+
+    try:
+        from veil.assets import stories260k_path
+
+        ckpt = stories260k_path()
+    except Exception as e:  # ModelError when the checkpoint is not shipped
+        pytest.skip(f"stories260K.bin is not shipped in this checkout: {e}")
+    res = CliRunner().invoke(app, ["mpc", "generate", "--llama2c", str(ckpt), "--steps", "4"])
+    assert res.exit_code == 0, res.output
+    assert " ".join(map(str, STORIES_IDS[:4])) in res.output and "the same ids" in res.output
+    assert "per token" in res.output and "rounds" in res.output
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\0" * 10)
+    bad_run = subprocess.run([sys.executable, "-m", "veil.cli.main", "mpc", "generate", "--llama2c", str(bad), "--steps", "2"],
+                             capture_output=True, text=True, timeout=120)
+    assert bad_run.returncode == 2 and "llama2.c header" in bad_run.stderr and "Traceback" not in bad_run.stderr

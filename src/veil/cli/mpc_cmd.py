@@ -5,6 +5,7 @@
 * ``veil mpc local MODEL [--inputs FILE]``: the five parties as processes over mutual TLS on loopback.
 * ``veil mpc plan MODEL``: the compiled program with each step's declared rounds and bytes.
 * ``veil mpc encode --text ...``: MiniLM sentence embeddings, five local processes over mutual TLS.
+* ``veil mpc generate [--llama2c FILE] --steps N``: greedy decoding, the key/value cache as shares on the servers.
 * The parties of a real deployment run with ``veil party --deployment FILE --as NAME`` (see docs/mpc.md).
 
 MODEL is an ONNX file or a shipped network name (A, B, C, D); without ``--inputs`` the shipped
@@ -152,3 +153,29 @@ def encode(text: list[str] = typer.Option(..., "--text", "-t", help="a sentence 
             out.write_text(json.dumps({"texts": res["texts"], "seq_len": seq_len, "embedding": emb.tolist(),
                                        "cosine_vs_plain": res["cosine"].tolist()}))
         console.print(f"wrote {len(emb)} embeddings of {emb.shape[1]} values to {out}")
+
+
+@app.command()
+def generate(llama2c: Path = typer.Option(None, "--llama2c", help="llama2.c checkpoint (default: the shipped stories260K)"),
+             steps: int = typer.Option(20, "--steps", help="tokens to generate"),
+             bos: int = typer.Option(1, "--bos", help="the first token id"),
+             frac_bits: int = typer.Option(16, help="fractional bits of the fixed-point format"),
+             timeout: float = typer.Option(900, help="seconds before every party is stopped")) -> None:
+    """Greedy generation under mpc (key/value cache as shares on the servers), five local processes over mutual TLS."""
+    from veil.models.secure import generate_local
+
+    if llama2c is None:
+        from veil.assets import stories260k_path
+
+        llama2c = stories260k_path()
+    with tempfile.TemporaryDirectory(prefix="veil-mpc-generate-") as tmp:
+        res = generate_local(llama2c, steps, tmp, prompt=(bos,), frac_bits=frac_bits, timeout=timeout)
+    rep, n = res["report"], len(res["ids"])
+    console.print(f"[bold]{res['model']}[/] under mpc, {n} tokens from id {bos}:")
+    console.print(" ".join(str(i) for i in res["ids"]))
+    same = res["ids"] == res["plain_ids"]
+    console.print(f"plaintext decoding gives {'the same ids' if same else 'different ids: ' + str(res['plain_ids'])}")
+    console.print(f"per token: online {rep['online_s'] / n * 1e3:.0f} ms, offline {rep['offline_s'] / n * 1e3:.0f} ms; "
+                  f"whole run {res['wall_s']:.1f} s; {rep['online_bytes'] / 1e6:.1f} MB online, "
+                  f"{rep['offline_bytes'] / 1e6:.1f} MB offline, {rep['setup_bytes'] / 1e6:.1f} MB setup; "
+                  f"{rep['rounds']} rounds")
