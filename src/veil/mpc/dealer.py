@@ -112,12 +112,24 @@ def trunc(side: Any, label: str, n: int, f: int) -> dict[str, np.ndarray]:
     return {"r": r, "t": t, "u": u}
 
 
-def compare(side: Any, label: str, n: int, width: int = 1, f: int | None = None) -> dict[str, Any]:
+def _masks(side: Any, label: str, n: int, shifts: Any) -> tuple[np.ndarray, Any, int]:
+    """The opening mask ``r0`` (n,) and the comparison masks: ``r0`` itself, or, with public ``shifts``
+    (K thresholds compared against one opening), ``r0 + shift_i`` for each (dealer only), K n in all."""
+    r0 = side.rand(f"{label}/r", (n,))
+    if shifts is None:
+        return r0, r0, n
+    full = np.concatenate([r0 + np.uint64(s) for s in shifts]) if side.is_dealer else None
+    return r0, full, n * len(shifts)
+
+
+def compare(side: Any, label: str, n: int, width: int = 1, f: int | None = None, shifts: Any = None) -> dict[str, Any]:
     """Material for one vectorised comparison of ``n`` elements followed by a bit-times-value product
-    of ``width`` values per element (and, when ``f`` is given, a truncation of the compared value)."""
+    of ``width`` values per element (and, when ``f`` is given, a truncation of the compared value).
+    With ``shifts`` (K public thresholds): K n comparisons of ``x - t_i`` against one opening of
+    ``x + r0`` (``n`` a multiple of 8)."""
+    r0, r, n = _masks(side, label, n, shifts)
     nb = packed_len(n)
-    r = side.rand(f"{label}/r", (n,))
-    out: dict[str, Any] = {"r": r, "r63": side.share_bits(f"{label}/r63", lambda: bitslice(r)[63], (nb,)),
+    out: dict[str, Any] = {"r": r0, "r63": side.share_bits(f"{label}/r63", lambda: bitslice(r)[63], (nb,)),
                            "tables": side.share_bits(f"{label}/tables", lambda: borrow_tables(r), (16, GROUPS, nb))}
     out["levels"] = [monomials(side, f"{label}/lvl{i}", nv, monos, (nc, nb)) for i, (nv, nc, monos) in enumerate(TREE)]
     t = side.rand_bits(f"{label}/t", (nb,))
@@ -152,15 +164,15 @@ def all_subsets(monos: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
     return sorted(out)
 
 
-def compare3(side: Any, label: str, n: int, width: int = 1, f: int | None = None) -> dict[str, Any]:
+def compare3(side: Any, label: str, n: int, width: int = 1, f: int | None = None, shifts: Any = None) -> dict[str, Any]:
     """Material for the 3-round comparison (:mod:`veil.mpc.kernels.select3`): as :func:`compare` for the
     opening and the first tree level, then for the last level the masks ``a_i`` of its 7 variables and
     arithmetic shares of ``a_U``, ``a_U r63``, ``u a_U``, ``u a_U r63`` for every subset ``U`` a
     monomial needs (22 subsets), and of ``r63``, ``u r63``: about 90 words per element (width 1).
     Heavier offline, one round less online: used for small layers."""
+    r0, r, n = _masks(side, label, n, shifts)
     nb = packed_len(n)
-    r = side.rand(f"{label}/r", (n,))
-    out: dict[str, Any] = {"r": r, "tables": side.share_bits(f"{label}/tables", lambda: borrow_tables(r), (16, GROUPS, nb))}
+    out: dict[str, Any] = {"r": r0, "tables": side.share_bits(f"{label}/tables", lambda: borrow_tables(r), (16, GROUPS, nb))}
     nv, nc, monos = TREE[0]
     out["level1"] = monomials(side, f"{label}/lvl0", nv, monos, (nc, nb))
     a2 = [side.rand_bits(f"{label}/lvl1/a{v}", (1, nb)) for v in range(7)]

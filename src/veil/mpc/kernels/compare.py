@@ -41,7 +41,7 @@ from veil.mpc.kernels.arith import trunc_from_open
 from veil.mpc.kernels.base import Cost, Ctx, arr, lst
 from veil.mpc.sharing import bitslice, unslice_row
 
-__all__ = ["and_bb", "monomials_bb", "group_borrows", "select_a", "select_a_cost", "relu_a", "msb_bits"]
+__all__ = ["minterms", "and_bb", "monomials_bb", "group_borrows", "select_a", "select_a_cost", "relu_a", "msb_bits"]
 
 _OFF = np.uint64(1 << 62)
 
@@ -113,20 +113,27 @@ def _minterms(cb: np.ndarray) -> np.ndarray:
     return m01[u & 3] & m23[u >> 2]  # (16, 16, nb)
 
 
-def group_borrows(ctx: Ctx, cb: np.ndarray, mat: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Step 3 (local): XOR shares of generate and propagate of the 16 groups, (16, nb) each."""
+minterms = _minterms
+
+
+def group_borrows(ctx: Ctx, cb: np.ndarray, mat: dict[str, Any], m: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3 (local): XOR shares of generate and propagate of the 16 groups, (16, nb) each. ``m``: the
+    minterms of ``cb`` when already known (several thresholds against one opening)."""
     gt = mat["tables"]  # (16 values, 16 groups, nb): shares of G_u = [u < r_k]
     prev = np.concatenate([np.full_like(gt[:1], 0xFF if ctx.party == 0 else 0), gt[:-1]])  # G_{u-1}, G_{-1} = 1
-    m = _minterms(cb)
+    if m is None:
+        m = _minterms(cb)
     g = np.bitwise_xor.reduce(gt & m, axis=0)  # select the actual nibble, locally
     p = np.bitwise_xor.reduce((prev ^ gt) & m, axis=0)  # P = [u == r_k] = G_{u-1} ^ G_u
     return g, p
 
 
-def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None) -> tuple[np.ndarray, Any]:
-    """XOR shares (one packed row) of ``msb(c - r)``; steps 2-3. ``extra`` rides with level 1."""
-    cb = bitslice(c)  # (64, nb) public
-    g, p = group_borrows(ctx, cb, mat)
+def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None,
+             pre: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, Any]:
+    """XOR shares (one packed row) of ``msb(c - r)``; steps 2-3. ``extra`` rides with level 1. ``pre``:
+    ``(bitslice(c), minterms)`` when already computed."""
+    cb = bitslice(c) if pre is None else pre[0]  # (64, nb) public
+    g, p = group_borrows(ctx, cb, mat, None if pre is None else pre[1])
     got = None
     for lvl, level in enumerate(mat["levels"]):
         # combine 4 adjacent groups: G = G3 ^ P3G2 ^ P3P2G1 ^ P3P2P1G0 (terms are exclusive), P = P3P2P1P0
@@ -144,20 +151,26 @@ def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None) ->
     return s, got
 
 
-def select_a(ctx: Ctx, x: np.ndarray, ys: np.ndarray | None, mat: dict[str, Any], trunc: bool = False) -> np.ndarray:
+def select_a(ctx: Ctx, x: np.ndarray | None, ys: np.ndarray | None, mat: dict[str, Any], trunc: bool = False,
+             opened: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``ys * [x >= 0]`` element-wise. ``x``: shares (n,); ``ys``: shares (width, n), or ``None`` with
-    ``trunc=True`` to select ``trunc(x)`` (then returns (1, n)). 4 rounds."""
+    ``trunc=True`` to select ``trunc(x)`` (then returns (1, n)). 4 rounds. ``opened``: ``(c, bitslice(c),
+    minterms)`` of an opening already made (then ``x`` is not used and round 1 is skipped)."""
     if "fA" in mat:  # material of the 3-round variant (small layers)
         from veil.mpc.kernels.select3 import select3_a
 
-        return select3_a(ctx, x, ys, mat, trunc)
-    n = x.shape[0]
-    c = ctx.open(x + mat["r"])  # round 1
+        return select3_a(ctx, x, ys, mat, trunc, opened)
+    if opened is None:
+        assert x is not None
+        c = ctx.open(x + mat["r"])  # round 1
+    else:
+        c = opened[0]
+    n = c.shape[0]
     if trunc:
         ys = trunc_from_open(ctx.party, c + _OFF, mat["tt"], mat["tu"], ctx.fp.frac_bits)[None, :]
     assert ys is not None
     d_mine = ys - mat["u"]
-    s, d_theirs = msb_bits(ctx, c, mat, extra=d_mine)  # rounds 2-3
+    s, d_theirs = msb_bits(ctx, c, mat, extra=d_mine, pre=None if opened is None else (opened[1], opened[2]))  # rounds 2-3
     d = d_mine + d_theirs
     b = s ^ mat["t"]
     if ctx.party == 0:

@@ -170,8 +170,7 @@ def piecewise_a(run: Runner, x: np.ndarray, spec: Piecewise) -> np.ndarray:
 
     ps = [poly(c) for c in spec.polys]
     ys = np.stack([ps[i] - ps[i - 1] for i in range(1, len(ps))])  # (K, n)
-    xs = np.stack([flat - run.public(_enc(t, f)) for t in spec.thresholds])
-    sel = run.select(xs.reshape(-1), ys.reshape(1, -1))[0].reshape(ys.shape)
+    sel = run.select_thresholds(flat, np.array([_enc(t, f) for t in spec.thresholds]), ys)
     out = ps[0] + sel.sum(axis=0)
     return run.trunc(out, sc).reshape(shape)
 
@@ -197,10 +196,10 @@ def _magnitude(run: Runner, x: np.ndarray, lo: int, hi: int, sc2: int, half: boo
     base_x = x * _enc(2.0**-lo, sc1)
     base_c = run.public(np.full(n, _enc(cmul * 2.0 ** (-p * lo), sc2)))
     if len(js):
-        xs = np.concatenate([x - run.public(_enc(2.0 ** float(j), f)) for j in js])
-        ys = np.stack([np.concatenate([x * _enc(dj, sc1) for dj in d1]),
-                       np.concatenate([run.public(np.full(n, _enc(dj, sc2))) for dj in d2])])
-        sel = run.select(xs, ys).reshape(2, len(js), n).sum(axis=1)
+        ts = np.array([_enc(2.0 ** float(j), f) for j in js])
+        ys = np.concatenate([np.stack([x * _enc(dj, sc1) for dj in d1]),
+                             np.stack([run.public(np.full(n, _enc(dj, sc2))) for dj in d2])])  # (2J, n)
+        sel = run.select_thresholds(x, np.concatenate([ts, ts]), ys).reshape(2, len(js), n).sum(axis=1)
         base_x, base_c = base_x + sel[0], base_c + sel[1]
     xn = run.trunc(base_x, f + sc1 - w)
     return xn, base_c

@@ -59,16 +59,21 @@ def _coefficients(d: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return const, np.stack([coef[u] for u in _SUBS])
 
 
-def select3_a(ctx: Ctx, x: np.ndarray, ys: np.ndarray | None, mat: dict[str, Any], trunc: bool = False) -> np.ndarray:
+def select3_a(ctx: Ctx, x: np.ndarray | None, ys: np.ndarray | None, mat: dict[str, Any], trunc: bool = False,
+              opened: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``ys * [x >= 0]`` (as :func:`~veil.mpc.kernels.compare.select_a`) in 3 rounds."""
-    n = x.shape[0]
     p0 = ctx.party == 0
-    c = ctx.open(x + mat["r"])  # round 1
+    if opened is None:
+        assert x is not None
+        c = ctx.open(x + mat["r"])  # round 1
+    else:
+        c = opened[0]
+    n = c.shape[0]
     if trunc:
         ys = trunc_from_open(ctx.party, c + _OFF, mat["tt"], mat["tu"], ctx.fp.frac_bits)[None, :]
     assert ys is not None
-    cb = bitslice(c)
-    g, p = group_borrows(ctx, cb, mat)
+    cb = bitslice(c) if opened is None else opened[1]
+    g, p = group_borrows(ctx, cb, mat, None if opened is None else opened[2])
     gs, ps = [g[i::4] for i in range(4)], [p[i::4] for i in range(4)]
     d_mine = ys - mat["u"]
     terms, d_theirs = monomials_bb(ctx, [gs[0], gs[1], gs[2], ps[0], ps[1], ps[2], ps[3]], TREE[0][2],

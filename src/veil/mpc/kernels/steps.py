@@ -35,6 +35,7 @@ from veil.mpc.dealer import M63
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.kernels import arith, compare, products, select3
 from veil.mpc.kernels.base import Cost, Ctx, arr
+from veil.mpc.sharing import bitslice
 
 __all__ = ["Runner", "Planner", "plan", "steps_material", "steps_cost", "onehot_material", "Step"]
 
@@ -96,6 +97,9 @@ def steps_material(side: Any, label: str, steps: list[Step], low_latency: int) -
         elif kind == "select":
             n, w = s[1], s[2]
             out.append((D.compare3 if n <= low_latency else D.compare)(side, lab, n, w))
+        elif kind == "select_t":
+            n, shifts = s[1], np.array(s[2], np.uint64)
+            out.append((D.compare3 if n * len(shifts) <= low_latency else D.compare)(side, lab, n, 1, None, shifts))
         elif kind == "onehot":
             out.append(_onehot_material(side, lab, s[1], s[2], s[3]))
         else:  # pragma: no cover - steps come from the Planner
@@ -117,6 +121,11 @@ def steps_cost(steps: list[Step], low_latency: int) -> Cost:
         elif kind == "select":
             fn = select3.select3_a_cost if s[1] <= low_latency else compare.select_a_cost
             total = total + fn(s[1], width=s[2])
+        elif kind == "select_t":
+            n_all = s[1] * len(s[2])
+            fn = select3.select3_a_cost if n_all <= low_latency else compare.select_a_cost
+            c = fn(n_all, width=1)
+            total = total + Cost(c.rounds, c.bytes - arr("uint64", (n_all,)) + arr("uint64", (s[1],)), c.msgs, c.parts)
         elif kind == "onehot":
             total = total + Cost().send(arr("uint64", (s[1],)), "masked ids")
     return total
@@ -196,6 +205,22 @@ class Runner:
         mat = self._take(("select", int(x.size), int(ys.shape[0])))
         return compare.select_a(self.ctx, x, ys, mat)
 
+    def select_thresholds(self, x: np.ndarray, ts: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """``ys[i] * [x >= t_i]`` for flat shares ``x`` (n,), public ring thresholds ``ts`` (K,) and shares
+        ``ys`` (K, n): one opening of ``x + r0`` serves all K comparisons (the dealer's masks are
+        ``r0 + t_i``), and its bit slicing and nibble selectors are computed once."""
+        n, k = x.size, len(ts)
+        pad = (-n) % 8
+        mat = self._take(("select_t", n + pad, tuple(int(t) for t in np.asarray(ts, np.uint64))))
+        xp = np.concatenate([x, np.zeros(pad, np.uint64)])
+        c0 = self.ctx.open(xp + mat["r"])
+        cb0 = bitslice(c0)
+        m0 = compare.minterms(cb0)
+        opened = (np.tile(c0, k), np.tile(cb0, (1, k)), np.tile(m0, (1, 1, k)))
+        ysp = np.concatenate([ys, np.zeros((k, pad), np.uint64)], axis=1).reshape(1, -1)
+        out = compare.select_a(self.ctx, None, ysp, mat, opened=opened)
+        return out.reshape(k, n + pad)[:, :n]
+
     def onehot(self, ids: np.ndarray, k: int, scale: int) -> np.ndarray:
         """Shares of the one-hot rows (n, k) of shared integers ``ids`` (n,) held at ``scale``
         fractional bits (exact integers), ``k`` a power of two: open ``ids + R`` (uniform), rotate the
@@ -235,6 +260,10 @@ class Planner(Runner):
 
     def select(self, x: np.ndarray, ys: np.ndarray) -> np.ndarray:
         self._take(("select", int(x.size), int(ys.shape[0])))
+        return np.zeros(ys.shape, np.uint64)
+
+    def select_thresholds(self, x: np.ndarray, ts: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        self._take(("select_t", x.size + (-x.size) % 8, tuple(int(t) for t in np.asarray(ts, np.uint64))))
         return np.zeros(ys.shape, np.uint64)
 
     def onehot(self, ids: np.ndarray, k: int, scale: int) -> np.ndarray:
