@@ -188,7 +188,7 @@ def tables(rows: list[dict[str, Any]], peers: list[str]) -> dict[str, list[list[
         head += [f"{PEER_NAMES[p]} per query", f"{PEER_NAMES[p]} setup", f"{PEER_NAMES[p]} / veil"]
     head += ["veil traffic per query", "veil traffic, 1 query + setup"]
     for p in peers:
-        head += [f"{PEER_NAMES[p]} traffic per query (+ setup)", f"veil traffic vs {PEER_NAMES[p]}"]
+        head += [f"{PEER_NAMES[p]} traffic per query (+ setup)", f"veil traffic / {PEER_NAMES[p]}'s (1 query + setup)"]
     body = []
     for r in rows:
         v = r["veil"]
@@ -212,7 +212,7 @@ def tables(rows: list[dict[str, Any]], peers: list[str]) -> dict[str, list[list[
     head = ["net", "batch", "veil online", "veil offline", "veil rounds"]
     for p in peers:
         head += [f"{PEER_NAMES[p]} online", f"{PEER_NAMES[p]} offline", f"{PEER_NAMES[p]} online / veil online",
-                 f"{PEER_NAMES[p]} rounds*"]
+                 f"{PEER_NAMES[p]} rounds" if p == "crypten" else f"{PEER_NAMES[p]} sends"]
     body = []
     for r in rows:
         v = r["veil"]

@@ -108,10 +108,27 @@ def test_bench_tables_take_every_figure_from_the_records():
     head, line = tabs["total"]
     cell = dict(zip(head, line, strict=True))
     assert cell["CrypTen / veil"] == "4.0x"          # 0.2 s / 0.05 s
-    assert cell["veil traffic vs CrypTen"] == "1/2.0"  # veil 2 MB + 1 MB setup against 6 MB + 0
+    assert cell["veil traffic / CrypTen's (1 query + setup)"] == "1/2.0"  # veil 2 MB + 1 MB setup against 6 MB + 0
     assert cell["SPU per query"] == "not measured" and "no wheel" in cell["SPU / veil"]
     head, line = tabs["online"]
     assert dict(zip(head, line, strict=True))["CrypTen online / veil online"] == "5.0x"
+
+
+def test_bench_writes_table_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    import bench_mpc
+
+    veil = {"measured": True, "total_s": 0.05, "online_s": 0.02, "offline_s": 0.03, "setup_s": 0.5,
+            "setup_bytes": 1e6, "total_bytes": 2e6, "online_bytes": 1e6, "offline_bytes": 1e6, "rounds": 9,
+            "agreement": 1.0, "max_abs_error": 1e-3, "kl": 1e-9, "plain_s": 1e-4, "images": 16}
+    rows = [{"net": "A", "batch": b, "load_before": 1.0, "veil": veil,
+             "crypten": {"measured": False, "name": "CrypTen", "reason": "no venv"}} for b in (1, 64)]
+    tabs = bench_mpc.tables(rows, ["crypten"])
+    bench_mpc.write_results(rows, tabs, ["crypten"], tmp_path, "python bench/bench_mpc.py --nets A", plots=True)
+    md = (tmp_path / "mpc_peers.md").read_text()
+    assert "`python bench/bench_mpc.py --nets A`" in md and "not measured" in md
+    for png in ("mpc_latency.png", "mpc_traffic.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _venv_or_skip(peer: str) -> None:
