@@ -78,6 +78,18 @@ def test_rmsnormalization_opset23():
     assert ops(g) == ["rmsnorm"]
 
 
+def test_simplified_layernormalization_of_onnxruntime():
+    """onnxruntime's RMSNorm (optimised exports) is in the default domain but not in onnx's registry."""
+    rng = np.random.default_rng(20)
+    node = helper.make_node("SimplifiedLayerNormalization", ["x", "g"], ["y"], axis=-1, epsilon=1e-6)
+    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(f32(rng, 10), "g")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    g = check(m, {"x": f32(rng, 3, 10)})
+    assert ops(g) == ["rmsnorm"]
+
+
 def _decomposed_layernorm(d, eps, div=True):
     nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=[-1]),
              helper.make_node("Sub", ["x", "mu"], ["xc"]),
