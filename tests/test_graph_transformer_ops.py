@@ -373,3 +373,19 @@ def test_float64_run_keeps_token_ids_integer():
     g = from_onnx(build([node], {"ids": ([None, 3], TensorProto.INT64)}, ["y"], {"table": f32(rng, 9, 4)}))
     ids = np.array([[1, 8, 0]], np.int64)
     np.testing.assert_array_equal(run_plain(g, ids, dtype=np.float64)["y"], g.nodes[0].params["table"][ids])
+
+
+def test_range_constantofshape_and_comparisons_fold():
+    """Position ids and masks built from constants (as exporters emit them) fold into one add_const."""
+    rng = np.random.default_rng(21)
+    nodes = [helper.make_node("Range", ["zero", "five", "one"], ["pos"]),
+             helper.make_node("Cast", ["pos"], ["posf"], to=TensorProto.FLOAT),
+             helper.make_node("ConstantOfShape", ["shp"], ["ones"], value=numpy_helper.from_array(np.array([1.0], np.float32))),
+             helper.make_node("Less", ["posf", "three"], ["lt"]),
+             helper.make_node("Where", ["lt", "ones", "posf"], ["c"]),
+             helper.make_node("Add", ["x", "c"], ["y"])]
+    inits = {"zero": np.array(0, np.int64), "five": np.array(5, np.int64), "one": np.array(1, np.int64),
+             "shp": np.array([5], np.int64), "three": np.array(3.0, np.float32)}
+    g = check(build(nodes, {"x": [None, 5]}, ["y"], inits), {"x": f32(rng, 2, 5)})
+    assert ops(g) == ["add_const"]
+    np.testing.assert_array_equal(g.nodes[0].params["c"], [1, 1, 1, 3, 4])
