@@ -19,12 +19,13 @@ clipping is needed. Outer segments are constants or ``x``. Error bound: :attr:`P
 (approximation plus fixed point at f = 16), checked over the whole line by the tests.
 
 **Reciprocal and inverse square root** for ``x`` in ``[2^lo, 2^hi)``: one comparison call finds the
-magnitude, ``b_j = [x >= 2^j]`` for every j in (lo, hi); the normalisers ``c = 2^-e`` (and
+magnitude, ``b_j = [x >= 2^j]`` for every j in (lo, hi) in steps of 1/4; the normalisers ``c = 2^-e`` (and
 ``2^(-e/2)``) are linear in the bits (telescoping sums selected with public coefficients), so
-``x_n = x c`` in [1, 2) comes out of the same selection (ys = ``x * delta_j``) without a product.
-Then Goldschmidt iterations on ``x_n``: reciprocal from ``y0 = 1.5 - x_n / 2`` (|1 - x_n y0| <= 1/8)
-with three steps (relative error (1/8)^8 = 6e-8); inverse square root from a linear ``y0`` with two
-steps (relative error < 1e-6). Rounds: reciprocal 4 + 1 + 8, rsqrt 4 + 1 + 10.
+``x_n = x c`` comes out of the same selection (ys = ``x * delta_j``) without a product.
+With 4 thresholds per octave ``x_n`` lies in [1, 2^(1/4)), where a linear start is already close:
+Goldschmidt for the reciprocal from ``|1 - x_n y0| < 4e-3`` with two steps (relative error 2e-10), for
+the inverse square root from ``|1 - x_n y0^2| < 3e-3`` with one step (relative error 3e-6).
+Rounds: reciprocal 4 + 1 + 6, rsqrt 4 + 1 + 6.
 
 **Softmax** over an axis with an optional public mask: masked entries are set to a public very
 negative value, the maximum is found by a tournament of exact comparisons (ceil(log2 k) levels),
@@ -180,26 +181,30 @@ def exp_neg_a(run: Runner, x: np.ndarray) -> np.ndarray:
     return piecewise_a(run, x, FUNCTIONS["exp"])
 
 
+OCTAVE_STEPS = 4  # normalisation thresholds per octave: x_n in [1, 2^(1/4))
+
+
 def _magnitude(run: Runner, x: np.ndarray, lo: int, hi: int, sc2: int, half: bool,
                cmul: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """For shares ``x`` (flat, scale f) in [2^lo, 2^hi): ``x_n = x 2^-e`` in [1, 2) at the working scale
-    W and ``c = cmul 2^-e`` (or ``cmul 2^(-e/2)`` when ``half``) at scale ``sc2``, where
-    2^e <= x < 2^(e+1)."""
+    """For shares ``x`` (flat, scale f) in [2^lo, 2^hi): ``x_n = x 2^-e`` in [1, 2^(1/4)) at the working
+    scale W and ``c = cmul 2^-e`` (or ``cmul 2^(-e/2)`` when ``half``) at scale ``sc2``, where e is the
+    largest of lo, lo + 1/4, ... with 2^e <= x (one comparison call against 4 thresholds per octave)."""
     f = run.fp.frac_bits
     w = working_scale(f)
     sc1 = 59 - f  # scale of the public deltas of 2^-e: x * 2^-e < 2 stays below 2^62
-    js = np.arange(lo + 1, hi)
-    d1 = 2.0 ** -js.astype(np.float64) - 2.0 ** -(js - 1).astype(np.float64)
+    es = lo + np.arange(1, (hi - lo) * OCTAVE_STEPS) / OCTAVE_STEPS
+    prev = np.concatenate([[lo], es[:-1]])
+    d1 = 2.0**-es - 2.0**-prev
     p = 0.5 if half else 1.0
-    d2 = cmul * (2.0 ** (-p * js) - 2.0 ** (-p * (js - 1)))
+    d2 = cmul * (2.0 ** (-p * es) - 2.0 ** (-p * prev))
     n = x.shape[0]
     base_x = x * _enc(2.0**-lo, sc1)
     base_c = run.public(np.full(n, _enc(cmul * 2.0 ** (-p * lo), sc2)))
-    if len(js):
-        ts = np.array([_enc(2.0 ** float(j), f) for j in js])
+    if len(es):
+        ts = np.array([_enc(2.0**e, f) for e in es])
         ys = np.concatenate([np.stack([x * _enc(dj, sc1) for dj in d1]),
                              np.stack([run.public(np.full(n, _enc(dj, sc2))) for dj in d2])])  # (2J, n)
-        sel = run.select_thresholds(x, np.concatenate([ts, ts]), ys).reshape(2, len(js), n).sum(axis=1)
+        sel = run.select_thresholds(x, np.concatenate([ts, ts]), ys).reshape(2, len(es), n).sum(axis=1)
         base_x, base_c = base_x + sel[0], base_c + sel[1]
     xn = run.trunc(base_x, f + sc1 - w)
     return xn, base_c
@@ -213,39 +218,39 @@ def _c_scale(f: int, lo: int, half: bool) -> int:
     return int(min(61 - ys - max(top, 0) - 1, 40))
 
 
+# linear starts on [1, 2^(1/4)), b a multiple of 2^-8: |1 - x y0| <= 3.9e-3 (reciprocal),
+# |1 - x y0^2| <= 2.9e-3 (rsqrt)
+_RC_A, _RC_B = 1.8320987, 214 / 256
+_RS_A, _RS_B = 1.4360669, 112 / 256
+
+
 def reciprocal_a(run: Runner, x: np.ndarray, lo: int = -8, hi: int = 24, out_scale: int | None = None) -> np.ndarray:
     """``1 / x`` for shares of ``x`` in [2^lo, 2^hi) (scale f); result at ``out_scale`` (default f; the
     iterations run at the working scale W, :func:`working_scale`): relative error < 1e-6 plus a few
-    units of 2^-W."""
+    units of 2^-W. Goldschmidt from a linear start (|e0| < 4e-3), two steps: ``c y0 (1+e)(1+e^2)``."""
     f = run.fp.frac_bits
     w = working_scale(f)
     shape = x.shape
     sc = _c_scale(f, lo, False)
     xn, c = _magnitude(run, x.reshape(-1), lo, hi, sc, half=False)
-    # y0 = 1.5 - xn/2 at scale W+1; e0 = 1 - xn y0 = (xn - 1)(xn - 2) / 2
-    y0 = run.public(np.full(xn.shape, _enc(1.5, w + 1))) - xn
-    x2, cy = run.mul_many([(xn, xn), (c, y0)])
-    e_2w = x2 - xn * np.uint64(3 << w) + run.public(np.full(xn.shape, _enc(2.0, 2 * w)))
-    e, cy = run.trunc_many([(e_2w, w + 1), (cy, sc + 1)])  # e at W, cy = c y0 at W
+    y0 = run.public(np.full(xn.shape, _enc(_RC_A, w + 8))) - xn * _enc(_RC_B, 8)  # scale W + 8
+    xy, cy = run.mul_many([(xn, y0), (c, y0)])
+    xy, cy = run.trunc_many([(xy, w + 8), (cy, sc + 8)])  # at W
     one = run.public(np.full(xn.shape, _enc(1.0, w)))
-    for step in range(3):
-        if step < 2:
-            e2, cy = run.mul_many([(e, e), (cy, one + e)])
-            e, cy = run.trunc_many([(e2, w), (cy, w)])
-        else:
-            cy = run.trunc(run.mul(cy, one + e), 2 * w - (f if out_scale is None else out_scale))
-    return cy.reshape(shape)
+    e = one - xy
+    e2, cy = run.mul_many([(e, e), (cy, one + e)])
+    e2, cy = run.trunc_many([(e2, w), (cy, w)])
+    out = run.trunc(run.mul(cy, one + e2), 2 * w - (f if out_scale is None else out_scale))
+    return out.reshape(shape)
 
 
-# rsqrt on [1, 2): y0 = A - B x (max |1 - x y0^2| = 0.045), B a multiple of 2^-8 (exact at 8 extra bits)
-_RS_A, _RS_B = 1.2623516, 73 / 256
 
 
 def _rsqrt_iterate(run: Runner, xn: np.ndarray, c: np.ndarray, sc: int, q: np.ndarray | None,
                    out_scale: int) -> np.ndarray:
     """Goldschmidt for ``c / sqrt(xn)``, or ``q c / sqrt(xn)`` when ``q`` (scale f, rows of shape
     (n, m)) is given with ``c`` per row: ``g = xn y``, ``h = y / 2``, ``r = 3/2 - g h``, ``g, h *= r``
-    (g -> sqrt(xn), h -> 1 / (2 sqrt(xn))), two steps, tracking ``2 c h`` (times q). ``c`` at scale ``sc``; result at ``out_scale``."""
+    (g -> sqrt(xn), h -> 1 / (2 sqrt(xn))), one step from the linear start, tracking ``2 c h`` (times q). ``c`` at scale ``sc``; result at ``out_scale``."""
     f = run.fp.frac_bits
     w = working_scale(f)
     y0 = run.public(np.full(xn.shape, _enc(_RS_A, w + 8))) - xn * _enc(_RS_B, 8)  # scale W + 8
@@ -263,11 +268,7 @@ def _rsqrt_iterate(run: Runner, xn: np.ndarray, c: np.ndarray, sc: int, q: np.nd
     def rows(r: np.ndarray) -> np.ndarray:
         return r if q is None else np.broadcast_to(r[:, None], hs.shape)
 
-    three_half = run.public(np.full(xn.shape, _enc(1.5, w)))
-    r = three_half - gh
-    g1, h1, hs1 = run.mul_many([(g, r), (h, r), (hs, rows(r))])
-    g, h, hs = run.trunc_many([(g1, w), (h1, w), (hs1, w)])
-    r = three_half - run.trunc(run.mul(g, h), w)
+    r = run.public(np.full(xn.shape, _enc(1.5, w))) - gh  # one step: |1 - x y^2| < 1e-5 after it
     return run.trunc(run.mul(hs, rows(r)), 2 * w - out_scale)
 
 
