@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from veil.errors import ModelError
 
@@ -63,7 +62,3 @@ def fold_node(node: onnx.NodeProto, values: list[np.ndarray | None], opset: int)
         raise ModelError(f"node {node.name or node.output[0]!r} ({node.op_type}): folding its constant inputs "
                          f"failed ({type(e).__name__}); expected an operator of the standard ONNX domain") from None
     return [np.asarray(r) for r in res]
-
-
-def tensor_value(t: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(t)

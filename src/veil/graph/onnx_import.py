@@ -410,8 +410,9 @@ def _slice_attrs(node: onnx.NodeProto, ctx: _Ctx, at: dict[str, Any]) -> dict[st
         steps = [1] * len(starts)
     else:
         vals = [ctx.const(i) if i else None for i in node.input[1:]] + [None] * 4
-        if any(v is None for v, i in zip(vals[:2], node.input[1:3], strict=False) if i) or vals[0] is None or vals[1] is None:
-            raise _unsupported(node, "Slice bounds computed at run time")
+        named = [bool(i) for i in node.input[1:]] + [False] * 4
+        if vals[0] is None or vals[1] is None or any(n and v is None for n, v in zip(named[2:4], vals[2:4], strict=True)):
+            raise _unsupported(node, "Slice bounds, axes or steps computed at run time")
         starts, ends = vals[0].reshape(-1).tolist(), vals[1].reshape(-1).tolist()
         axes = vals[2].reshape(-1).tolist() if vals[2] is not None else list(range(len(starts)))
         steps = vals[3].reshape(-1).tolist() if vals[3] is not None else [1] * len(starts)
