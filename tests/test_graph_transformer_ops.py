@@ -389,3 +389,15 @@ def test_range_constantofshape_and_comparisons_fold():
     g = check(build(nodes, {"x": [None, 5]}, ["y"], inits), {"x": f32(rng, 2, 5)})
     assert ops(g) == ["add_const"]
     np.testing.assert_array_equal(g.nodes[0].params["c"], [1, 1, 1, 3, 4])
+
+
+def test_cli_inspect_with_mode_lists_that_modes_ops(tmp_path):
+    import subprocess
+    import sys
+
+    m = build([helper.make_node("Mod", ["x", "x"], ["y"])], {"x": [None, 3]}, ["y"])
+    path = tmp_path / "mod.onnx"
+    onnx.save(m, str(path))
+    res = subprocess.run([sys.executable, "-m", "veil.cli.main", "inspect", str(path), "--mode", "mpc"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "not supported by mpc mode" in res.stderr and "LayerNormalization" in res.stderr

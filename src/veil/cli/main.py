@@ -103,11 +103,14 @@ def party(
 
 
 @app.command()
-def inspect(model: Path = typer.Argument(..., help="ONNX model file")) -> None:
+def inspect(model: Path = typer.Argument(..., help="ONNX model file"),
+            mode: str = typer.Option(None, "--mode", help="also check that this mode (mpc, offload, plain) runs every op")) -> None:
     """Load a model into veil's graph and print it."""
     from veil.graph import load_model
 
-    console.print(load_model(model).summary())
+    console.print(load_model(model, mode=mode).summary())
+    if mode is not None:
+        console.print(f"every operator runs in {mode} mode")
 
 
 @app.command()
