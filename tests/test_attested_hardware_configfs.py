@@ -120,19 +120,19 @@ def test_tdx_platform_plumbing(tmp_path, data):
 def test_platform_choice(tmp_path, data):
     missing = ConfigfsTsm(tmp_path / "absent")
     with pytest.raises(DeploymentError, match="no hardware TEE"):
-        choose_platform("auto", hazmat_simulate_enclave=False, tsm=missing)
-    assert choose_platform("auto", hazmat_simulate_enclave=True, tsm=missing) == "simulated"
-    with pytest.raises(DeploymentError, match="hazmat-simulate-enclave"):
-        choose_platform("simulated", hazmat_simulate_enclave=False, tsm=missing)
+        choose_platform("auto", hazmat_allow_simulation=False, tsm=missing)
+    assert choose_platform("auto", hazmat_allow_simulation=True, tsm=missing) == "simulated"
+    with pytest.raises(DeploymentError, match="hazmat-allow-simulation"):
+        choose_platform("simulated", hazmat_allow_simulation=False, tsm=missing)
     snp = FakeKernel("sev_guest", data["report"]).tsm(tmp_path)
-    assert choose_platform("auto", hazmat_simulate_enclave=False, tsm=snp) == "sev-snp"
-    assert choose_platform("auto", hazmat_simulate_enclave=True, tsm=snp) == "sev-snp"  # hardware first
+    assert choose_platform("auto", hazmat_allow_simulation=False, tsm=snp) == "sev-snp"
+    assert choose_platform("auto", hazmat_allow_simulation=True, tsm=snp) == "sev-snp"  # hardware first
     with pytest.raises(TsmUnavailableError, match="provider is sev-snp"):
         ConfigfsTsmPlatform(snp, expect="tdx")
     with pytest.raises(TsmUnavailableError):
         ConfigfsTsmPlatform(missing)
     with pytest.raises(DeploymentError):
-        choose_platform("sgx", hazmat_simulate_enclave=True, tsm=missing)
+        choose_platform("sgx", hazmat_allow_simulation=True, tsm=missing)
 
 
 def test_cert_table_parsing(data):
@@ -175,7 +175,7 @@ def test_snp_derived_key_request(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--platform", "tdx"], "TsmUnavailableError"),
-    (["--platform", "simulated"], "hazmat-simulate-enclave"),
+    (["--platform", "simulated"], "hazmat-allow-simulation"),
     ([], "no hardware TEE"),
 ])
 def test_serve_refuses_without_platform(tmp_path, monkeypatch, args, message):

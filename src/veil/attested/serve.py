@@ -3,7 +3,7 @@
 Steps at start:
 
 1. open the platform (``platform_kind``, see :mod:`veil.attested.hardware.select`): SEV-SNP or TDX
-   through Linux's configfs-tsm, or the simulation, which needs ``hazmat_simulate_enclave`` and warns;
+   through Linux's configfs-tsm, or the simulation, which needs ``hazmat_allow_simulation`` and warns;
 2. generate a fresh TLS key pair and self-signed certificate inside the trusted side;
 3. open the store and unseal every model (a model that fails to unseal is reported and skipped);
 4. hand the key to uvicorn through a file encrypted under a random in-memory password, which is
@@ -101,14 +101,14 @@ def read_or_create_upload_token(path: Path) -> str:
 
 
 def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8443, *,
-          hazmat_simulate_enclave: bool = False, limits: Limits | None = None,
+          hazmat_allow_simulation: bool = False, limits: Limits | None = None,
           upload_token_file: str | os.PathLike[str] | None = None,
           platform_dir: str | os.PathLike[str] | None = None, intra_op_threads: int = 1,
           ready_file: str | os.PathLike[str] | None = None, log_level: str = "warning",
           state_dir: str | os.PathLike[str] | None = None, platform_kind: str = "auto",
           tsm_root: str | os.PathLike[str] | None = None, ephemeral_sealing: bool = False) -> None:
     tsm = ConfigfsTsm(tsm_root if tsm_root is not None else DEFAULT_TSM_ROOT)
-    kind = choose_platform(platform_kind, hazmat_simulate_enclave=hazmat_simulate_enclave, tsm=tsm)
+    kind = choose_platform(platform_kind, hazmat_allow_simulation=hazmat_allow_simulation, tsm=tsm)
     store_path = Path(store_dir)
     store_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     state_path = Path(state_dir) if state_dir is not None else default_state_dir(store_path)

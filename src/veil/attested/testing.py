@@ -1,6 +1,6 @@
 """Start and stop a real attested server process on loopback (for tests, benchmarks and examples).
 
-:class:`ServerProcess` runs ``python -m veil.attested serve --hazmat-simulate-enclave`` with a
+:class:`ServerProcess` runs ``python -m veil.attested serve --hazmat-allow-simulation`` with a
 ready file, waits (with a timeout) until the server has written it and answers TLS, and stops
 the process on exit (SIGTERM, then SIGKILL after a grace period). It binds 127.0.0.1 only. The
 server's secrets (upload token, simulation key) go to a state directory of its own, outside the
@@ -59,7 +59,7 @@ class ServerProcess:
         ready = Path(self._tmp.name) / "ready.json"
         ready.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "veil.attested", "serve", "--store", str(self.store), "--host", "127.0.0.1",
-               "--port", str(self.port), "--hazmat-simulate-enclave", "--ready-file", str(ready),
+               "--port", str(self.port), "--hazmat-allow-simulation", "--ready-file", str(ready),
                "--state-dir", str(self.state_dir), *self.extra_args]
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
