@@ -51,7 +51,7 @@ def run_train_deployment(workdir: str | Path, options: dict[str, Any], timeout: 
     dep = write_deployment(wd / "deployment.toml", "veil-offload-train", "offload",
                            {p: f"127.0.0.1:{port}" for p, port in zip(TRAIN_PARTIES, ports, strict=True)},
                            timeout=recv_timeout, options={"task": "train", **options})
-    if not (wd / "keys" / "ca.pem").exists():
+    if not (wd / "keys" / "ca" / "ca.pem").exists():
         create_keys(dep)
     request = owner_request(dep.options, base=wd)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
