@@ -67,3 +67,32 @@ def test_cli_errors_are_clear(hf_dir, tmp_path):
     r = runner.invoke(app, ["transform", "--model", str(hf_dir[1]), "--key", str(tmp_path / "nokey"),
                             "--cloud-out", str(tmp_path / "c"), "--user-out", str(tmp_path / "u")])
     assert r.exit_code == 2 and "KeyBundleError" in r.output
+
+
+def test_export_writes_an_engine_checkpoint(hf_dir, tmp_path):
+    """`export --format hf` of a vocab-mode package: transformers loads it, and generation with
+    relabelled ids maps back to plain generation; GGUF of a non-Llama family is refused clearly."""
+    from transformers import AutoModelForCausalLM
+
+    from veil.permute.engines import VocabMap
+
+    src, d = hf_dir
+    assert runner.invoke(app, ["keygen", "--model", str(d), "--out", str(tmp_path / "key"),
+                               "--mode", "vocab"]).exit_code == 0
+    assert runner.invoke(app, ["transform", "--model", str(d), "--key", str(tmp_path / "key"), "--cloud-out",
+                               str(tmp_path / "cloud"), "--user-out", str(tmp_path / "user")]).exit_code == 0
+    r = runner.invoke(app, ["export", "--cloud", str(tmp_path / "cloud"), "--out", str(tmp_path / "hf"),
+                            "--key", str(tmp_path / "key")])
+    assert r.exit_code == 0, r.output
+    engine = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    vm = VocabMap(read_user_bundle(tmp_path / "user"))
+    assert engine.config.eos_token_id == vm.to_cloud([2])[0]  # relabelled with --key
+    with torch.no_grad():
+        ids = engine.generate(torch.tensor([vm.to_cloud([1, 5])]), max_new_tokens=8, min_new_tokens=8,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)[0, 2:].tolist()
+        ref = src.model.generate(torch.tensor([[1, 5]]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, 2:].tolist()
+    assert vm.from_cloud(ids) == ref
+    r = runner.invoke(app, ["export", "--cloud", str(tmp_path / "cloud"), "--out", str(tmp_path / "m.gguf"),
+                            "--format", "gguf"])
+    assert r.exit_code == 2 and "UnsupportedFamilyError" in r.output and "Llama architecture" in r.output
