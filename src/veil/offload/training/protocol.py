@@ -95,11 +95,6 @@ def field_matvec(m: np.ndarray, s: np.ndarray) -> np.ndarray:
     return out
 
 
-def _to_field(q: np.ndarray) -> np.ndarray:
-    """Integers held in float64 (|q| < p) -> field elements (int64 in [0, p))."""
-    return np.mod(q.astype(np.int64), P)
-
-
 def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a + b) % P
 
@@ -121,32 +116,38 @@ def choose_scales(u: np.ndarray, v: np.ndarray) -> tuple[int, int]:
 
 
 def quantise_pair(u: np.ndarray, v: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray]:
-    """``(fu, fv, U_q, V_q)``: fractional bits for one product, as many as fit, shared so that both operands get
-    about the same relative precision, with ``|U_q V_q|`` provably < (p-1)/2 entry by entry.
+    """``(fu, fv, U_q, V_q)``: fractional bits for one product, as many as fit, shared so that both
+    operands get about the same relative precision (``fu - fv ~ log2(max|V| / max|U|)``), and the
+    operands quantised to field elements (int64 in [0, p), negatives as ``p - |x|``).
 
-    Bound: ``|(U_q V_q)_ij| <= ||U_q row i||_2 ||V_q col j||_2`` (Cauchy-Schwarz), checked on the
-    quantised values themselves; a scale that fails it is lowered until it holds. ``U_q``, ``V_q`` are
-    the quantised operands (float64 holding integers)."""
-    ru = float(np.sqrt((u.astype(np.float64) ** 2).sum(1).max())) if u.size else 0.0
-    cv = float(np.sqrt((v.astype(np.float64) ** 2).sum(0).max())) if v.size else 0.0
+    Guarantee, entry by entry: ``|(U_q V_q)_ij| <= ||U_q row i||_2 ||V_q col j||_2`` (Cauchy-Schwarz)
+    ``<= (2^fu max_i ||U_i||_2 + sqrt(k)/2) (2^fv max_j ||V_j||_2 + sqrt(k)/2) < (p-1)/2`` (rounding moves
+    each entry by at most 1/2), so the exact product never wraps around the field."""
+    k = u.shape[1]
+    ru = float(np.sqrt(np.einsum("ij,ij->i", u, u).max())) if u.size else 0.0
+    cv = float(np.sqrt(np.einsum("ij,ij->j", v, v).max())) if v.size else 0.0
     au, av = float(np.abs(u).max()) if u.size else 0.0, float(np.abs(v).max()) if v.size else 0.0
     if ru == 0.0 or cv == 0.0:
         fu = fv = SCALE_MAX // 2
-        return fu, fv, np.rint(u * 2.0**fu), np.rint(v * 2.0**fv)
-    total = math.floor(math.log2(HALF / (ru * cv))) - 1
-    fu = round((total + math.log2(av / au)) / 2)
-    fu = min(max(fu, SCALE_MIN), SCALE_MAX)
-    fv = min(max(total - fu, SCALE_MIN), SCALE_MAX)
-    for _ in range(8):
-        uq, vq = np.rint(u * 2.0**fu), np.rint(v * 2.0**fv)
-        bound = np.sqrt((uq ** 2).sum(1).max()) * np.sqrt((vq ** 2).sum(0).max())
-        if bound < HALF:
-            return fu, fv, uq, vq
-        if fu >= fv:
-            fu -= 1
-        else:
-            fv -= 1
-    raise FieldRangeError(f"values too large for exact field products (max |U| {au:.3g}, max |V| {av:.3g})")
+    else:
+        total = math.floor(math.log2(HALF / (ru * cv)))
+        fu = min(max(round((total + math.log2(av / au)) / 2), SCALE_MIN), SCALE_MAX)
+        fv = min(max(total - fu, SCALE_MIN), SCALE_MAX)
+        slack = math.sqrt(k) / 2
+        while (2.0**fu * ru + slack) * (2.0**fv * cv + slack) >= HALF:
+            if fu <= SCALE_MIN and fv <= SCALE_MIN:
+                raise FieldRangeError(f"values too large for exact field products (max |U| {au:.3g}, max |V| {av:.3g})")
+            if fu >= fv:
+                fu -= 1
+            else:
+                fv -= 1
+    return fu, fv, _quantise(u, fu), _quantise(v, fv)
+
+
+def _quantise(x: np.ndarray, f: int) -> np.ndarray:
+    q = np.rint(x * 2.0**f)
+    np.add(q, P, out=q, where=q < 0)  # exact in float64: |q| < 2^31
+    return q.astype(np.int64)
 
 
 def _intensity(u: np.ndarray, v: np.ndarray) -> float:
@@ -265,8 +266,7 @@ class SecureMatmul(MatmulEngine):
                 raise ValueError(f"product shapes do not match: {u.shape} @ {v.shape}")
             if k >= MAX_INNER_FULL:
                 raise FieldRangeError(f"inner dimension {k} too large for exact field products (< {MAX_INNER_FULL})")
-            fu, fv, uqf, vqf = quantise_pair(u, v)
-            uq, vq = _to_field(uqf), _to_field(vqf)
+            fu, fv, uq, vq = quantise_pair(u, v)
             s0, s1 = self.runtime.random_bytes(32), self.runtime.random_bytes(32)
             a0, b0 = expand_masks(s0, n, k, m)
             a1, b1 = expand_masks(s1, n, k, m)
