@@ -63,21 +63,21 @@ def run_train_party(dep: Deployment, name: str, channel: Channel, console: Any =
     if name == "enclave":
         return _enclave(dep, channel, say)
     if name in TRAIN_ACCELERATORS:
-        say(f"[offload train] {name}: computing masked products for the enclave (untrusted role)")
+        say(f"offload train: {name}: computing masked products for the enclave (untrusted role)")
         s = serve_train_accelerator(channel, "enclave", backend=str(dep.options.get("backend", "auto")),
                                     idle_timeout=dep.timeout * 20)
-        say(f"[offload train] {name}: done, backend {s['backend']}, {s['requests']} rounds")
+        say(f"offload train: {name}: done, backend {s['backend']}, {s['requests']} rounds")
         return s
     if name == "owner":
         req = owner_request(dep.options, base=dep.path.parent if dep.path else None)
         res = run_owner(channel, req, timeout=dep.timeout * 20, on_progress=lambda m: say(
-            f"[offload train] step {m['step']}/{m['total']} epoch {m['epoch']} loss {m['loss']:.4f} "
+            f"offload train: step {m['step']}/{m['total']} epoch {m['epoch']} loss {m['loss']:.4f} "
             f"{m['samples_per_s']:.1f} samples/s"))
         out = _resolve(dep, str(dep.options.get("output", "trained.onnx")))
         out.write_bytes(res["onnx"])
         report = {k: v for k, v in res.items() if k != "onnx"}
         out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        say(f"[offload train] owner: trained model written to {out.name} ({len(res['onnx']):,} bytes)")
+        say(f"offload train: owner: trained model written to {out.name} ({len(res['onnx']):,} bytes)")
         return report
     raise DeploymentError(f"offload training deployments know the parties {', '.join(TRAIN_PARTIES)}; not {name!r}")
 
@@ -175,7 +175,7 @@ def _enclave(dep: Deployment, ch: Channel, say: Any) -> dict[str, Any]:
     allow = bool(opts.get("hazmat_allow_simulation", opts.get("hazmat_simulate", False)))
     runtime = SimulatedEnclaveRuntime(hazmat_allow_simulation=allow,
                                       key_file=_resolve(dep, str(key)) if key else None)
-    say(f"[offload train] enclave: {runtime.describe()}")
+    say(f"offload train: enclave: {runtime.describe()}")
     eng = SecureMatmul(ch, runtime, freivalds_reps=int(opts.get("freivalds_reps", 1)), timeout=dep.timeout,
                        min_intensity=float(opts.get("min_intensity", DEFAULT_MIN_INTENSITY)))
     try:
@@ -187,7 +187,7 @@ def _enclave(dep: Deployment, ch: Channel, say: Any) -> dict[str, Any]:
             ck = _resolve(dep, str(opts["checkpoint"])) if opts.get("checkpoint") else None
             if ck is not None and bool(opts.get("resume", False)) and ck.is_file():
                 tr.resume(ck, runtime)
-                say(f"[offload train] enclave: resumed from the sealed checkpoint at step {tr.step_count}")
+                say(f"offload train: enclave: resumed from the sealed checkpoint at step {tr.step_count}")
             t0, s0 = time.perf_counter(), tr.step_count
             seen = [0]
 
@@ -215,5 +215,5 @@ def _enclave(dep: Deployment, ch: Channel, say: Any) -> dict[str, Any]:
             raise
     finally:
         eng.close()
-    say(f"[offload train] enclave: {tr.step_count} steps done")
+    say(f"offload train: enclave: {tr.step_count} steps done")
     return report
