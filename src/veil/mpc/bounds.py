@@ -17,8 +17,8 @@ Constraints (f fractional bits, every secret value below 2^62 at its scale):
   headroom for the differences taken by comparisons);
 * inputs of ``gelu``/``gelu_tanh``/``silu`` below ``2^(61 - f - coef_scale(f))`` (their outer segment
   ``x`` is carried at the coefficient scale);
-* inputs of ``layernorm`` below ``2^(61 - 3f)`` with row L2 norms ``R^2 < 2^(61 - 2f + 8)`` (the centred
-  row at scale 3f, the sum of squares at ``2f - 8``); of ``rmsnorm`` with ``R^2 < 2^(61 - 2f)``;
+* inputs of ``layernorm`` below ``2^(61 - 3f)`` with row L2 norms ``R^2 < 2^(61 - 2f + 4)`` (the centred
+  row at scale 3f, the sum of squares at ``2f - 4``); of ``rmsnorm`` with ``R^2 < 2^(61 - 2f)``;
 * inputs of ``reciprocal`` below 2^24, ``rsqrt`` 2^30, ``sqrt`` 2^26 (their normalisation ranges; their
   lower ends, 2^-8 and 2^-16, are a documented precondition).
 

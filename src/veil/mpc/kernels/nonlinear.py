@@ -51,12 +51,12 @@ from veil.mpc.kernels.steps import Runner
 
 __all__ = ["Piecewise", "FUNCTIONS", "piecewise_a", "powers_a", "reciprocal_a", "rsqrt_a", "softmax_a",
            "layernorm_a", "rmsnorm_a", "exp_neg_a", "working_scale", "NEG_MASK", "sqrt_a", "coef_scale",
-           "NORM_SQUARE_DROP"]
+           "NORM_SQUARE_DROP", "ALL_PAIRS_MAX"]
 
 # a masked softmax entry: far below every threshold of exp, far inside the ring
 NEG_MASK = -(2.0**20)
-# LayerNorm squares the centred row at scale f - NORM_SQUARE_DROP: sums of squares up to 2^(61-2f+8)
-NORM_SQUARE_DROP = 4
+# LayerNorm squares the centred row at scale f - NORM_SQUARE_DROP: sums of squares up to 2^(61-2f+4)
+NORM_SQUARE_DROP = 2
 
 
 @dataclass(frozen=True)
@@ -326,8 +326,26 @@ def rmsnorm_a(run: Runner, x: np.ndarray, gamma: np.ndarray, eps: float) -> np.n
     return layernorm_a(run, x, gamma, None, eps, centre=False)
 
 
+ALL_PAIRS_MAX = 1 << 16  # rows x k^2 up to this: the maximum by all pairs (2 comparison calls)
+
+
 def _max_last(run: Runner, v: np.ndarray) -> np.ndarray:
-    """Row maxima of (R, k) by a tournament of exact comparisons (one select per level)."""
+    """Row maxima of (R, k) by exact comparisons. Small rows: all pairs at once, ``c_ij = [v_i >= v_j]``
+    for i < j, the unique winner (ties to the lower index) has ``sum_(j>i) c_ij + sum_(j<i) (1 - c_ji) =
+    k - 1``, found by a second comparison that selects its value: 2 calls whatever k. Larger rows: a
+    tournament, one call per level (ceil(log2 k))."""
+    r, k = v.shape
+    if k > 2 and r * k * k <= ALL_PAIRS_MAX:
+        ii, jj = np.triu_indices(k, 1)
+        diff = (v[:, ii] - v[:, jj]).reshape(-1)
+        c = run.select(diff, run.public(np.ones((1, diff.size), np.uint64)))[0].reshape(r, len(ii))
+        m1 = np.zeros((len(ii), k), np.uint64)
+        m1[np.arange(len(ii)), ii] = 1
+        m2 = np.zeros((len(ii), k), np.uint64)
+        m2[np.arange(len(ii)), jj] = 1
+        count = c @ (m1 - m2) + run.public(np.ones((r, len(ii)), np.uint64)) @ m2  # integers, scale 0
+        win = run.select((count - run.public(np.full(count.shape, k - 1, np.uint64))).reshape(-1), v.reshape(1, -1))
+        return win.reshape(r, k).sum(axis=1)
     while v.shape[1] > 1:
         h = v.shape[1] // 2
         a, b = v[:, 0 : 2 * h : 2], v[:, 1 : 2 * h : 2]
