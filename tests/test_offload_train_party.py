@@ -76,3 +76,19 @@ def test_cli_train_refuses_without_the_simulation_opt_in():
     r = CliRunner().invoke(app, ["offload", "train", "A", "--n", "8"])
     assert r.exit_code != 0
     assert "--hazmat-" in (r.output + str(r.exception))
+
+
+@pytest.mark.filterwarnings("ignore:offload mode. the enclave is SIMULATED")  # expected: the simulated enclave warns
+def test_every_role_through_veil_party_dispatch_writes_the_owners_model(tmp_path):
+    """The roles as ``veil party`` runs them (offload party module, task = train), here over in-memory
+    channels: the owner writes the trained model and a JSON report next to the deployment file."""
+    from veil.net import run_local, write_deployment
+    from veil.offload.party import peers_of, run_party
+    from veil.offload.training.party import TRAIN_PARTIES
+
+    dep = write_deployment(tmp_path / "train.toml", "t", "offload", {p: "127.0.0.1:1" for p in TRAIN_PARTIES},
+                           timeout=30, options={"task": "train", **OPTS, "output": "model.onnx"})
+    assert set(peers_of(dep, "owner")) == {"enclave"}
+    run_local({p: (lambda ch, p=p: run_party(dep, p, ch)) for p in TRAIN_PARTIES}, timeout=60)
+    g = load_model(tmp_path / "model.onnx")
+    assert g.outputs and (tmp_path / "model.json").is_file()
