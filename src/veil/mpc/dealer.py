@@ -29,7 +29,7 @@ import numpy as np
 
 from veil.mpc.sharing import bitslice, unslice_row
 
-__all__ = ["fixed_product", "trunc", "compare", "beaver", "TREE", "GROUPS", "M63", "packed_len", "borrow_tables",
+__all__ = ["fixed_product", "fixed_products", "trunc", "compare", "beaver", "TREE", "GROUPS", "M63", "packed_len", "borrow_tables",
            "product_subsets", "monomials", "ARITH_MONOS", "all_subsets", "compare3"]
 
 M63 = np.uint64((1 << 63) - 1)
@@ -102,6 +102,14 @@ def fixed_product(side: Any, label: str, a_shape: Shape, out_shape: Shape,
     a = side.rand(f"{label}/A", a_shape)
     c = side.share(f"{label}/C", lambda: op(a, mask), out_shape)
     return {"A": a, "C": c}
+
+
+def fixed_products(side: Any, label: str, a_shape: Shape, outs: list[tuple[Shape, Any, Any]]) -> dict[str, Any]:
+    """One input mask ``A`` shared by several layers reading the same input, and ``C_l = op_l(A, B_l)``
+    for each (8 bytes per output element of every layer)."""
+    a = side.rand(f"{label}/A", a_shape)
+    cs = [side.share(f"{label}/C{i}", lambda op=op, mask=mask: op(a, mask), shape) for i, (shape, op, mask) in enumerate(outs)]
+    return {"A": a, "C": cs}
 
 
 def trunc(side: Any, label: str, n: int, f: int) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ user after reconstruction (public post-processing of the logits it is entitled t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -60,33 +61,52 @@ class Program:
         """Run the material plan on a side (dealer: full values + corrections; server: its shares)."""
         return {key: maker(side, f"{query}/{key}", fixed) for ins in self.instrs for key, maker in ins.materials}
 
-    def precompute(self, st: ServerState, side: Any, query: str) -> dict[str, np.ndarray]:
+    def precompute(self, st: ServerState, side: Any, query: str) -> dict[str, Any]:
         """Offline, before the dealer's message arrives: ``A_i op F`` for every fixed product
-        (``A_i`` is drawn from the dealer seed, so the servers need not wait for the dealer)."""
-        out = {}
+        (``A_i`` is drawn from the dealer seed, so the servers need not wait for the dealer). A group
+        of layers reading one input (``prepare`` a tuple of names) shares ``A``: one value per layer."""
+        out: dict[str, Any] = {}
         for ins in self.instrs:
             if ins.prepare is not None:
                 key = f"{ins.name}/aw"
                 a = side.prefetch(f"{query}/{key}/A", self.shapes[ins.inputs[0]])
-                fw = st.fixed[ins.prepare]
-                out[key] = fw.apply(a, fw.f_limbs)
+                if isinstance(ins.prepare, tuple):
+                    out[key] = [st.fixed[n].apply(a, st.fixed[n].f_limbs) for n in ins.prepare]
+                else:
+                    fw = st.fixed[ins.prepare]
+                    out[key] = fw.apply(a, fw.f_limbs)
         return out
 
-    def prepare(self, st: ServerState, store: Any, early: dict[str, np.ndarray] | None = None) -> None:
+    def prepare(self, st: ServerState, store: Any, early: dict[str, Any] | None = None) -> None:
         """Offline precomputation on a server (fixed products: ``P_i = A_i op F + C_i``)."""
         for ins in self.instrs:
-            if ins.prepare is not None:
-                fw, key = st.fixed[ins.prepare], f"{ins.name}/aw"
-                if early is not None and key in early:
-                    store.transform(key, lambda item, af=early[key]: {"A": item["A"], "P": af + item["C"]})
-                else:
-                    store.transform(key, lambda item, fw=fw: products.prepare_aw(fw, item))
+            if ins.prepare is None:
+                continue
+            key = f"{ins.name}/aw"
+            if isinstance(ins.prepare, tuple):
+                fws = [st.fixed[n] for n in ins.prepare]
+                afs = early[key] if early is not None and key in early else None
+                store.transform(key, partial(_prepare_group, fws, afs))
+            elif early is not None and key in early:
+                store.transform(key, partial(_prepare_early, early[key]))
+            else:
+                store.transform(key, partial(products.prepare_aw, st.fixed[ins.prepare]))
 
     def run(self, st: ServerState, inputs: dict[str, np.ndarray], store: Any) -> dict[str, np.ndarray]:
         env = dict(inputs)
         for ins in self.instrs:
             ins.run(st, env, store)
         return {o: env[t] for o, t in self.final.items()}
+
+
+def _prepare_early(af: np.ndarray, item: dict[str, Any]) -> dict[str, Any]:
+    return {"A": item["A"], "P": af + item["C"]}
+
+
+def _prepare_group(fws: list[Any], afs: list[np.ndarray] | None, item: dict[str, Any]) -> dict[str, Any]:
+    if afs is None:
+        afs = [fw.apply(item["A"], fw.f_limbs) for fw in fws]
+    return {"A": item["A"], "P": [af + c for af, c in zip(afs, item["C"], strict=True)]}
 
 
 def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int | None = None) -> Program:
@@ -103,6 +123,8 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
     for node in graph.nodes:
         if node.name in skip:  # shape ops the user applies to its own input before masking it
             b.scale[node.output] = b.f
+            continue
+        if node.name in b.done:  # compiled early with a sibling (fixed products sharing an input)
             continue
         COMPILERS[node.op](b, node, [b.alias.get(i, i) for i in node.inputs])
     final = {o: b.alias.get(o, o) for o in graph.outputs}

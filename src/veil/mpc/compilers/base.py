@@ -50,7 +50,7 @@ class Instr:
     run: RunFn
     materials: list[tuple[str, Maker]] = field(default_factory=list)
     cost: Cost = field(default_factory=Cost)
-    prepare: str | None = None  # node name of a fixed product to precompute offline
+    prepare: str | tuple[str, ...] | None = None  # node name(s) of fixed products to precompute offline
     inputs: tuple[str, ...] = ()  # tensors read (recorded for fixed products)
 
 
@@ -114,6 +114,7 @@ class Builder:
         self.post: dict[str, tuple[str, Any]] = {}
         self.alias: dict[str, str] = {}
         self.direct: dict[str, Any] | None = None
+        self.done: set[str] = set()  # nodes compiled ahead of their turn (with a sibling)
 
     # --- sizes and comparison protocol choice -------------------------------------------------
     def n_of(self, t: str) -> int:
@@ -128,7 +129,8 @@ class Builder:
 
     # --- emitting ----------------------------------------------------------------------------
     def emit(self, name: str, run: RunFn, materials: Sequence[tuple[str, Maker]] | None = None,
-             cost: Cost | None = None, prepare: str | None = None, inputs: tuple[str, ...] = ()) -> None:
+             cost: Cost | None = None, prepare: str | tuple[str, ...] | None = None,
+             inputs: tuple[str, ...] = ()) -> None:
         self.instrs.append(Instr(name, run, list(materials or []), cost or Cost(), prepare, inputs))
 
     def local(self, node: Node, fn: Callable[..., np.ndarray], out_scale: int, *ins: str) -> None:

@@ -46,9 +46,45 @@ def _run_aw(x: str, key: str, name: str, out: str, st: ServerState, env: dict[st
     env[out] = _add_bias(st, name, z)
 
 
+def _mk_group(b_shapes: dict[str, tuple[int, ...]], x: str, outs: list[str], wops: list[Any], names: list[str],
+              side: Any, lab: str, fx: dict[str, Any]) -> Any:
+    return D.fixed_products(side, lab, b_shapes[x], [(b_shapes[o], w, fx.get(n)) for o, w, n in zip(outs, wops, names, strict=True)])
+
+
+def _run_group(x: str, key: str, names: list[str], outs: list[str], st: ServerState, env: dict[str, np.ndarray],
+               store: Any) -> None:
+    mat = store.take(key)
+    e = st.ctx.open(env[x] - mat["A"])  # one opening serves every layer reading x
+    for name, out, p in zip(names, outs, mat["P"], strict=True):
+        fw = st.fixed[name]
+        env[out] = _add_bias(st, name, fw.apply(e, fw.w_limbs) + p)
+
+
+def _siblings(b: Builder, node: Node) -> list[Node]:
+    """Other linear layers reading the same tensor, not compiled yet: they share one masked opening."""
+    if node.op != "linear":
+        return []
+    return [n for n in b.graph.consumers(node.inputs[0])
+            if n.op == "linear" and n.name != node.name and n.name not in b.done and n.inputs == node.inputs]
+
+
 def compile_linear(b: Builder, node: Node, src: list[str]) -> None:
+    """One fixed product, or, when other linear layers read the same input, all of them with one shared
+    input mask ``A`` (one opening of ``E = X - A``, one round, instead of one per layer)."""
     name, key = node.name, f"{node.name}/aw"
     wop = products.weight_op(fixed_spec(node))
+    sib = _siblings(b, node) if not (b.direct is not None and name == b.direct["node"]) else []
+    if sib:
+        group = [node, *sib]
+        x = b.at_f(src[0], name)
+        names, outs = [n.name for n in group], [n.output for n in group]
+        wops = [products.weight_op(None) for _ in group]
+        b.emit(name, partial(_run_group, x, key, names, outs), [(key, partial(_mk_group, b.shapes, x, outs, wops, names))],
+               products.product_aw_cost(b.shapes[x]), prepare=tuple(names), inputs=(x,))
+        for n in group:
+            b.scale[n.output] = 2 * b.f
+            b.done.add(n.name)
+        return
     if b.direct is not None and name == b.direct["node"]:
         x = b.direct["tensor"]
         b.emit(name, partial(_run_direct, key, name, node.output), [(key, partial(_mk_fixed, b.shapes, x, node.output, wop, name))],
