@@ -99,6 +99,24 @@ def _mk_trunc(n: int, f: int, side: Any, lab: str, fx: dict[str, Any]) -> Any:
     return D.trunc(side, lab, n, f)
 
 
+def _run_trunc_many(ts: list[str], news: list[str], key: str, st: ServerState, env: dict[str, np.ndarray],
+                    store: Any) -> None:
+    flat = np.concatenate([env[t].reshape(-1) for t in ts])
+    out = arith.trunc_a(st.ctx, flat, store.take(key))
+    i = 0
+    for t, new in zip(ts, news, strict=True):
+        n = env[t].size
+        env[new] = out[i : i + n].reshape(env[t].shape)
+        i += n
+
+
+# ops whose compilers read their (first) input at scale f, and shape ops that pass scale through
+NEEDS_F = frozenset({"mul_const", "mul", "matmul", "avgpool", "global_avgpool", "linear", "conv2d", "concat", "layernorm",
+                     "rmsnorm", "gelu", "gelu_tanh", "sigmoid", "tanh", "silu", "erf", "reciprocal", "rsqrt", "sqrt",
+                     "embedding", "reduce_mean"})
+PASS_SCALE = frozenset({"reshape", "transpose", "flatten", "unsqueeze", "squeeze", "slice", "gather"})
+
+
 class Builder:
     """The compilation state of one graph at one batch size."""
 
@@ -137,6 +155,38 @@ class Builder:
         """A local instruction ``env[out] = fn(state, *inputs)`` (no communication)."""
         self.emit(node.name, partial(_run_local, node.output, fn, tuple(ins)))
         self.scale[node.output] = out_scale
+
+    def needs_f(self, t: str) -> bool:
+        """Every use of ``t`` (through shape ops) reads it at scale f (so truncating it early loses nothing)."""
+        if t in self.graph.outputs:
+            return False
+        cons = self.graph.consumers(t)
+        if not cons:
+            return False
+        for c in cons:
+            if c.op in PASS_SCALE:
+                if not self.needs_f(c.output):
+                    return False
+            elif c.op == "softmax":
+                if c.output in self.graph.outputs and "mask" not in c.params:
+                    return False
+            elif c.op not in NEEDS_F:
+                return False
+        return True
+
+    def trunc_together(self, ts: list[str], node: str) -> None:
+        """Truncate several 2f tensors to f in one round; later readers see the truncated tensors."""
+        f = self.f
+        ts = [t for t in ts if self.scale[t] == 2 * f and t not in self.truncated]
+        if len(ts) < 2:
+            return
+        news = [f"{t}@f" for t in ts]
+        n = sum(self.n_of(t) for t in ts)
+        key = f"{node}/trunc*"
+        self.emit(key, partial(_run_trunc_many, ts, news, key), [(key, partial(_mk_trunc, n, f))], arith.trunc_a_cost(n))
+        for t, new in zip(ts, news, strict=True):
+            self.shapes[new], self.scale[new], self.truncated[t] = self.shapes[t], f, new
+            self.alias[t] = new
 
     def at_f(self, t: str, node: str) -> str:
         """Tensor name holding ``t`` at scale f (inserting a ``trunc_a`` or a local upscale once)."""

@@ -84,6 +84,7 @@ def compile_linear(b: Builder, node: Node, src: list[str]) -> None:
         for n in group:
             b.scale[n.output] = 2 * b.f
             b.done.add(n.name)
+        b.trunc_together([o for o in outs if b.needs_f(o)], name)  # one round for all of them
         return
     if b.direct is not None and name == b.direct["node"]:
         x = b.direct["tensor"]
