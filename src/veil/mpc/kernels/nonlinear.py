@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from math import erf, exp, sqrt, tanh
+from typing import Any
 
 import numpy as np
 from numpy.polynomial import Polynomial
@@ -136,14 +137,15 @@ def _enc(v: float | np.ndarray, scale: int) -> np.ndarray:
     return np.asarray(np.round(np.asarray(v, np.float64) * 2.0**scale), np.float64).astype(np.int64).view(np.uint64)
 
 
-def powers_a(run: Runner, x: np.ndarray, d: int) -> dict[int, np.ndarray]:
-    """``{k: x^k}`` for k = 1..d at scale f: one product and one truncation per doubling level."""
+def powers_a(run: Runner, x: np.ndarray, d: int, open_also: dict[str, Any] | None = None) -> dict[int, np.ndarray]:
+    """``{k: x^k}`` for k = 1..d at scale f: one product and one truncation per doubling level
+    (``open_also`` rides with the first product)."""
     f = run.fp.frac_bits
     pw = {1: x}
     top = 1
     while top < d:
         ks = list(range(top + 1, min(2 * top, d) + 1))
-        prods = run.mul_many([(pw[k - top], pw[top]) for k in ks])
+        prods = run.mul_many([(pw[k - top], pw[top]) for k in ks], open_also if top == 1 else None)
         for k, v in zip(ks, run.trunc_many([(p, f) for p in prods]), strict=True):
             pw[k] = v
         top = ks[-1]
@@ -161,7 +163,9 @@ def piecewise_a(run: Runner, x: np.ndarray, spec: Piecewise) -> np.ndarray:
     sc = coef_scale(f)
     shape = x.shape
     flat = x.reshape(-1)
-    pw = powers_a(run, flat, spec.degree) if spec.degree >= 2 else {1: flat}
+    ts = np.array([_enc(t, f) for t in spec.thresholds])
+    pending = run.begin_select_thresholds(flat, ts) if spec.degree >= 2 else None
+    pw = powers_a(run, flat, spec.degree, pending) if spec.degree >= 2 else {1: flat}
 
     def poly(c: tuple[float, ...]) -> np.ndarray:
         v = run.public(np.full(flat.shape, _enc(c[0], f + sc)))
@@ -171,7 +175,10 @@ def piecewise_a(run: Runner, x: np.ndarray, spec: Piecewise) -> np.ndarray:
 
     ps = [poly(c) for c in spec.polys]
     ys = np.stack([ps[i] - ps[i - 1] for i in range(1, len(ps))])  # (K, n)
-    sel = run.select_thresholds(flat, np.array([_enc(t, f) for t in spec.thresholds]), ys)
+    if pending is not None:  # the comparison's opening rode with the first product of the powers
+        sel = run.finish_select_thresholds(pending, ys)
+    else:
+        sel = run.select_thresholds(flat, ts, ys)
     out = ps[0] + sel.sum(axis=0)
     return run.trunc(out, sc).reshape(shape)
 

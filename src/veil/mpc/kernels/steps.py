@@ -34,7 +34,7 @@ from veil.mpc import ring
 from veil.mpc.dealer import M63
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.kernels import arith, compare, products, select3
-from veil.mpc.kernels.base import Cost, Ctx, arr
+from veil.mpc.kernels.base import Cost, Ctx, arr, lst
 from veil.mpc.sharing import bitslice
 
 __all__ = ["Runner", "Planner", "plan", "steps_material", "steps_cost", "onehot_material", "Step"]
@@ -86,7 +86,7 @@ def steps_material(side: Any, label: str, steps: list[Step], low_latency: int) -
     for i, s in enumerate(steps):
         lab = f"{label}/{i}"
         kind = s[0]
-        if kind == "mul":
+        if kind in ("mul", "mul+"):
             n = s[1]
             out.append(D.beaver(side, lab, (n,), (n,), (n,), np.multiply))
         elif kind == "matmul":
@@ -97,7 +97,7 @@ def steps_material(side: Any, label: str, steps: list[Step], low_latency: int) -
         elif kind == "select":
             n, w = s[1], s[2]
             out.append((D.compare3 if n <= low_latency else D.compare)(side, lab, n, w))
-        elif kind == "select_t":
+        elif kind in ("select_t", "select_t*"):
             n, shifts = s[1], np.array(s[2], np.uint64)
             out.append((D.compare3 if n * len(shifts) <= low_latency else D.compare)(side, lab, n, 1, None, shifts))
         elif kind == "onehot":
@@ -121,11 +121,17 @@ def steps_cost(steps: list[Step], low_latency: int) -> Cost:
         elif kind == "select":
             fn = select3.select3_a_cost if s[1] <= low_latency else compare.select_a_cost
             total = total + fn(s[1], width=s[2])
-        elif kind == "select_t":
+        elif kind in ("select_t", "select_t*"):
             n_all = s[1] * len(s[2])
             fn = select3.select3_a_cost if n_all <= low_latency else compare.select_a_cost
             c = fn(n_all, width=1)
-            total = total + Cost(c.rounds, c.bytes - arr("uint64", (n_all,)) + arr("uint64", (s[1],)), c.msgs, c.parts)
+            if kind == "select_t":  # its own opening of x + r0 (n elements)
+                total = total + Cost(c.rounds, c.bytes - arr("uint64", (n_all,)) + arr("uint64", (s[1],)), c.msgs, c.parts)
+            else:  # the opening rode with an earlier product ("mul+")
+                total = total + Cost(c.rounds - 1, c.bytes - arr("uint64", (n_all,)), c.msgs - 1, c.parts[1:])
+        elif kind == "mul+":
+            total = total + Cost().send(lst(arr("uint64", (s[1],)), arr("uint64", (s[1],)), arr("uint64", (s[2],))),
+                                        "d, e, and a masked value opened early")
         elif kind == "onehot":
             total = total + Cost().send(arr("uint64", (s[1],)), "masked ids")
     return total
@@ -194,16 +200,36 @@ class Runner:
         out = _trunc_open(self.party, c, mat["t"], mat["u"], _bits(spec))
         return _split(out, items)
 
-    def mul_many(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        """Several element-wise products (pairs of equal shapes) in one round."""
+    def mul_many(self, pairs: list[tuple[np.ndarray, np.ndarray]], open_also: dict[str, Any] | None = None) -> list[np.ndarray]:
+        """Several element-wise products (pairs of equal shapes) in one round; ``open_also`` (from
+        :meth:`begin_select_thresholds`) rides with the same message."""
         x = np.concatenate([a.reshape(-1) for a, _ in pairs])
         y = np.concatenate([np.broadcast_to(b, a.shape).reshape(-1) for a, b in pairs])
-        return _split(self.mul(x, y), pairs)
+        if open_also is None:
+            return _split(self.mul(x, y), pairs)
+        mat = self._take(("mul+", int(x.size), int(open_also["masked"].size)))
+        d_mine, e_mine = x - mat["a"], y - mat["b"]
+        d_o, e_o, c_o = self.ctx.exchange([d_mine, e_mine, open_also["masked"]])
+        open_also["c0"] = open_also["masked"] + c_o
+        d, e = d_mine + d_o, e_mine + e_o
+        z = d * mat["b"] + mat["a"] * e + mat["c"]
+        return _split(z + d * e if self.party == 0 else z, pairs)
 
     def select(self, x: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """``ys * [x >= 0]`` for flat ``x`` (n,) and ``ys`` (width, n): exact comparison."""
         mat = self._take(("select", int(x.size), int(ys.shape[0])))
         return compare.select_a(self.ctx, x, ys, mat)
+
+    def begin_select_thresholds(self, x: np.ndarray, ts: np.ndarray) -> dict[str, Any]:
+        """Take the material of :meth:`select_thresholds` now and let its opening ride with the next
+        product (``mul_many(..., open_also=handle)``); finish with :meth:`finish_select_thresholds`."""
+        n, pad = x.size, (-x.size) % 8
+        mat = self._take(("select_t*", n + pad, tuple(int(t) for t in np.asarray(ts, np.uint64))))
+        masked = np.concatenate([x, np.zeros(pad, np.uint64)]) + (mat["r"] if mat is not None else np.uint64(0))
+        return {"mat": mat, "masked": masked, "n": n, "k": len(ts)}
+
+    def finish_select_thresholds(self, h: dict[str, Any], ys: np.ndarray) -> np.ndarray:
+        return self._select_opened(h["mat"], h["c0"], h["n"], h["k"], ys)
 
     def select_thresholds(self, x: np.ndarray, ts: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """``ys[i] * [x >= t_i]`` for flat shares ``x`` (n,), public ring thresholds ``ts`` (K,) and shares
@@ -214,6 +240,10 @@ class Runner:
         mat = self._take(("select_t", n + pad, tuple(int(t) for t in np.asarray(ts, np.uint64))))
         xp = np.concatenate([x, np.zeros(pad, np.uint64)])
         c0 = self.ctx.open(xp + mat["r"])
+        return self._select_opened(mat, c0, n, k, ys)
+
+    def _select_opened(self, mat: Any, c0: np.ndarray, n: int, k: int, ys: np.ndarray) -> np.ndarray:
+        pad = c0.size - n
         cb0 = bitslice(c0)
         m0 = compare.minterms(cb0)
         opened = (np.tile(c0, k), np.tile(cb0, (1, k)), np.tile(m0, (1, 1, k)))
@@ -264,6 +294,17 @@ class Planner(Runner):
 
     def select_thresholds(self, x: np.ndarray, ts: np.ndarray, ys: np.ndarray) -> np.ndarray:
         self._take(("select_t", x.size + (-x.size) % 8, tuple(int(t) for t in np.asarray(ts, np.uint64))))
+        return np.zeros(ys.shape, np.uint64)
+
+    def mul_many(self, pairs: list[tuple[np.ndarray, np.ndarray]], open_also: dict[str, Any] | None = None) -> list[np.ndarray]:
+        n = sum(int(a.size) for a, _ in pairs)
+        if open_also is None:
+            self._take(("mul", n))
+        else:
+            self._take(("mul+", n, int(open_also["masked"].size)))
+        return [np.zeros(a.shape, np.uint64) for a, _ in pairs]
+
+    def finish_select_thresholds(self, h: dict[str, Any], ys: np.ndarray) -> np.ndarray:
         return np.zeros(ys.shape, np.uint64)
 
     def onehot(self, ids: np.ndarray, k: int, scale: int) -> np.ndarray:
