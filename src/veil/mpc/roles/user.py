@@ -130,6 +130,7 @@ def _receive_model(ch: Channel) -> tuple[dict[str, Any], list[Graph], FixedPoint
 
 
 def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, Any]:
+    t_start = time.perf_counter()
     info, graphs, fp = _receive_model(ch)
     graph = graphs[0]
     try:
@@ -144,6 +145,7 @@ def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, A
     rep = Report(images=n, batch=bs, frac_bits=fp.frac_bits)
     sess = UserSession(ch, info, graphs, fp, rep)
     sess.start()
+    rep.setup_s = time.perf_counter() - t_start  # the owner's model and seeds (servers' weight setup overlaps q0)
     outs: dict[str, list[np.ndarray]] = {o: [] for o in graph.outputs}
     for start in range(0, n, bs):
         b = min(bs, n - start)
@@ -160,6 +162,7 @@ def user_generate_role(ch: Channel, prompt: list[int], steps: int, token_input: 
     """Greedy generation over the owner's step graphs (graph p runs position p): the user sends only
     the share of each new token id; the key/value cache stays as shares on the servers (the graphs'
     ``meta["state"]``); the user reconstructs only the logits and picks the next token."""
+    t_start = time.perf_counter()
     info, graphs, fp = _receive_model(ch)
     total = len(prompt) + steps - 1
     try:
@@ -175,6 +178,7 @@ def user_generate_role(ch: Channel, prompt: list[int], steps: int, token_input: 
     rep = Report(images=steps, batch=1, frac_bits=fp.frac_bits)
     sess = UserSession(ch, info, graphs, fp, rep)
     sess.start()
+    rep.setup_s = time.perf_counter() - t_start
     ids = list(prompt)
     generated: list[int] = []
     for pos in range(total):
