@@ -121,7 +121,7 @@ def test_layernorm_and_rmsnorm(sigma):
     ref = (xq - xq.mean(-1, keepdims=True)) / np.sqrt(xq.var(-1, keepdims=True) + 1e-12) * q(g) + q(b)
     # d rounded at f, its squares at f - 2 (relative error of the variance 2^-14 / sigma)
     assert np.abs(y - ref).max() <= (2 + np.abs(g).max() + 2 * np.abs(ref).max()) * 2.0**-16 / sigma + 1e-4
-    assert cost.rounds == 14
+    assert cost.rounds == 13  # 14 when the layer is too large for 3-round comparisons
     y, _ = run_kernel(lambda r, v, gg: NL.rmsnorm_a(r, v, gg, 1e-6), x, g)
     ref = xq / np.sqrt((xq**2).mean(-1, keepdims=True) + 1e-6) * q(g)
     assert np.abs(y - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())

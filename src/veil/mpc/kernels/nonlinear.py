@@ -209,9 +209,9 @@ def _magnitude(run: Runner, x: np.ndarray, lo: int, hi: int, sc2: int, half: boo
     base_c = run.public(np.full(n, _enc(cmul * 2.0 ** (-p * lo), sc2)))
     if len(es):
         ts = np.array([_enc(2.0**e, f) for e in es])
-        ys = np.concatenate([np.stack([x * _enc(dj, sc1) for dj in d1]),
-                             np.stack([run.public(np.full(n, _enc(dj, sc2))) for dj in d2])])  # (2J, n)
-        sel = run.select_thresholds(x, np.concatenate([ts, ts]), ys).reshape(2, len(es), n).sum(axis=1)
+        ys = np.stack([np.stack([x * _enc(dj, sc1) for dj in d1]),
+                       np.stack([run.public(np.full(n, _enc(dj, sc2))) for dj in d2])])  # (2, J, n): width 2
+        sel = run.select_thresholds(x, ts, ys).sum(axis=1)
         base_x, base_c = base_x + sel[0], base_c + sel[1]
     xn = run.trunc(base_x, f + sc1 - w)
     return xn, base_c

@@ -99,7 +99,7 @@ def steps_material(side: Any, label: str, steps: list[Step], low_latency: int) -
             out.append((D.compare3 if n <= low_latency else D.compare)(side, lab, n, w))
         elif kind in ("select_t", "select_t*"):
             n, shifts = s[1], np.array(s[2], np.uint64)
-            out.append((D.compare3 if n * len(shifts) <= low_latency else D.compare)(side, lab, n, 1, None, shifts))
+            out.append((D.compare3 if n * len(shifts) <= low_latency else D.compare)(side, lab, n, s[3], None, shifts))
         elif kind == "onehot":
             out.append(_onehot_material(side, lab, s[1], s[2], s[3]))
         else:  # pragma: no cover - steps come from the Planner
@@ -124,7 +124,7 @@ def steps_cost(steps: list[Step], low_latency: int) -> Cost:
         elif kind in ("select_t", "select_t*"):
             n_all = s[1] * len(s[2])
             fn = select3.select3_a_cost if n_all <= low_latency else compare.select_a_cost
-            c = fn(n_all, width=1)
+            c = fn(n_all, width=s[3])
             if kind == "select_t":  # its own opening of x + r0 (n elements)
                 total = total + Cost(c.rounds, c.bytes - arr("uint64", (n_all,)) + arr("uint64", (s[1],)), c.msgs, c.parts)
             else:  # the opening rode with an earlier product ("mul+")
@@ -224,7 +224,7 @@ class Runner:
         """Take the material of :meth:`select_thresholds` now and let its opening ride with the next
         product (``mul_many(..., open_also=handle)``); finish with :meth:`finish_select_thresholds`."""
         n, pad = x.size, (-x.size) % 8
-        mat = self._take(("select_t*", n + pad, tuple(int(t) for t in np.asarray(ts, np.uint64))))
+        mat = self._take(("select_t*", n + pad, tuple(int(t) for t in np.asarray(ts, np.uint64)), 1))
         masked = np.concatenate([x, np.zeros(pad, np.uint64)]) + (mat["r"] if mat is not None else np.uint64(0))
         return {"mat": mat, "masked": masked, "n": n, "k": len(ts)}
 
@@ -233,11 +233,13 @@ class Runner:
 
     def select_thresholds(self, x: np.ndarray, ts: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """``ys[i] * [x >= t_i]`` for flat shares ``x`` (n,), public ring thresholds ``ts`` (K,) and shares
-        ``ys`` (K, n): one opening of ``x + r0`` serves all K comparisons (the dealer's masks are
+        ``ys`` (K, n), or (width, K, n) for several values per comparison: one opening of ``x + r0`` serves
+        all K comparisons (the dealer's masks are
         ``r0 + t_i``), and its bit slicing and nibble selectors are computed once."""
         n, k = x.size, len(ts)
         pad = (-n) % 8
-        mat = self._take(("select_t", n + pad, tuple(int(t) for t in np.asarray(ts, np.uint64))))
+        width = ys.size // (k * n) if n else 1
+        mat = self._take(("select_t", n + pad, tuple(int(t) for t in np.asarray(ts, np.uint64)), width))
         xp = np.concatenate([x, np.zeros(pad, np.uint64)])
         c0 = self.ctx.open(xp + mat["r"])
         return self._select_opened(mat, c0, n, k, ys)
@@ -247,9 +249,10 @@ class Runner:
         cb0 = bitslice(c0)
         m0 = compare.minterms(cb0)
         opened = (np.tile(c0, k), np.tile(cb0, (1, k)), np.tile(m0, (1, 1, k)))
-        ysp = np.concatenate([ys, np.zeros((k, pad), np.uint64)], axis=1).reshape(1, -1)
+        y3 = ys.reshape(-1, k, n)  # (width, K, n)
+        ysp = np.concatenate([y3, np.zeros(y3.shape[:2] + (pad,), np.uint64)], axis=2).reshape(y3.shape[0], -1)
         out = compare.select_a(self.ctx, None, ysp, mat, opened=opened)
-        return out.reshape(k, n + pad)[:, :n]
+        return out.reshape(y3.shape[0], k, n + pad)[:, :, :n].reshape(ys.shape)
 
     def onehot(self, ids: np.ndarray, k: int, scale: int) -> np.ndarray:
         """Shares of the one-hot rows (n, k) of shared integers ``ids`` (n,) held at ``scale``
@@ -293,7 +296,8 @@ class Planner(Runner):
         return np.zeros(ys.shape, np.uint64)
 
     def select_thresholds(self, x: np.ndarray, ts: np.ndarray, ys: np.ndarray) -> np.ndarray:
-        self._take(("select_t", x.size + (-x.size) % 8, tuple(int(t) for t in np.asarray(ts, np.uint64))))
+        width = ys.size // (len(ts) * x.size) if x.size else 1
+        self._take(("select_t", x.size + (-x.size) % 8, tuple(int(t) for t in np.asarray(ts, np.uint64)), width))
         return np.zeros(ys.shape, np.uint64)
 
     def mul_many(self, pairs: list[tuple[np.ndarray, np.ndarray]], open_also: dict[str, Any] | None = None) -> list[np.ndarray]:
