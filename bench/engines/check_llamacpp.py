@@ -30,7 +30,7 @@ def run(case_dir: Path) -> tuple[str, bool, str]:
     mapped = sigma[np.array(out)].tolist()
     # and the engine's own sampler at temperature 0
     gen = []
-    for t in llm.generate(list(case["cloud_prompt"]), temp=0.0, top_k=1, reset=True):
+    for t in llm.generate(list(case["cloud_prompt"]), temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
         gen.append(int(t))
         if len(gen) == case["tokens"]:
             break

@@ -252,6 +252,7 @@ class PermuteClient:
         head = bundle.head if bundle.head is not None else bundle.embedding
         self._head_t = None if head is None else np.ascontiguousarray(head.float().numpy().T)
         self._scale = float(self.meta.get("embedding_scale") or 1.0)  # e.g. Gemma's sqrt(d)
+        self._logit_scale = float(self.meta.get("logit_scale") or 1.0)  # e.g. Cohere's logit_scale
         cap = self.meta.get("logit_softcap")
         self._softcap = None if cap is None else float(cap)
         self.check_cloud(transport.info())
@@ -309,6 +310,8 @@ class PermuteClient:
         if not self.meta["is_decoder"]:
             return h
         logits = h @ self._head_t
+        if self._logit_scale != 1.0:
+            logits = logits * np.float32(self._logit_scale)
         if self._softcap is not None:
             logits = np.float32(self._softcap) * np.tanh(logits / np.float32(self._softcap))
         return logits

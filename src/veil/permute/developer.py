@@ -40,6 +40,7 @@ def public_meta(source: SourceModel, mode: str) -> dict[str, Any]:
         "eos_token_id": getattr(c, "eos_token_id", None),
         "embedding_scale": a.embedding_scale,
         "logit_softcap": a.logit_softcap,
+        "logit_scale": a.logit_scale,
         "type_vocab_size": int(getattr(c, "type_vocab_size", 0) or 0),
     }
 

@@ -53,6 +53,7 @@ class FamilyAdapter:
     is_tied: bool = False
     embedding_scale: float = 1.0
     logit_softcap: float | None = None  # decoders: logits = cap * tanh(head(h) / cap)
+    logit_scale: float = 1.0  # decoders: logits = scale * head(h) (Cohere, Granite)
     embed_problem: str | None = None  # why the embed mode cannot serve this model (None: it can)
 
     # --- config ---------------------------------------------------------------------------------
@@ -172,32 +173,41 @@ def analyse_model(model: Any, verify: bool = True) -> FamilyAdapter:
     for name in model.state_dict():
         role = "embedding" if name == emb_name else "head" if name == head_name else None
         rules[name] = Rule(hidden=result.hidden_axes.get(name, ()), vocab=result.vocab_axes.get(name, ()), role=role)
-    softcap, embed_problem = _user_head(model, result) if kind.is_decoder else (None, None)
+    softcap, logit_scale, embed_problem = _user_head(model, result) if kind.is_decoder else (None, 1.0, None)
     adapter = FamilyAdapter(family=kind.family, is_decoder=kind.is_decoder, rules=rules, embedding_name=emb_name,
                             head_name=head_name, is_tied=tied, embedding_scale=result.embedding_scale,
-                            logit_softcap=softcap, embed_problem=embed_problem)
+                            logit_softcap=softcap, logit_scale=logit_scale, embed_problem=embed_problem)
     if verify:
         verify_exact(model, adapter, ids)
     return adapter
 
 
-def _user_head(model: Any, result: Any) -> tuple[float | None, str | None]:
-    """In embed mode the user applies the head: is it ``h @ W^T`` (optionally soft-capped as
-    ``cap * tanh(x / cap)`` with the config's ``final_logit_softcapping``)?"""
+def _user_head(model: Any, result: Any) -> tuple[float | None, float, str | None]:
+    """In embed mode the user applies the head: is it ``h @ W^T``, times a constant (Cohere's
+    ``logit_scale``, Granite's ``1 / logits_scaling``), optionally soft-capped as
+    ``cap * tanh(x / cap)`` with the config's ``final_logit_softcapping`` (Gemma2)? Returns
+    (softcap, scale, problem)."""
     head = model.get_output_embeddings()
     h, logits = result.head_input, result.logits
     if head is None or h is None or logits is None:
-        return None, "the output head's input could not be observed"
+        return None, 1.0, "the output head's input could not be observed"
     if getattr(head, "bias", None) is not None:
-        return None, "the output head has a bias, which the user bundle does not carry"
+        return None, 1.0, "the output head has a bias, which the user bundle does not carry"
     with torch.no_grad():
-        plain = torch.nn.functional.linear(h, head.weight)
-        if plain.shape == logits.shape and torch.allclose(plain, logits, rtol=1e-4, atol=1e-5):
-            return None, None
+        plain = torch.nn.functional.linear(h, head.weight).double()
+        target = logits.double()
+        if plain.shape != target.shape:
+            return None, 1.0, "the logits do not have the head's shape"
         cap = getattr(model.config, "final_logit_softcapping", None)
-        if cap and torch.allclose(cap * torch.tanh(plain / cap), logits, rtol=1e-4, atol=1e-5):
-            return float(cap), None
-    return None, "the logits are not a plain product with the output head"
+        for softcap in (None, cap) if cap else (None,):
+            t = target if softcap is None else softcap * torch.atanh((target / softcap).clamp(-1 + 1e-12, 1 - 1e-12))
+            scale = float((t * plain).sum() / (plain * plain).sum().clamp_min(1e-30))
+            pred = plain * scale
+            if softcap is not None:
+                pred = softcap * torch.tanh(pred / softcap)
+            if torch.allclose(pred, target, rtol=1e-4, atol=1e-5):
+                return (None if softcap is None else float(softcap)), (1.0 if abs(scale - 1) < 1e-6 else scale), None
+    return None, 1.0, "the logits are not a (scaled, soft-capped) product with the output head"
 
 
 def verify_exact(model: Any, adapter: FamilyAdapter, ids: torch.Tensor, tol: float = 1e-3) -> float:
