@@ -14,6 +14,8 @@ Parts (``--parts``):
   Freivalds, reconstruction) / offload step time. Bytes = payload enclave <-> accelerators per step.
   Product error = max |offload product - float64 product| / max |float64 product| over the products
   of one step (forward, dX, dW).
+* side-by-side parts also train torch in float64 (same everything): how far precision alone moves
+  the held-out figures, the scale against which veil's difference is read;
 * ``mnist``: network C trained on images 0..N-1 (``--mnist-train``, default 8000) of the shared MNIST
   file (``VEIL_MNIST`` or ``../shared/data/mnist_test.npz``), held-out accuracy on images 8000..9999;
 * ``clicks``: DeepCrossing-style model on the synthetic click data (``--click-n`` training samples,
@@ -91,7 +93,7 @@ def torch_opt(mod, spec: dict):
 
 def torch_loss(out, y, loss: str):
     if loss == "bce":
-        return torch.nn.functional.binary_cross_entropy(out.reshape(-1), torch.as_tensor(y, dtype=torch.float32))
+        return torch.nn.functional.binary_cross_entropy(out.reshape(-1), torch.as_tensor(y, dtype=out.dtype))
     return torch.nn.functional.cross_entropy(out, torch.as_tensor(y))
 
 
@@ -202,23 +204,28 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
 def side_by_side(mod, graph, feeds, y, cfg: TrainConfig, backend: str, evaluate, label: str,
                  min_intensity: float) -> dict:
     names = [s.name for s in graph.inputs]
-    # plaintext torch: same initial weights (the module the graph came from), same order, same optimizer
-    tm = copy.deepcopy(mod).float()
-    opt = torch_opt(tm, cfg.optimizer)
+    # plaintext torch: same initial weights (the module the graph came from), same order, same optimizer;
+    # in float32 (the reference) and float64 (how far precision alone moves the result)
     n = len(y)
-    t_losses = []
-    t0 = time.perf_counter()
-    for ep in range(cfg.epochs):
-        order = epoch_order(cfg.seed, ep, n)
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            opt.zero_grad()
-            loss = torch_loss(torch_forward(tm, {k: v[idx] for k, v in feeds.items()}, names), y[idx], cfg.loss)
-            loss.backward()
-            opt.step()
-            t_losses.append(float(loss.detach()))
-    t_torch = time.perf_counter() - t0
-    tm.eval()
+    runs = {}
+    for dt in (torch.float32, torch.float64):
+        tm = copy.deepcopy(mod).to(dt)
+        opt = torch_opt(tm, cfg.optimizer)
+        losses = []
+        t0 = time.perf_counter()
+        for ep in range(cfg.epochs):
+            order = epoch_order(cfg.seed, ep, n)
+            for i in range(0, n, cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                opt.zero_grad()
+                batch = {k: v[idx].astype(np.float32 if dt == torch.float32 else np.float64) for k, v in feeds.items()}
+                loss = torch_loss(torch_forward(tm, batch, names), y[idx], cfg.loss)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+        runs[dt] = (tm.eval(), losses, time.perf_counter() - t0)
+    tm, t_losses, t_torch = runs[torch.float32]
+    tm64 = runs[torch.float64][0]
     # veil offload
     tr = Trainer(graph, feeds, y, cfg)
     done = [0]
@@ -234,13 +241,14 @@ def side_by_side(mod, graph, feeds, y, cfg: TrainConfig, backend: str, evaluate,
     t_off = time.perf_counter() - t0
     with torch.no_grad():
         ev_t = evaluate(lambda f: torch_forward(tm, f, names).numpy().astype(np.float64))
+        ev_t64 = evaluate(lambda f: torch_forward(tm64, {k: v.astype(np.float64) for k, v in f.items()}, names).numpy())
     from veil.graph import load_model
     from veil.plain import run_plain
 
     g2 = load_model(tr.onnx_bytes())  # what the owner receives, run by the plain executor
     ev_v = evaluate(lambda f: next(iter(run_plain(g2, f).values())).astype(np.float64))
     st = run.stats["enclave"]
-    return {"torch_losses": t_losses, "veil_losses": list(tr.history), "torch": ev_t, "veil": ev_v,
+    return {"torch_losses": t_losses, "veil_losses": list(tr.history), "torch": ev_t, "veil": ev_v, "torch64": ev_t64,
             "torch_s": t_torch, "offload_s": t_off, "steps": tr.step_count,
             "bytes_per_step": (st.bytes_sent + st.bytes_recv) / max(tr.step_count, 1),
             "enclave_share": (tr.timing["enclave_s"] + run.counters["enclave_s"]) / t_off}
@@ -363,12 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         results["clicks"] = r
     if curves:
         t = Table(title="side by side: veil offload vs plaintext torch (same init, order, optimizer)")
-        for c in ("model", "steps", "metric (held-out)", "torch", "veil offload", "difference", "torch s", "offload s",
+        for c in ("model", "steps", "metric (held-out)", "torch", "torch f64", "veil offload", "difference", "torch s", "offload s",
                   "bytes/step", "enclave share"):
             t.add_column(c)
         for title, r in curves.items():
             for k in r["torch"]:
-                t.add_row(title, str(r["steps"]), k, f"{r['torch'][k]:.4f}", f"{r['veil'][k]:.4f}",
+                t.add_row(title, str(r["steps"]), k, f"{r['torch'][k]:.4f}", f"{r['torch64'][k]:.4f}", f"{r['veil'][k]:.4f}",
                           f"{r['veil'][k] - r['torch'][k]:+.4f}", f"{r['torch_s']:.0f}", f"{r['offload_s']:.0f}",
                           f"{r['bytes_per_step']:,.0f}", f"{r['enclave_share']:.0%}")
         console.print(t)
