@@ -14,6 +14,7 @@
     python bench/bench_mpc.py --ring                   # ring arithmetic only
     python bench/bench_mpc.py --nets C --batches 64 --no-inproc
     python bench/bench_mpc.py --peers none             # veil alone (no peer columns)
+    python bench/bench_mpc.py --parts inproc           # the in-process table only
 
 A last table runs the same networks in one process (threads, in-memory channels).
 """
@@ -280,8 +281,10 @@ def write_results(rows: list[dict[str, Any]], tabs: dict[str, list[list[str]]], 
     loads = ", ".join(f"{r['load_before']:.1f}" for r in rows)
     md = [f"Recorded by `{command}` on {meta['date_utc']} UTC ({meta['cpus']} CPUs, {meta['machine']}, Python "
           f"{meta['python']}); 1-minute load average before each (network, batch): {loads}.", ""]
+    dagger = any(r["veil"].get("setup_from_wall") for r in rows)
     for key, (head, *body) in tabs.items():
-        md += [f"**{TITLES[key]}**", "", _md(head, body), ""]
+        title = TITLES[key] if dagger or "†" not in TITLES[key] else TITLES[key][:TITLES[key].index(" (†")]
+        md += [f"**{title}**", "", _md(head, body), ""]
     if plots:
         md += ["![latency](mpc_latency.png)", "", "![traffic](mpc_traffic.png)", ""]
     (outdir / "mpc_peers.md").write_text("\n".join(md))
@@ -367,22 +370,26 @@ def main() -> None:
     ap.add_argument("--results", default=str(RESULTS), help="folder for mpc_peers.md/.json and the PNG plots")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-inproc", action="store_true", help="skip the in-process table")
+    ap.add_argument("--parts", default="ring,networks,inproc",
+                    help="comma list of ring, networks, inproc (the tables to run; default all)")
     a = ap.parse_args()
     nets, batches = a.nets.split(","), [int(b) for b in a.batches.split(",")]
     peers = [] if a.peers == "none" else [p for p in a.peers.split(",") if p]
     unknown = [p for p in peers if p not in PEER_NAMES]
     if unknown:
         ap.error(f"unknown peer(s) {unknown}: expected some of {list(PEER_NAMES)} or 'none'")
-    if not a.no_ring:
+    parts = {"ring"} if a.ring else set(a.parts.split(","))
+    parts -= {"ring"} if a.no_ring else set()
+    parts -= {"inproc"} if a.no_inproc else set()
+    if "ring" in parts:
         bench_ring()
-    if a.ring:
-        return
-    rows = bench_networks(nets, batches, a.images, peers, a.peer_queries)
-    tabs = tables(rows, peers)
-    print_tables(tabs)
-    command = "python bench/bench_mpc.py " + " ".join(sys.argv[1:])
-    write_results(rows, tabs, peers, Path(a.results), command.strip(), plots=not a.no_plots)
-    if not a.no_inproc:
+    if "networks" in parts:
+        rows = bench_networks(nets, batches, a.images, peers, a.peer_queries)
+        tabs = tables(rows, peers)
+        print_tables(tabs)
+        command = "python bench/bench_mpc.py " + " ".join(sys.argv[1:])
+        write_results(rows, tabs, peers, Path(a.results), command.strip(), plots=not a.no_plots)
+    if "inproc" in parts:
         bench_in_process(nets, batches)
 
 
