@@ -65,9 +65,13 @@ def _inside(path: Path, directory: Path) -> bool:
     return p == d or d in p.parents
 
 
-def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+def _private_dir(path: Path, what: str = "the state directory") -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+    except OSError as e:
+        raise DeploymentError(f"cannot use {path} as {what}: {e.strerror or e}; expected a directory "
+                              "this user can create or write") from None
     return path
 
 
@@ -110,7 +114,11 @@ def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
     tsm = ConfigfsTsm(tsm_root if tsm_root is not None else DEFAULT_TSM_ROOT)
     kind = choose_platform(platform_kind, hazmat_allow_simulation=hazmat_allow_simulation, tsm=tsm)
     store_path = Path(store_dir)
-    store_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        store_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise DeploymentError(f"cannot use {store_path} as the model store: {e.strerror or e}; expected a "
+                              "directory (created if absent)") from None
     state_path = Path(state_dir) if state_dir is not None else default_state_dir(store_path)
     token_path = Path(upload_token_file) if upload_token_file else state_path / "upload.token"
     platform_path = Path(platform_dir) if platform_dir is not None else state_path / "simulated-platform"

@@ -16,6 +16,7 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from veil.errors import VeilError
 
@@ -141,7 +142,8 @@ def main() -> None:
     try:
         app()
     except VeilError as e:
-        err_console.print(f"[bold red]error:[/] {e}")
+        # the message is text, not rich markup: a path like "x[/a].npy" must print as it is
+        err_console.print(Text.assemble(("error:", "bold red"), f" {e}"))
         sys.exit(2)
 
 

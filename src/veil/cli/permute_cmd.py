@@ -16,6 +16,7 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from veil.errors import VeilError
 
@@ -33,7 +34,8 @@ def _clear_errors(fn):
         try:
             return fn(*args, **kwargs)
         except VeilError as exc:
-            err_console.print(f"[red]error:[/red] {exc.__class__.__name__}: {exc}")
+            # one line, never wrapped, and the message is not read as rich markup
+            err_console.print(Text.assemble(("error:", "red"), f" {exc.__class__.__name__}: {exc}"), soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -123,7 +125,10 @@ def serve(
     def opt(p: Path | None) -> str | None:
         return None if p is None else str(p)
 
+    from veil.net.ports import check_can_listen
+
     tls_options(opt(tls_cert), opt(tls_key), opt(tls_client_ca))  # clear errors before loading the model
+    check_can_listen(host, port)  # a port in use is one error line, not uvicorn's log and exit code 3
     scheme = "https" if tls_cert is not None else "http"
     extra = " (client certificates required)" if tls_client_ca is not None else ""
     console.print(f"serving {cloud} on {scheme}://{host}:{port}{extra}")
@@ -180,8 +185,14 @@ def generate(
     """Greedy generation through the cloud: one round trip per token, KV cache on the cloud."""
     import time
 
+    from veil.errors import InputError
+
+    try:
+        prompt = [int(t) for t in prompt_ids.split()]
+    except ValueError:
+        raise InputError(f"--prompt-ids must be space-separated whole numbers (token ids); got {prompt_ids!r}") from None
     with _connect(user, url, developer_key, ca, server_name, client_cert, client_key) as client:
-        ids = [int(t) for t in prompt_ids.split()] or [int(client.meta.get("bos_token_id") or 0)]
+        ids = prompt or [int(client.meta.get("bos_token_id") or 0)]
         eos = client.meta.get("eos_token_id") if stop_at_eos else None
         t0 = time.perf_counter()
         out = client.generate(ids, max_new_tokens, eos_token_id=eos)

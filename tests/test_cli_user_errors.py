@@ -1,0 +1,89 @@
+"""Bad input a new user meets, through the real command line: one line ``error: ...``, exit code 2, no traceback.
+
+Each case was a traceback or a foreign exit code before (found trying veil as a new user would).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from veil.errors import DeploymentError
+from veil.net.ports import check_can_listen
+
+
+def veil_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "veil.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_error_line(r: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+
+
+@pytest.fixture
+def busy_port():
+    """A port some other program is listening on (loopback)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def test_check_can_listen_names_the_port(busy_port):
+    with pytest.raises(DeploymentError, match=f"127.0.0.1:{busy_port}.*in use"):
+        check_can_listen("127.0.0.1", busy_port)
+    with pytest.raises(DeploymentError, match="out of range"):
+        check_can_listen("127.0.0.1", 70000)
+    check_can_listen("127.0.0.1", 0)  # any free port: no error
+
+
+def test_permute_serve_port_in_use(tmp_path, busy_port):
+    # checked before the cloud package is read, so a missing package does not hide it
+    r = veil_cli("permute", "serve", "--cloud", str(tmp_path / "cloud"), "--port", str(busy_port))
+    assert_one_error_line(r, f"127.0.0.1:{busy_port}", "in use")
+
+
+def test_permute_generate_prompt_ids_not_numbers(tmp_path):
+    r = veil_cli("permute", "generate", "--user", str(tmp_path / "user"), "--prompt-ids", "a b",
+                 "--url", "http://127.0.0.1:1")
+    assert_one_error_line(r, "--prompt-ids", "'a b'")
+
+
+def test_attested_serve_store_is_a_file(tmp_path):
+    store = tmp_path / "model.onnx"
+    store.write_bytes(b"not a directory")
+    r = veil_cli("attested", "serve", "--store", str(store), "--port", "0", "--hazmat-allow-simulation",
+                 "--state-dir", str(tmp_path / "state"))
+    assert_one_error_line(r, str(store), "model store")
+
+
+def test_attested_serve_state_dir_is_a_file(tmp_path):
+    state = tmp_path / "state"
+    state.write_text("x")
+    r = veil_cli("attested", "serve", "--store", str(tmp_path / "store"), "--port", "0",
+                 "--hazmat-allow-simulation", "--state-dir", str(state))
+    assert_one_error_line(r, str(state), "state directory")
+
+
+def test_error_text_is_not_read_as_markup(tmp_path):
+    # rich markup in a message (here a path) used to vanish ("[1]") or crash the printer ("[/x]": a traceback)
+    r = veil_cli("inspect", str(tmp_path / "m[/x][1].onnx"))
+    assert_one_error_line(r, "m[/x][1].onnx")
+
+
+def test_permute_error_is_one_unwrapped_line(tmp_path):
+    # longer than the 80 columns rich assumes without a terminal: still one line
+    r = veil_cli("permute", "generate", "--user", str(tmp_path / ("u" * 100)), "--url", "http://127.0.0.1:1")
+    assert_one_error_line(r, "u" * 100, "KeyBundleError")
