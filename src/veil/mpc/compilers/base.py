@@ -72,14 +72,11 @@ FIXED_OPS = ("linear", "conv2d", "embedding")
 
 def fixed_matrix(node: Node, params: dict[str, np.ndarray]) -> np.ndarray:
     """The fixed weight of a linear/conv/embedding node in the (out, in, ...) layout of
-    :class:`~veil.mpc.kernels.products.FixedWeight` (an embedding table padded to a power of two
-    rows and transposed), from ``params`` (real values, encodings or shares alike)."""
+    :class:`~veil.mpc.kernels.products.FixedWeight` (an embedding table transposed), from ``params``
+    (real values, encodings or shares alike)."""
     if node.op != "embedding":
         return params["W"]
-    t = params["table"]
-    v = t.shape[0]
-    k = 1 << max(int(v - 1).bit_length(), 1)
-    return np.ascontiguousarray(np.concatenate([t, np.zeros((k - v,) + t.shape[1:], t.dtype)]).T)
+    return np.ascontiguousarray(params["table"].T)
 
 
 def _run_local(out: str, fn: Callable[..., np.ndarray], ins: tuple[str, ...], st: ServerState,
