@@ -96,3 +96,28 @@ def test_hugging_face_llama_with_grouped_query_attention():
     with torch.no_grad():
         want = model(input_ids=torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(run_plain(graph, {"input_ids": ids})["logits"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_load_model_takes_hugging_face_models():
+    """veil.load_model(hf_model, example=ids): causal LMs give logits, encoders last_hidden_state."""
+    pytest.importorskip("transformers", reason="needs transformers (veil[hf])")
+    import torch
+    from transformers import BertConfig, BertModel
+
+    import veil
+    from veil.models.gpt2 import tiny_gpt2
+
+    torch.manual_seed(4)
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=32)).eval()
+    gpt = tiny_gpt2(seed=5)
+    ids = np.random.default_rng(2).integers(0, 100, (2, 7)).astype(np.int64)
+    for model, key in ((bert, "last_hidden_state"), (gpt, "logits")):
+        graph = veil.load_model(model, example=ids)
+        assert [s.name for s in graph.inputs] == ["input_ids"] and graph.outputs == [key]
+        with torch.no_grad():
+            want = getattr(model(input_ids=torch.from_numpy(ids)), key).numpy()
+        np.testing.assert_allclose(run_plain(graph, ids)[key], want, rtol=1e-4, atol=1e-4)
+        assert not model.training
+    with pytest.raises(ModelError, match="example token ids"):
+        veil.load_model(gpt)

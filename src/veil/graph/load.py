@@ -60,6 +60,12 @@ def _load(model: Any, example: Any = None, **kwargs: Any) -> Graph:
         return from_onnx(p, name=p.stem, **kwargs)
     if type(model).__module__.startswith("onnx") or isinstance(model, bytes):
         return from_onnx(model, **kwargs)
+    if _is_torch(model) and any(c.__module__.startswith("transformers") for c in type(model).__mro__):
+        if example is None:
+            raise ModelError("a Hugging Face model needs example token ids for export: load_model(model, example=ids)")
+        from veil.models.hf import hf_graph
+
+        return hf_graph(model, example)
     if _is_torch(model):
         if example is None:
             raise ModelError("a PyTorch module needs an example input for export: load_model(module, example=x)")

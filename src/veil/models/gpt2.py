@@ -8,11 +8,8 @@ softmax. :func:`tiny_gpt2` makes a small random model for tests. Needs ``pip ins
 
 from __future__ import annotations
 
-import io
-import warnings
 from typing import Any
 
-from veil.errors import ModelError
 from veil.graph.ir import Graph
 
 __all__ = ["tiny_gpt2", "gpt2_onnx", "gpt2_graph", "causal_lm_graph"]
@@ -33,32 +30,9 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = 256, n_positions: int = 64, n_emb
 
 def gpt2_onnx(model: Any, batch: int, seq_len: int) -> bytes:
     """ONNX export of ``model`` on a static (batch, seq_len) of token ids, output ``logits``."""
-    import torch
+    from veil.models.hf import hf_onnx
 
-    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if ctx is not None and seq_len > ctx:
-        raise ModelError(f"seq_len {seq_len} exceeds the model's context of {ctx} positions")
-
-    class Logits(torch.nn.Module):
-        def __init__(self, lm: Any) -> None:
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, ids: Any) -> Any:
-            pos = torch.arange(ids.shape[1]).unsqueeze(0)
-            return self.lm(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos, use_cache=False).logits
-
-    ids = torch.zeros((batch, seq_len), dtype=torch.long)
-    buf = io.BytesIO()
-    wrapper = Logits(model).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(wrapper, (ids,), buf, input_names=["input_ids"], output_names=["logits"],  # type: ignore[arg-type]
-                              opset_version=17, do_constant_folding=True, dynamo=False)
-        finally:
-            model.eval()
-    return buf.getvalue()
+    return hf_onnx(model, batch, seq_len)
 
 
 def causal_lm_graph(model: Any, batch: int = 1, seq_len: int = 16, name: str | None = None) -> Graph:
