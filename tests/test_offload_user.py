@@ -109,3 +109,13 @@ def test_user_process_learns_why_the_enclave_stopped(tmp_path):
     assert "no SGX enclave" in outs["user"] and "hazmat_allow_simulation" in outs["user"], outs["user"]
     assert "Traceback" not in outs["user"]
     assert issubclass(ProtocolError, VeilError)
+
+
+def test_user_names_the_shipped_images_it_scored(tmp_path):
+    """Without inputs the user runs the first n shipped held-out images and says which ones it scored."""
+    dep = _deployment(tmp_path, n=5, hazmat_allow_simulation=True)
+    results, errors, said = _run_threads(dep)
+    assert not errors, errors
+    _, y = load_slice(5)
+    accuracy = float((np.asarray(results["user"]["predictions"]) == y).mean())
+    assert f"accuracy {accuracy:.2%} (held-out MNIST test images 8000..8004)" in "\n".join(said)

@@ -169,7 +169,8 @@ def _user(dep: Deployment, ch: Channel, say: Any) -> dict[str, Any]:
         result["saved"] = str(out_path)
     say(f"\\[offload] user: {result['n']} predictions in {result['seconds']:.2f} s; outputs "
         + ", ".join(f"{k} {v.shape}" for k, v in outputs.items())
-        + (f", accuracy {result['accuracy']:.2%} (held-out MNIST images 8000..)" if "accuracy" in result else ""))
+        + (f", accuracy {result['accuracy']:.2%} (held-out MNIST test images 8000..{8000 + len(pred) - 1})"
+           if "accuracy" in result else ""))
     shown = " ".join(map(str, result["predictions"][:32])) + (" ..." if n > 32 else "")
     say(f"\\[offload] user: predicted class per sample: {shown}")
     say(f"\\[offload] user: every output saved to {result['saved']}" if "saved" in result
