@@ -87,3 +87,25 @@ def test_permute_error_is_one_unwrapped_line(tmp_path):
     # longer than the 80 columns rich assumes without a terminal: still one line
     r = veil_cli("permute", "generate", "--user", str(tmp_path / ("u" * 100)), "--url", "http://127.0.0.1:1")
     assert_one_error_line(r, "u" * 100, "KeyBundleError")
+
+
+def test_every_visible_option_has_help():
+    from typer.main import get_command
+
+    from veil.cli.main import app
+
+    missing: list[str] = []
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+            return
+        if not cmd.help:
+            missing.append(" ".join(path))
+        for p in cmd.params:
+            if p.param_type_name == "option" and not p.hidden and not p.help and "--help" not in p.opts:
+                missing.append(f"{' '.join(path)} {p.opts[0]}")
+
+    walk(get_command(app), ["veil"])
+    assert not missing, missing

@@ -108,8 +108,8 @@ def _print_verdict(source, pkey) -> None:
 @_clear_errors
 def serve(
     cloud: Path = typer.Option(..., help="cloud package directory from `transform`"),
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8470),
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
+    port: int = typer.Option(8470, help="TCP port"),
     max_batch: int = typer.Option(16, help="most session steps run as one batch"),
     window_ms: float = typer.Option(0.0, help="wait this long for more steps before running a batch"),
     threads: int = typer.Option(0, help="torch threads (0: default)"),
@@ -172,9 +172,9 @@ _CLIENT_KEY = typer.Option(None, help="private key of --client-cert (PEM)")
 @_clear_errors
 def generate(
     user: Path = typer.Option(..., help="user key bundle"),
-    url: str = typer.Option("http://127.0.0.1:8470"),
+    url: str = typer.Option("http://127.0.0.1:8470", help="the cloud's address (https://... with --ca)"),
     prompt_ids: str = typer.Option("", help="space-separated prompt token ids (default: BOS)"),
-    max_new_tokens: int = typer.Option(64),
+    max_new_tokens: int = typer.Option(64, help="tokens to generate"),
     stop_at_eos: bool = typer.Option(False, help="stop at the model's EOS token"),
     developer_key: str | None = _DEV_KEY,
     ca: Path | None = _CA,
@@ -205,7 +205,7 @@ def generate(
 @_clear_errors
 def encode(
     user: Path = typer.Option(..., help="user key bundle"),
-    url: str = typer.Option("http://127.0.0.1:8470"),
+    url: str = typer.Option("http://127.0.0.1:8470", help="the cloud's address (https://... with --ca)"),
     text: list[str] = typer.Option(..., help="sentence to embed (repeat for a batch)"),
     pair: list[str] = typer.Option([], help="second sentence of a pair, one per --text (BERT segment B)"),
     out: Path | None = typer.Option(None, help="write the full vectors: .npy (float32, one row per text) "
