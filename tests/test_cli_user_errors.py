@@ -109,3 +109,12 @@ def test_every_visible_option_has_help():
 
     walk(get_command(app), ["veil"])
     assert not missing, missing
+
+
+def test_attested_serve_says_simulated_once_without_python_warning_dump(tmp_path, busy_port):
+    # stops at the busy port, after the platform is chosen and announced
+    r = veil_cli("attested", "serve", "--store", str(tmp_path / "store"), "--port", str(busy_port),
+                 "--hazmat-allow-simulation", "--state-dir", str(tmp_path / "state"))
+    assert_one_error_line(r, f"127.0.0.1:{busy_port}")
+    assert r.stderr.count("SIMULATED") == 1, r.stderr
+    assert "SimulationWarning" not in r.stderr and ".py:" not in r.stderr, r.stderr

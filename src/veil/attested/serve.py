@@ -41,7 +41,7 @@ from veil.attested.hardware.configfs_tsm import DEFAULT_TSM_ROOT, ConfigfsTsm, C
 from veil.attested.hardware.select import choose_platform
 from veil.attested.limits import Limits
 from veil.attested.onnx_model import cap_run_memory
-from veil.attested.platform import TrustedPlatform
+from veil.attested.platform import SimulationWarning, TrustedPlatform
 from veil.attested.server import ServerState, create_app
 from veil.attested.simulated import SimulatedPlatform
 from veil.attested.store import ModelStore
@@ -134,8 +134,8 @@ def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
     _private_dir(state_path)
     platform: TrustedPlatform
     if kind == "simulated":
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():  # said once, on the next line, without Python's source-line dump
+            warnings.simplefilter("ignore", SimulationWarning)
             platform = SimulatedPlatform(platform_path)
         print("WARNING: veil attested runs a SIMULATED enclave: evidence is signed by a simulation key and proves "
               "nothing about the hardware.", file=sys.stderr, flush=True)
