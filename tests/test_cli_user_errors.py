@@ -118,3 +118,11 @@ def test_attested_serve_says_simulated_once_without_python_warning_dump(tmp_path
     assert_one_error_line(r, f"127.0.0.1:{busy_port}")
     assert r.stderr.count("SIMULATED") == 1, r.stderr
     assert "SimulationWarning" not in r.stderr and ".py:" not in r.stderr, r.stderr
+
+
+def test_party_of_a_mode_without_roles_names_the_modes_that_have_them(tmp_path):
+    from veil.net import write_deployment
+
+    dep = write_deployment(tmp_path / "d.toml", "d", "permute", {"cloud": "127.0.0.1:1", "user": "127.0.0.1:2"})
+    r = veil_cli("party", "-d", str(dep.path), "--as", "cloud")
+    assert_one_error_line(r, "'permute' has no party roles", "modes with party roles: mpc, offload")

@@ -8,6 +8,7 @@ from ``veil/cli/<mode>_cmd.py`` (``veil mpc ...``, ``veil permute ...``, ``veil 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -90,7 +91,9 @@ def party(
     try:
         mod = importlib.import_module(f"veil.{dep.mode}.party")
     except ModuleNotFoundError:
-        raise VeilError(f"deployment mode {dep.mode!r} has no party roles; modes: {', '.join(MODES)}") from None
+        with_roles = [m for m in MODES if importlib.util.find_spec(f"veil.{m}.party") is not None]
+        raise VeilError(f"deployment mode {dep.mode!r} has no party roles; modes with party roles: "
+                        f"{', '.join(with_roles)}") from None
     from veil.net import connect_tls
 
     peers = mod.peers_of(dep, name) if hasattr(mod, "peers_of") else None
