@@ -126,3 +126,50 @@ def test_party_of_a_mode_without_roles_names_the_modes_that_have_them(tmp_path):
     dep = write_deployment(tmp_path / "d.toml", "d", "permute", {"cloud": "127.0.0.1:1", "user": "127.0.0.1:2"})
     r = veil_cli("party", "-d", str(dep.path), "--as", "cloud")
     assert_one_error_line(r, "'permute' has no party roles", "modes with party roles: mpc, offload")
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(c) for c in f.read().split()}
+    except OSError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc (Linux)")
+def test_sigterm_stops_the_party_processes_a_command_started():
+    """`timeout`/`kill` on `veil demo` used to leave its five party processes running (orphaned)."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "veil.cli.main", "demo", "--n", "2000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parties: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(parties) < 5 and time.monotonic() < deadline and proc.poll() is None:
+            parties = _children(proc.pid)
+            time.sleep(0.1)
+        assert len(parties) == 5, "the demo did not start its five parties"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in parties) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in parties if _alive(p)], "party processes left running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for p in parties:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -140,8 +141,22 @@ def run(
         np.savez(out, **result)  # type: ignore[arg-type]  # numpy stubs check **kwds against allow_pickle
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (``timeout``, ``kill``, a service manager) ends veil as Ctrl-C does: ``finally`` blocks run,
+    so the party processes a command started (``veil demo``, ``veil mpc local``...) are stopped and its
+    temporary files removed instead of being left running. A second SIGTERM kills at once. Servers that
+    handle the signal themselves (uvicorn) replace this handler while they serve."""
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _exit_cleanly_on_sigterm()
     try:
         app()
     except VeilError as e:
