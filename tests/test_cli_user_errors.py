@@ -173,3 +173,16 @@ def test_sigterm_stops_the_party_processes_a_command_started():
         for p in parties:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_inspect_and_run_take_a_shipped_network_name(tmp_path):
+    import numpy as np
+
+    from veil.assets import load_slice
+
+    r = veil_cli("inspect", "C")
+    assert r.returncode == 0 and "431,080 parameters" in r.stdout, r.stderr
+    x, y = load_slice(4)
+    np.save(tmp_path / "x.npy", x)
+    r = veil_cli("run", "c", str(tmp_path / "x.npy"))
+    assert r.returncode == 0 and f"argmax {y.tolist()}" in r.stdout, (r.stdout, r.stderr)

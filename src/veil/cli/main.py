@@ -107,20 +107,27 @@ def party(
         channel.close()
 
 
+def _model_file(model: Path) -> Path:
+    """``model``, or the shipped network of that name (A-D) when no such file exists, as in ``veil mpc run C``."""
+    from veil.assets import NETWORKS, model_path
+
+    return model_path(str(model)) if not model.exists() and str(model).upper() in NETWORKS else model
+
+
 @app.command()
-def inspect(model: Path = typer.Argument(..., help="ONNX model file"),
+def inspect(model: Path = typer.Argument(..., help="ONNX model file or shipped network A-D"),
             mode: str = typer.Option(None, "--mode", help="also check that this mode (mpc, offload, plain) runs every op")) -> None:
     """Load a model into veil's graph and print it."""
     from veil.graph import load_model
 
-    console.print(load_model(model, mode=mode).summary())
+    console.print(load_model(_model_file(model), mode=mode).summary())
     if mode is not None:
         console.print(f"every operator runs in {mode} mode")
 
 
 @app.command()
 def run(
-    model: Path = typer.Argument(..., help="ONNX model file"),
+    model: Path = typer.Argument(..., help="ONNX model file or shipped network A-D"),
     inputs: Path = typer.Argument(..., help=".npy file (one input) or .npz file (named inputs)"),
     out: Path = typer.Option(None, help="write outputs to this .npz file"),
 ) -> None:
@@ -128,7 +135,7 @@ def run(
     from veil.graph import load_model
     from veil.plain import run_plain
 
-    graph = load_model(model)
+    graph = load_model(_model_file(model))
     try:
         data = np.load(inputs, allow_pickle=False)
     except (OSError, ValueError) as e:
