@@ -186,3 +186,17 @@ def test_inspect_and_run_take_a_shipped_network_name(tmp_path):
     np.save(tmp_path / "x.npy", x)
     r = veil_cli("run", "c", str(tmp_path / "x.npy"))
     assert r.returncode == 0 and f"argmax {y.tolist()}" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_keys_refuses_to_replace_an_existing_ca_without_force(tmp_path):
+    dep = tmp_path / "dep.toml"
+    dep.write_text('name = "t"\nmode = "mpc"\n[parties]\nalice = "127.0.0.1:7001"\nbob = "127.0.0.1:7002"\n')
+    assert veil_cli("keys", "-d", str(dep)).returncode == 0
+    ca = (tmp_path / "keys" / "ca" / "ca.pem").read_bytes()
+    alice = (tmp_path / "keys" / "alice" / "alice.key").read_bytes()
+    r = veil_cli("keys", "-d", str(dep))
+    assert_one_error_line(r, "already exists", "--force")
+    assert (tmp_path / "keys" / "ca" / "ca.pem").read_bytes() == ca  # nothing replaced
+    assert (tmp_path / "keys" / "alice" / "alice.key").read_bytes() == alice
+    assert veil_cli("keys", "-d", str(dep), "--force").returncode == 0
+    assert (tmp_path / "keys" / "ca" / "ca.pem").read_bytes() != ca

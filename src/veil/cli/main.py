@@ -68,11 +68,17 @@ def demo(
 def keys(
     deployment: Path = typer.Option(..., "--deployment", "-d", help="deployment TOML file"),
     out: Path = typer.Option(None, help="key directory (default: the deployment's `keys`)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing CA and every party's keys "
+                                                      "(the folders already copied to hosts stop working)"),
 ) -> None:
     """Create a deployment CA and one key and certificate per party, one folder per party."""
     from veil.net import create_keys, load_deployment
 
     dep = load_deployment(deployment)
+    ca_dir = (out if out is not None else dep.keys_dir) / "ca"
+    if not force and (ca_dir / "ca.key").exists():
+        raise VeilError(f"a deployment CA already exists in {ca_dir}: replacing it would invalidate every party's "
+                        "keys already copied to its host; pass --force to replace them all")
     d = create_keys(dep, out)
     console.print(f"wrote the CA to {d / 'ca'} (keep ca.key on this machine only) and one folder per party "
                   f"({', '.join(str(d / p) for p in dep.parties)}): copy each folder to that party's host only "
