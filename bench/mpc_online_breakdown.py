@@ -1,0 +1,74 @@
+"""server0's online time per kind of node for all-MiniLM-L6-v2 under mpc (one in-process run: five
+parties as threads, in-memory channels, one BLAS thread each). Prints one line.
+
+    python bench/mpc_online_breakdown.py [--seq 32]
+
+Before/after a change, on the same load: run it alternately on two checkouts, e.g.
+``PYTHONPATH=<old checkout>/src python bench/mpc_online_breakdown.py`` then without PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+from typing import Any
+
+import numpy as np
+
+import veil.mpc as M
+import veil.mpc.program as P
+
+_TIMES: collections.Counter[str] = collections.Counter()
+_RUN = P.Program.run
+
+
+def _timed_run(self: P.Program, st: Any, inputs: dict[str, np.ndarray], store: Any) -> dict[str, np.ndarray]:
+    if st.ctx.party != 0:
+        return _RUN(self, st, inputs, store)
+    env = dict(inputs)
+    for ins in self.instrs:
+        t = time.perf_counter()
+        ins.run(st, env, store)
+        _TIMES[ins.name] += time.perf_counter() - t
+    return {o: env[t] for o, t in self.final.items()}
+
+
+def _kind(name: str) -> str:
+    for key, kind in (("intermediate_act_fn", "gelu"), ("word_embeddings", "embedding"), ("Softmax", "softmax"),
+                      ("LayerNorm", "layernorm"), ("MatMul", "products")):
+        if key in name and "trunc:" not in name:
+            return kind
+    return "other (truncations, adds, shape ops)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq", type=int, default=32)
+    a = ap.parse_args()
+    from threadpoolctl import threadpool_limits
+
+    from veil.models import minilm as ML
+
+    texts = ["A man is playing a guitar on the street.", "The weather is lovely today."]
+    ids, mask = ML.tokenize(texts, a.seq)
+    g = ML.minilm_graph(mask)
+    ref = ML.reference_embeddings(texts, a.seq)
+    P.Program.run = _timed_run  # type: ignore[method-assign]
+    try:
+        with threadpool_limits(1):
+            out, rep = M.run(g, ids, compare=False)
+    finally:
+        P.Program.run = _RUN  # type: ignore[method-assign]
+    emb = np.asarray(out)
+    cos = (emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
+    kinds: collections.Counter[str] = collections.Counter()
+    for name, s in _TIMES.items():
+        kinds[_kind(name)] += s
+    print(f"{M.__file__.split('/src/')[0].split('/')[-1]}: online {rep.online_s:.2f} s, {rep.online_bytes / 1e6:.0f} MB, "
+          f"{rep.rounds} rounds, cosine min {cos.min():.6f}; server0 by kind: "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in kinds.most_common()))
+
+
+if __name__ == "__main__":
+    main()
