@@ -200,3 +200,21 @@ def test_keys_refuses_to_replace_an_existing_ca_without_force(tmp_path):
     assert (tmp_path / "keys" / "alice" / "alice.key").read_bytes() == alice
     assert veil_cli("keys", "-d", str(dep), "--force").returncode == 0
     assert (tmp_path / "keys" / "ca" / "ca.pem").read_bytes() != ca
+
+
+def test_old_simulation_flags_are_hidden_and_still_accepted(tmp_path, busy_port):
+    from typer.main import get_command
+
+    from veil.cli.main import app
+
+    root = get_command(app)
+    for group, name, old in (("offload", "train", "--hazmat-simulate"), ("attested", "serve", "--hazmat-simulate-enclave")):
+        params = {o: p for p in root.commands[group].commands[name].params for o in p.opts}  # type: ignore[attr-defined]
+        assert params[old].hidden and not params["--hazmat-allow-simulation"].hidden, (group, name)
+        assert old not in params["--hazmat-allow-simulation"].opts
+    # accepted: the server gets past the simulation refusal and stops at the busy port
+    r = veil_cli("attested", "serve", "--store", str(tmp_path / "store"), "--port", str(busy_port),
+                 "--hazmat-simulate-enclave", "--state-dir", str(tmp_path / "state"))
+    assert_one_error_line(r, "cannot listen")
+    r = veil_cli("offload", "train", "B", "--hazmat-simulate", "--optimizer", "nope", timeout=120)
+    assert_one_error_line(r, "unknown optimizer 'nope'")

@@ -35,8 +35,10 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to bind"),
     port: int = typer.Option(8443, help="TCP port (0: pick a free one, see --ready-file)"),
     hazmat_allow_simulation: bool = typer.Option(
-        False, "--hazmat-allow-simulation", "--hazmat-simulate-enclave",
+        False, "--hazmat-allow-simulation",
         help="run a SIMULATED enclave (no hardware TEE; development only); the same flag as offload's"),
+    old_hazmat_simulate_enclave: bool = typer.Option(False, "--hazmat-simulate-enclave", hidden=True,
+                                                     help="old name of --hazmat-allow-simulation"),
     platform: str = typer.Option(
         "auto", help="auto (the machine's SEV-SNP or TDX via configfs-tsm; else the simulation if "
                      "--hazmat-allow-simulation), simulated, sev-snp or tdx"),
@@ -74,7 +76,8 @@ def serve(
                     max_models=max_models, max_output_bytes=int(max_output_mb * 1024 * 1024),
                     max_run_seconds=max_run_seconds, max_run_memory_bytes=int(max_run_memory_mb * 1024 * 1024))
     try:
-        run_server(store, host, port, hazmat_allow_simulation=hazmat_allow_simulation, limits=limits,
+        run_server(store, host, port, hazmat_allow_simulation=hazmat_allow_simulation or old_hazmat_simulate_enclave,
+                   limits=limits,
                    upload_token_file=upload_token_file, platform_dir=platform_dir, intra_op_threads=threads,
                    ready_file=ready_file, log_level=log_level, state_dir=state_dir, platform_kind=platform,
                    tsm_root=tsm_root, ephemeral_sealing=ephemeral_sealing)

@@ -154,10 +154,13 @@ def train(
     workdir: Path = typer.Option(None, help="keep deployment, keys, logs and checkpoint here (default: a temp dir)"),
     deployment: Path = typer.Option(None, "--deployment", "-d",
                                     help="play the data owner of this running deployment instead of starting parties"),
-    hazmat_simulate: bool = typer.Option(False, "--hazmat-allow-simulation", "--hazmat-simulate",
-                                         help="accept a SIMULATED enclave (no SGX here; no hardware protection)"),
+    hazmat_allow_simulation: bool = typer.Option(
+        False, "--hazmat-allow-simulation", help="accept a SIMULATED enclave (no SGX here; no hardware protection)"),
+    old_hazmat_simulate: bool = typer.Option(False, "--hazmat-simulate", hidden=True,
+                                             help="old name of --hazmat-allow-simulation"),
 ) -> None:
     """Train MODEL privately: a (simulated) enclave plus three untrusted accelerators as processes over mutual TLS."""
+    hazmat_simulate = hazmat_allow_simulation or old_hazmat_simulate
     import tempfile
     import time
 
