@@ -123,8 +123,8 @@ FUNCTIONS: dict[str, Piecewise] = {
     "tanh": _piecewise("tanh", tanh, [-5.0, -3.0, -1.5, 0.0, 1.5, 3.0, 5.0], 6, (-1.0,), (1.0,), 2e-4),
     "sigmoid": _piecewise("sigmoid", _sigmoid, [-12.0, -8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0, 12.0], 5,
                           (0.0,), (1.0,), 1e-4),
-    # SiLU: degree 4 (2 product levels: 2 rounds fewer than degree 5) on 13 segments, error 7.5e-5
-    "silu": _piecewise("silu", _silu, [-12.0, -8.0, -5.0, -3.0, -1.5, 0.0, 1.5, 3.0, 5.0, 8.0, 12.0, 16.0], 4, (0.0,),
+    # SiLU: degree 4 (2 product levels: 2 rounds fewer than degree 5) on 12 segments, error 7.4e-5
+    "silu": _piecewise("silu", _silu, [-12.0, -8.0, -5.0, -3.0, -1.0, 1.0, 3.0, 5.0, 8.0, 12.0, 16.0], 4, (0.0,),
                        (0.0, 1.0), 1.5e-4),
     "erf": _piecewise("erf", erf, [-3.0, -1.5, 0.0, 1.5, 3.0], 6, (-1.0,), (1.0,), 2e-4),
     # exp on x <= 0 (max-subtracted softmax inputs); below -11 it is 0 (exp(-11) = 1.7e-5); degree 4
