@@ -218,3 +218,8 @@ def test_old_simulation_flags_are_hidden_and_still_accepted(tmp_path, busy_port)
     assert_one_error_line(r, "cannot listen")
     r = veil_cli("offload", "train", "B", "--hazmat-simulate", "--optimizer", "nope", timeout=120)
     assert_one_error_line(r, "unknown optimizer 'nope'")
+
+
+def test_plain_demo_checks_batch_size_as_the_secure_demo_does():
+    r = veil_cli("demo", "--plain", "--n", "8", "--batch-size", "0")
+    assert_one_error_line(r, "batch_size must be a whole number >= 1", "got 0")

@@ -51,8 +51,10 @@ def demo(
         return
     from veil.assets import load_slice, model_path
     from veil.graph import load_model
+    from veil.options import check_batch_size
     from veil.plain import run_plain
 
+    check_batch_size(batch_size)  # the same answer to a bad value as the secure demo
     graph = load_model(model_path(model))
     x, y = load_slice(n)
     logits = next(iter(run_plain(graph, x).values()))
