@@ -37,11 +37,13 @@ __all__ = ["FixedWeight", "mul_aa", "matmul_aa", "matmul_ap", "conv_ap", "linear
 
 @dataclass
 class FixedWeight:
-    """One server's view of a fixed secret weight: its share ``W_i`` and the opened ``F = W - B``,
-    both decomposed once for the ring matmul. ``conv`` holds (strides, pads, kernel, out_channels)."""
+    """One server's view of a fixed secret weight: its share ``W_i`` (decomposed once for the ring
+    matmul: it is used online) and the opened ``F = W - B`` (used offline only, by :func:`prepare_aw`;
+    for a linear/embedding layer kept as the uint64 matrix, a third of the limbs' memory, and split at
+    each use). ``conv`` holds (strides, pads, kernel, out_channels)."""
 
     w_limbs: Any  # ring.Limbs, or one per group for a grouped convolution
-    f_limbs: Any
+    f_limbs: Any  # ring.Limbs (convolutions) or the (in, out) uint64 matrix (linear, embedding)
     conv: tuple[Any, ...] | None = None
 
     @staticmethod
@@ -50,7 +52,7 @@ class FixedWeight:
             return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)  # linear (out,in) / conv (O,I,kh,kw)
         g = _groups(conv)
         if g == 1:
-            return FixedWeight(ring.Limbs(mat(w_share)), ring.Limbs(mat(f_open)), conv)
+            return FixedWeight(ring.Limbs(mat(w_share)), mat(f_open) if conv is None else ring.Limbs(mat(f_open)), conv)
         og = w_share.shape[0] // g
         return FixedWeight([ring.Limbs(mat(w_share[i * og : (i + 1) * og])) for i in range(g)],
                            [ring.Limbs(mat(f_open[i * og : (i + 1) * og])) for i in range(g)], conv)
