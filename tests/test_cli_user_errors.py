@@ -223,3 +223,9 @@ def test_old_simulation_flags_are_hidden_and_still_accepted(tmp_path, busy_port)
 def test_plain_demo_checks_batch_size_as_the_secure_demo_does():
     r = veil_cli("demo", "--plain", "--n", "8", "--batch-size", "0")
     assert_one_error_line(r, "batch_size must be a whole number >= 1", "got 0")
+
+
+def test_attested_serve_port_out_of_range(tmp_path):
+    r = veil_cli("attested", "serve", "--store", str(tmp_path / "store"), "--port", "70000",
+                 "--hazmat-allow-simulation", "--state-dir", str(tmp_path / "state"))
+    assert_one_error_line(r, "cannot listen on 127.0.0.1:70000", "0-65535")

@@ -159,8 +159,9 @@ def serve(store_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as e:
-        raise DeploymentError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    except (OSError, OverflowError) as e:  # OverflowError: a port outside 0..65535
+        sock.close()
+        raise DeploymentError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
     actual_port = sock.getsockname()[1]
 
     password = secrets.token_hex(32)
