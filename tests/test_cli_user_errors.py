@@ -229,3 +229,28 @@ def test_attested_serve_port_out_of_range(tmp_path):
     r = veil_cli("attested", "serve", "--store", str(tmp_path / "store"), "--port", "70000",
                  "--hazmat-allow-simulation", "--state-dir", str(tmp_path / "state"))
     assert_one_error_line(r, "cannot listen on 127.0.0.1:70000", "0-65535")
+
+
+def test_mpc_local_refuses_a_wrong_shape_before_starting_parties(tmp_path):
+    import time
+
+    import numpy as np
+
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3), np.float32))
+    t0 = time.perf_counter()
+    r = veil_cli("mpc", "local", "A", "--inputs", str(tmp_path / "bad.npy"))
+    assert_one_error_line(r, "(2, 3)")
+    assert "deployment failed" not in r.stderr and time.perf_counter() - t0 < 60  # refused before any party ran
+
+
+def test_out_in_a_missing_folder_is_one_error_line(tmp_path):
+    import numpy as np
+
+    from veil.assets import load_slice
+
+    np.save(tmp_path / "x.npy", load_slice(2)[0])
+    missing = tmp_path / "no" / "such" / "o.npz"
+    r = veil_cli("run", "D", str(tmp_path / "x.npy"), "--out", str(missing))  # checked before running
+    assert_one_error_line(r, "--out", "does not exist")
+    r = veil_cli("mpc", "run", "D", "--n", "2", "--out", str(missing))  # any OSError a command lets through
+    assert_one_error_line(r, "No such file or directory", str(missing))

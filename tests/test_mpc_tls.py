@@ -17,8 +17,10 @@ from veil.plain import run_plain
 
 def test_five_processes_over_tls_agree_with_plain(tmp_path):
     x, _ = load_slice(4)
-    res = run_local_deployment(model_path("A"), x, tmp_path, batch_size=2, timeout=120, recv_timeout=30)
-    ref = run_plain(load_model(model_path("A")), x)["logits"]
+    graph = load_model(model_path("A"))
+    named = {graph.inputs[0].name: x}  # named inputs travel as .npz (a bare array as .npy: the demo's path)
+    res = run_local_deployment(model_path("A"), named, tmp_path, batch_size=2, timeout=120, recv_timeout=30)
+    ref = run_plain(graph, x)["logits"]
     got = res["outputs"]["logits"]
     assert np.array_equal(got.argmax(1), ref.argmax(1)) and np.abs(got - ref).max() < 5e-3
     rep = res["report"]

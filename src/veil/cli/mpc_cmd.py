@@ -76,14 +76,17 @@ def run(model: str = typer.Argument(..., help="ONNX file or shipped network A-D"
 
 @app.command()
 def local(model: str = typer.Argument(..., help="ONNX file or shipped network A-D"),
-          inputs: Path = typer.Option(None, help=".npy input file (default: the shipped held-out slice)"),
+          inputs: Path = typer.Option(None, help=".npy/.npz inputs (default: the shipped held-out slice)"),
           n: int = typer.Option(64, help="images from the shipped slice when --inputs is not given"),
-          batch_size: int = typer.Option(None, help="samples per query"),
+          batch_size: int = typer.Option(None, help="samples per query (default: all at once)"),
           timeout: float = typer.Option(600, help="seconds before every party is stopped")) -> None:
     """Run MODEL with five local processes over mutual TLS."""
+    from veil.graph import load_model
     from veil.mpc.demo import run_local_deployment
+    from veil.plain import check_inputs
 
     x, y = _inputs(inputs, n)
+    check_inputs(load_model(_model(model)), x)  # a wrong shape is refused before any process starts
     with tempfile.TemporaryDirectory(prefix="veil-mpc-") as tmp:
         res = run_local_deployment(_model(model), x, tmp, batch_size=batch_size, timeout=timeout)
     rep = res["report"]

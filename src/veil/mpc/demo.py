@@ -55,9 +55,14 @@ def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_s
 
     frac_bits, batch_size, timeout = check_options(frac_bits, batch_size, timeout)
     wd = Path(workdir)
-    np.save(wd / "inputs.npy", np.asarray(x))
+    if isinstance(x, dict):  # named inputs (.npz), e.g. from load_inputs on an .npz file
+        inputs_file = "inputs.npz"
+        np.savez(wd / inputs_file, **{k: np.asarray(v) for k, v in x.items()})
+    else:
+        inputs_file = "inputs.npy"
+        np.save(wd / inputs_file, np.asarray(x))
     ports = free_ports(len(PARTIES))
-    opts: dict[str, Any] = {"model": str(Path(model).resolve()), "inputs": "inputs.npy", "outputs": "outputs.npz",
+    opts: dict[str, Any] = {"model": str(Path(model).resolve()), "inputs": inputs_file, "outputs": "outputs.npz",
                             "frac_bits": frac_bits}
     if batch_size is not None:
         opts["batch_size"] = batch_size
