@@ -144,6 +144,8 @@ def run(
     from veil.plain import run_plain
 
     graph = load_model(_model_file(model))
+    if out is not None and not out.parent.is_dir():
+        raise VeilError(f"--out {out}: folder {out.parent} does not exist")
     try:
         data = np.load(inputs, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -177,6 +179,10 @@ def main() -> None:
     except VeilError as e:
         # the message is text, not rich markup: a path like "x[/a].npy" must print as it is
         err_console.print(Text.assemble(("error:", "bold red"), f" {e}"))
+        sys.exit(2)
+    except OSError as e:  # a file the user named cannot be read or written (e.g. --out in a missing folder)
+        where = f": {e.filename}" if e.filename else ""
+        err_console.print(Text.assemble(("error:", "bold red"), f" {e.strerror or e}{where}"))
         sys.exit(2)
 
 
