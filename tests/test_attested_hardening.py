@@ -126,11 +126,14 @@ def test_secrets_under_the_store_are_refused_at_start(tmp_path):
     old = tmp_path / "old-store"
     old.mkdir()
     (old / "upload.token").write_text("veil_upl_" + "x" * 40)  # the layout before issue 9
-    with pytest.raises(DeploymentError, match="holds secrets in clear"):
-        ServerProcess(old, start_timeout=30).start()
-    inside = tmp_path / "store"
-    with pytest.raises(DeploymentError, match="inside the store"):
-        ServerProcess(inside, state_dir=inside / "state", start_timeout=30).start()
+    for srv, refusal in ((ServerProcess(old, start_timeout=30), "holds secrets in clear"),
+                         (ServerProcess(tmp_path / "store", state_dir=tmp_path / "store" / "state", start_timeout=30),
+                          "inside the store")):
+        try:
+            with pytest.raises(DeploymentError, match=refusal):
+                srv.start()
+        finally:
+            srv.stop()  # a server that wrongly started is not left running
 
 
 # --- 2. --max-models under the lock that inserts ---------------------------------------------------------
