@@ -136,7 +136,9 @@ def train(
     model: str = typer.Argument(..., help="initial model: an .onnx file, A-D (SecureNN architecture, seeded random "
                                           "initial weights) or deep-crossing"),
     data: str = typer.Option("mnist-slice", help="mnist (images 0..7999 of the shared MNIST file), mnist-slice "
-                                                 "(shipped 256 images), clicks (synthetic), or an .npz with inputs and y"),
+                                                 "(the first 256 shipped HELD-OUT images 8000..8255: a smoke test only; a model trained on "
+                                                 "them must not be scored on the held-out set), clicks (synthetic), or an "
+                                                 ".npz with inputs and y"),
     n: int = typer.Option(None, help="use only the first N training samples"),
     optimizer: str = typer.Option("adam", help="sgd (with momentum) or adam"),
     lr: float = typer.Option(1e-3, help="learning rate"),
