@@ -57,7 +57,7 @@ def run_local_deployment(model: str | Path, x: Any, workdir: str | Path, batch_s
     wd = Path(workdir)
     if isinstance(x, dict):  # named inputs (.npz), e.g. from load_inputs on an .npz file
         inputs_file = "inputs.npz"
-        np.savez(wd / inputs_file, **{k: np.asarray(v) for k, v in x.items()})
+        np.savez(wd / inputs_file, **{k: np.asarray(v) for k, v in x.items()})  # type: ignore[arg-type]  # numpy stubs check **kwds against allow_pickle
     else:
         inputs_file = "inputs.npy"
         np.save(wd / inputs_file, np.asarray(x))
