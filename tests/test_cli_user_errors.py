@@ -254,3 +254,8 @@ def test_out_in_a_missing_folder_is_one_error_line(tmp_path):
     assert_one_error_line(r, "--out", "does not exist")
     r = veil_cli("mpc", "run", "D", "--n", "2", "--out", str(missing))  # any OSError a command lets through
     assert_one_error_line(r, "No such file or directory", str(missing))
+
+
+def test_mpc_run_unknown_model_names_what_is_accepted():
+    r = veil_cli("mpc", "run", "Z")
+    assert_one_error_line(r, "'Z'", "ONNX file", "A, B, C, D")

@@ -33,7 +33,14 @@ console = Console()
 def _model(model: str) -> Path:
     from veil.assets import NETWORKS, model_path
 
-    return model_path(model) if model.upper() in NETWORKS and not Path(model).exists() else Path(model)
+    if model.upper() in NETWORKS and not Path(model).exists():
+        return model_path(model)
+    if not Path(model).exists():
+        from veil.errors import OptionError
+
+        raise OptionError(f"model {model!r}: no such file; expected an ONNX file or a shipped network "
+                          f"({', '.join(sorted(NETWORKS))})")
+    return Path(model)
 
 
 def _inputs(inputs: Path | None, n: int) -> tuple[Any, np.ndarray | None]:
