@@ -6,6 +6,12 @@
 
 Both run the same exact limb arithmetic of :mod:`veil.offload.field`: float64 is used only on
 integers whose partial sums stay below 2^53, so every backend returns bit-identical field elements.
+
+:meth:`Backend.field_matmul` / :meth:`Backend.field_matmul_sum` are the exact products of two *field*
+matrices (both factors uniform in [0, p), as in offload training). On a GPU, operands travel to the
+device as 4-byte words (uint32 field elements viewed as int32: every element is < 2^31), are widened,
+split into limbs, multiplied and reduced on the device, and the result comes back as one 4-byte copy;
+nothing in between synchronises with the host.
 """
 
 from __future__ import annotations
@@ -16,10 +22,17 @@ from typing import Any
 import numpy as np
 
 from veil.errors import VeilError
-from veil.offload.field import FieldOps, limbs_f64, mul_full, mul_small
+from veil.offload.errors import FieldRangeError
+from veil.offload.field import MAX_INNER_FULL, FieldOps, P, limbs_f64, mul_full, mul_small
 from veil.plain import kernels as K
 
-__all__ = ["Backend", "NumpyBackend", "TorchBackend", "select_backend"]
+__all__ = ["Backend", "NumpyBackend", "TorchBackend", "select_backend", "MAX_INNER_KARATSUBA", "FieldArg"]
+
+MAX_INNER_KARATSUBA = 2 ** (53 - 34)  #: exact limit of the three-product (Karatsuba) form (exclusive)
+
+#: a field matrix (uint32 or int64 host array, entries in [0, p)), or a tuple of such matrices of one shape
+#: standing for their sum mod p (formed on the backend's device)
+FieldArg = np.ndarray | tuple[np.ndarray, ...]
 
 
 class Backend(FieldOps):
@@ -66,6 +79,85 @@ class Backend(FieldOps):
         y = mul_small(self, zt, w[0], op) if len(w) == 1 else mul_full(self, zt, w[0], w[1], op)
         return self.get(y)
 
+    # --- products of two field matrices (offload training) ----------------------------------------
+    def field_matmul(self, u: FieldArg, v: FieldArg, dtype: Any = np.int64) -> np.ndarray:
+        """``u @ v mod p`` for field matrices (see :meth:`field_matmul_sum`)."""
+        return self.field_matmul_sum([(u, v)], dtype)
+
+    def field_matmul_sum(self, pairs: Sequence[tuple[FieldArg, FieldArg]], dtype: Any = np.int64) -> np.ndarray:
+        """``sum_i u_i @ v_i mod p``, exact, as a host array of ``dtype`` (int64 or uint32).
+
+        ``u_i`` (n x k_i) and ``v_i`` (k_i x m) are uint32 or int64 arrays of field elements in [0, p), or
+        tuples of such arrays (their sum mod p). The pairs are joined along the inner dimension
+        (``[u_1 .. u_r] @ [v_1; ..; v_r]``), an array passed several times is moved to the device once.
+        With 16-bit limbs ``u = u1 2^16 + u0``, ``v = v1 2^16 + v0``, Karatsuba needs three float64
+        products, ``u1 v1``, ``u0 v0`` and ``(u1 + u0)(v1 + v0)`` (17-bit sums: every partial sum stays
+        below 2^53 while the inner dimension is < 2^19, :data:`MAX_INNER_KARATSUBA`); ``2^32 = 2 (mod p)``.
+        Wider products take the four limb products (inner dimension < 2^21, :data:`MAX_INNER_FULL`)."""
+        if not pairs:
+            raise ValueError("field_matmul_sum needs at least one pair")
+        shapes = [(_shape(u), _shape(v)) for u, v in pairs]
+        n, m = shapes[0][0][0], shapes[0][1][1]
+        for (su, sv) in shapes:
+            if su[0] != n or sv[1] != m or su[1] != sv[0]:
+                raise ValueError(f"field products do not chain: {[(su, sv) for su, sv in shapes]}")
+        k = sum(su[1] for su, _ in shapes)
+        if k >= MAX_INNER_FULL:
+            raise FieldRangeError(f"inner dimension {k} too large for exact field products (< {MAX_INNER_FULL})")
+        if dtype not in (np.int64, np.uint32):
+            raise ValueError("field_matmul_sum returns int64 or uint32 arrays")
+        cache: dict[int, Any] = {}
+
+        def dev(x: FieldArg) -> Any:
+            if isinstance(x, tuple):
+                t = dev(x[0])
+                for y in x[1:]:
+                    t = t + dev(y)
+                return t % P
+            key = id(x)
+            if key not in cache:
+                cache[key] = self.field_in(x)
+            return cache[key]
+
+        u = self.cat([dev(a) for a, _ in pairs], 1)
+        v = self.cat([dev(b) for _, b in pairs], 0)
+        f, i, mm = self.f64, self.i64, self.mm
+        u1, u0, v1, v0 = f(u >> 16), f(u & 0xFFFF), f(v >> 16), f(v & 0xFFFF)
+        if k < MAX_INNER_KARATSUBA:
+            hh = i(mm(u1, v1))
+            ll = i(mm(u0, v0))
+            mid = i(mm(u1 + u0, v1 + v0)) - hh - ll
+        else:
+            hh, ll = i(mm(u1, v1)), i(mm(u0, v0))
+            mid = i(mm(u1, v0)) % P + i(mm(u0, v1)) % P
+        return self.field_out((hh % P * 2 + mid % P * (1 << 16) + ll % P) % P, dtype)
+
+    def field_in(self, a: np.ndarray) -> Any:
+        """A host field matrix (uint32 or int64) -> the backend's int64 array."""
+        raise NotImplementedError
+
+    def field_out(self, t: Any, dtype: Any) -> np.ndarray:
+        """The backend's int64 array of field elements -> a host array of ``dtype`` (int64 or uint32)."""
+        raise NotImplementedError
+
+    def cat(self, ts: list[Any], axis: int) -> Any:
+        raise NotImplementedError
+
+    def mm(self, a: Any, b: Any) -> Any:  # a @ b, float64
+        raise NotImplementedError
+
+
+def _shape(x: FieldArg) -> tuple[int, ...]:
+    if isinstance(x, tuple):
+        if not x or any(not isinstance(y, np.ndarray) or y.shape != x[0].shape for y in x):
+            raise ValueError("a summed field operand must be a non-empty tuple of arrays of one shape")
+        x = x[0]
+    if not isinstance(x, np.ndarray) or x.ndim != 2:
+        raise ValueError("field operands must be 2-D arrays")
+    if x.dtype not in (np.uint32, np.int64):
+        raise ValueError(f"field operands must be uint32 or int64 arrays, not {x.dtype}")
+    return tuple(x.shape)
+
 
 class NumpyBackend(Backend):
     """float64 BLAS on the CPU through NumPy (the enclave's own backend, and the accelerator's without a GPU)."""
@@ -90,6 +182,18 @@ class NumpyBackend(Backend):
     def conv(self, x: np.ndarray, w: np.ndarray, strides: Sequence[int], pads: Sequence[int]) -> np.ndarray:
         return K.conv2d(x, w, None, strides, pads)
 
+    def field_in(self, a: np.ndarray) -> np.ndarray:
+        return a.astype(np.int64, copy=False)
+
+    def field_out(self, t: np.ndarray, dtype: Any) -> np.ndarray:
+        return t.astype(dtype, copy=False)
+
+    def cat(self, ts: list[np.ndarray], axis: int) -> np.ndarray:
+        return ts[0] if len(ts) == 1 else np.concatenate(ts, axis=axis)
+
+    def mm(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a @ b
+
 
 class TorchBackend(Backend):
     """torch float64 on ``device`` ('cuda' when available by default)."""
@@ -103,6 +207,7 @@ class TorchBackend(Backend):
         self.F = torch.nn.functional
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.name = f"torch-{self.device.type}"
+        self.cuda = self.device.type == "cuda"
 
     def put(self, a: np.ndarray) -> Any:
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -124,6 +229,32 @@ class TorchBackend(Backend):
         if any(pads):
             x = self.F.pad(x, (left, r, t, b))
         return self.F.conv2d(x, w, stride=tuple(strides))
+
+    def field_in(self, a: np.ndarray) -> Any:
+        # uint32 field elements (< 2^31) travel as int32 (a view, no host pass) and are widened on the device
+        a = np.ascontiguousarray(a)
+        src = a.view(np.int32) if a.dtype == np.uint32 else a
+        t = self.torch.from_numpy(src)
+        if self.cuda:
+            t = t.to(self.device, non_blocking=True)
+        return t.to(self.torch.int64)
+
+    def field_out(self, t: Any, dtype: Any) -> np.ndarray:
+        # values in [0, p) fit int32: one 4-byte copy back (into pinned memory on a GPU), viewed as uint32
+        t32 = t.to(self.torch.int32)
+        if self.cuda:
+            host = self.torch.empty(t32.shape, dtype=self.torch.int32, pin_memory=True)
+            host.copy_(t32, non_blocking=True)
+            self.torch.cuda.current_stream(self.device).synchronize()
+            t32 = host
+        out = t32.numpy().view(np.uint32)
+        return out if dtype == np.uint32 else out.astype(np.int64)
+
+    def cat(self, ts: list[Any], axis: int) -> Any:
+        return ts[0] if len(ts) == 1 else self.torch.cat(ts, dim=axis)
+
+    def mm(self, a: Any, b: Any) -> Any:
+        return a @ b
 
 
 def select_backend(name: str = "auto") -> Backend:
