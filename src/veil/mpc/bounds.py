@@ -149,6 +149,7 @@ def _bounds(graph: Graph, x: float, shapes: dict[str, tuple[int, ...]]) -> dict[
     state = dict(graph.meta.get("state", {}) or {})
     fed: dict[str, Bound] = {i: (0.0, 0.0) for i in state}
     smax = {n.output for n in graph.nodes if n.op == "softmax" and n.attrs["axis"] in (-1, len(shapes[n.output]) - 1)}
+    public = graph.meta.get("public_inputs") or {}
 
     def one_pass() -> dict[str, Bound]:
         b: dict[str, Bound] = {}
@@ -156,6 +157,9 @@ def _bounds(graph: Graph, x: float, shapes: dict[str, tuple[int, ...]]) -> dict[
             root = float(np.sqrt(s.shape[-1])) if s.shape and s.shape[-1] else 1.0
             if s.name in fed:
                 b[s.name] = fed[s.name]
+            elif s.name in public:  # sent in the clear, within the bound the model declares (the user checks)
+                v = float(public[s.name])
+                b[s.name] = (v, v * root)
             else:
                 v = 0.0 if s.dtype.startswith("int") else x
                 b[s.name] = (v, v * root)

@@ -23,6 +23,7 @@ import numpy as np
 
 from veil.graph.ir import Graph
 from veil.mpc.compilers import COMPILERS, DIRECT_INPUT, MPC_OPS, Builder, Instr, ServerState, fixed_spec
+from veil.mpc.compilers.public import compile_public, public_inputs
 from veil.mpc.compilers.shape import apply_shape_op
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.kernels import products
@@ -120,13 +121,17 @@ def compile_program(graph: Graph, batch: int, fp: FixedPoint, low_latency: int |
                 LOW_LATENCY_ELEMENTS if low_latency is None else low_latency)
     b.direct = _direct_first_layer(graph)
     skip = {n.name for n in b.direct["prefix"]} if b.direct else set()
+    public = set(public_inputs(graph))  # sent in the clear by the user (compilers/public.py)
     for node in graph.nodes:
         if node.name in skip:  # shape ops the user applies to its own input before masking it
             b.scale[node.output] = b.f
             continue
         if node.name in b.done:  # compiled early with a sibling (fixed products sharing an input)
             continue
-        COMPILERS[node.op](b, node, [b.alias.get(i, i) for i in node.inputs])
+        src = [b.alias.get(i, i) for i in node.inputs]
+        if public and compile_public(b, node, src, public):
+            continue
+        COMPILERS[node.op](b, node, src)
     final = {o: b.alias.get(o, o) for o in graph.outputs}
     for o in state_of(graph).values():  # state kept on the servers is fed back as an input: scale f
         final[o] = b.at_f(final[o], f"state:{o}")
@@ -142,9 +147,10 @@ def state_of(graph: Graph) -> dict[str, str]:
 
 
 def user_inputs(graph: Graph) -> list[Any]:
-    """The inputs the user sends (every input that is not fed from the servers' state)."""
+    """The inputs the user secret-shares (every input neither fed from the servers' state nor public)."""
     st = graph.meta.get("state", {}) or {}
-    return [s for s in graph.inputs if s.name not in st]
+    pub = public_inputs(graph)
+    return [s for s in graph.inputs if s.name not in st and s.name not in pub]
 
 
 def _direct_first_layer(graph: Graph) -> dict[str, Any] | None:

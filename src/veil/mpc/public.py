@@ -43,7 +43,8 @@ def to_public(graph: Graph) -> dict[str, Any]:
         })
     return {"name": graph.name, "nodes": nodes, "outputs": list(graph.outputs),
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in graph.inputs],
-            "state": dict(graph.meta.get("state", {}) or {})}
+            "state": dict(graph.meta.get("state", {}) or {}),
+            "public_inputs": {k: float(v) for k, v in (graph.meta.get("public_inputs") or {}).items()}}
 
 
 def from_public(desc: dict[str, Any]) -> Graph:
@@ -55,4 +56,5 @@ def from_public(desc: dict[str, Any]) -> Graph:
         attrs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d["attrs"].items()}
         nodes.append(Node(d["name"], d["op"], tuple(d["inputs"]), d["output"], params, attrs))
     inputs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in desc["inputs"]]
-    return Graph(nodes, inputs, list(desc["outputs"]), desc["name"], meta={"state": dict(desc.get("state", {}))})
+    return Graph(nodes, inputs, list(desc["outputs"]), desc["name"], meta={"state": dict(desc.get("state", {})),
+                                                                   "public_inputs": dict(desc.get("public_inputs", {}))})

@@ -9,6 +9,7 @@ import numpy as np
 
 from veil.errors import ProtocolError
 from veil.mpc.compilers import fixed_matrix
+from veil.mpc.compilers.public import public_inputs
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.kernels.base import Ctx
 from veil.mpc.kernels.products import FixedWeight
@@ -65,6 +66,18 @@ def _node_shares(shares: dict[str, np.ndarray], name: str) -> dict[str, np.ndarr
     return {k.split("/")[-1]: v for k, v in shares.items() if k.rsplit("/", 1)[0] == name}
 
 
+def _public_values(graph: Any, batch: int, got: dict[str, Any], i: int) -> dict[str, np.ndarray]:
+    """The user's public inputs of a query (in the clear), checked against the graph's declaration."""
+    want = {s.name: s.concrete(batch) for s in graph.inputs if s.name in public_inputs(graph)}
+    if set(got) != set(want):
+        raise ProtocolError(f"server{i}: the query's public inputs are {sorted(got)}, the model declares {sorted(want)}")
+    out = {k: np.asarray(v, np.float64) for k, v in got.items()}
+    bad = [k for k, v in out.items() if v.shape != want[k]]
+    if bad:
+        raise ProtocolError(f"server{i}: public input {bad[0]!r} has shape {out[bad[0]].shape}, expected {want[bad[0]]}")
+    return out
+
+
 def server_role(ch: Channel, i: int) -> dict[str, Any]:
     """Serve the user's queries. A query names the graph it runs (``g``: index into the owner's step
     graphs, 0 for single-graph models); the inputs listed in the graph's ``meta["state"]`` come from
@@ -119,6 +132,7 @@ def server_role(ch: Channel, i: int) -> dict[str, Any]:
         else:
             recv_msg(ch, "user")  # the input exists: go (server0's share comes from the user's seed)
         x = {k: np.asarray(v, np.uint64) for k, v in x.items()}
+        x.update(_public_values(graph, batch, msg.get("public") or {}, i))
         kept = state_of(graph)
         for s in graph.inputs:
             if s.name in (graph.meta.get("state") or {}):

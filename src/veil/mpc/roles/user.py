@@ -10,6 +10,7 @@ import numpy as np
 
 from veil.errors import InputError, InputRangeError
 from veil.graph.ir import Graph
+from veil.mpc.compilers.public import public_inputs
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.prg import Prg, new_seed
 from veil.mpc.program import apply_prefix, compile_program
@@ -28,7 +29,14 @@ SERVERS = ("server0", "server1")
 def check_range(x: dict[str, np.ndarray], limit: float, fp: FixedPoint, graph: Any = None) -> None:
     """Float inputs against the owner's published limit; integer inputs (token ids) against the
     vocabulary of the embeddings that read them."""
+    public = public_inputs(graph) if graph is not None else {}
     for name, v in x.items():
+        if name in public:  # sent in the clear: checked against the bound the model declares for it
+            m = float(np.abs(np.asarray(v, np.float64)).max()) if v.size else 0.0
+            if not m <= public[name]:
+                raise InputRangeError(f"public input {name!r} has magnitude up to {m:.3g}, above the {public[name]:.3g} "
+                                      "the model declares for it")
+            continue
         if np.issubdtype(v.dtype, np.integer):
             for n in (graph.consumers(name) if graph is not None else []):
                 if n.op == "embedding" and v.size and (v.min() < 0 or v.max() >= n.params["table"].shape[0]):
@@ -65,7 +73,8 @@ class UserSession:
                                      "guaranteed free of overflow")
             warnings.warn(self.rep.warnings[-1], stacklevel=2)
 
-    def query(self, gi: int, enc: dict[str, np.ndarray], b: int) -> dict[str, np.ndarray]:
+    def query(self, gi: int, enc: dict[str, np.ndarray], b: int,
+              public: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         ch, fp, rep = self.ch, self.fp, self.rep
         q = f"q{self.n}"
         self.n += 1
@@ -75,8 +84,9 @@ class UserSession:
             self.programs[key] = compile_program(graph, b, fp)
         prog = self.programs[key]
         t0 = time.perf_counter()
-        for p in ("dealer", *SERVERS):
-            ch.send(p, {"op": "query", "q": q, "batch": b, "g": gi})
+        ch.send("dealer", {"op": "query", "q": q, "batch": b, "g": gi})
+        for p in SERVERS:  # public inputs (in the clear) to the servers only: the dealer never sees them
+            ch.send(p, {"op": "query", "q": q, "batch": b, "g": gi, "public": public or {}})
         mask = recv_msg(ch, "dealer")["A"] if prog.direct is not None else None
         for p in SERVERS:
             recv_msg(ch, p)  # ready
@@ -137,7 +147,9 @@ def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, A
         xs = check_inputs(graph, x)
         check_range(xs, info["input_limit"], fp, graph)
         n = next(iter(xs.values())).shape[0]
-        enc = {k: fp.encode(v, what=f"input {k!r}") for k, v in xs.items()}
+        pub_names = public_inputs(graph)
+        pub = {k: np.asarray(v, np.float64) for k, v in xs.items() if k in pub_names}
+        enc = {k: fp.encode(v, what=f"input {k!r}") for k, v in xs.items() if k not in pub_names}
     except InputError as e:
         abort_all(ch, f"the user's input was rejected before anything was sent ({type(e).__name__})")
         raise
@@ -149,7 +161,8 @@ def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, A
     outs: dict[str, list[np.ndarray]] = {o: [] for o in graph.outputs}
     for start in range(0, n, bs):
         b = min(bs, n - start)
-        got = sess.query(0, {k: v[start : start + b] for k, v in enc.items()}, b)
+        got = sess.query(0, {k: v[start : start + b] for k, v in enc.items()}, b,
+                         {k: v[start : start + b] for k, v in pub.items()})
         for o, z in got.items():
             outs[o].append(z)
     finals = sess.finish()
