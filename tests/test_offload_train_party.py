@@ -39,7 +39,7 @@ def test_training_over_tls_processes_matches_the_in_process_run_bit_for_bit(trai
     assert run.counters["local_products"] > 0 and run.counters["products"] > 0  # A's 10-class layer stays inside
     assert tr.history == res["history"]
     assert tr.onnx_bytes() == res["onnx"]
-    assert res["counters"]["freivalds_checks"] == 3 * res["counters"]["products"]
+    assert res["counters"]["freivalds_checks"] == res["counters"]["products"]  # one check per product (on Z0 + Z1 + C)
 
 
 def test_the_trained_model_is_served_by_plain_onnxruntime_and_offload_inference(trained):

@@ -19,7 +19,7 @@ from veil.offload.training import (
     TrainGraph,
     train_offload_local,
 )
-from veil.offload.training.protocol import SecureMatmul
+from veil.offload.training.protocol import SecureMatmul, expand_masks
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,8 +50,15 @@ class Recorder(TrainAccelerator):
         self.name, self.log = name, log
 
     def product(self, item):
-        self.log.append((self.name, self.requests + 1, int(item["id"]), {k: v.copy() for k, v in item.items()
-                                                                        if isinstance(v, np.ndarray)}))
+        arrays = {k: v.copy() for k, v in item.items() if isinstance(v, np.ndarray)}
+        if int(item["role"]) == 2:
+            # the triple helper receives two seeds and the shape, no array: what it learns are the masks
+            # A = A0 + A1, B = B0 + B1 it expands from them (audited here in their place)
+            assert not arrays and set(item) == {"id", "role", "seeds", "shape"}, sorted(item)
+            n, k, m = item["shape"]
+            (a0, b0), (a1, b1) = (expand_masks(s, n, k, m) for s in item["seeds"])
+            arrays = {"a": (a0 + a1) % P, "b": (b0 + b1) % P}
+        self.log.append((self.name, self.requests + 1, int(item["id"]), arrays))
         return super().product(item)
 
 

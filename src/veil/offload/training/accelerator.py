@@ -4,7 +4,8 @@ Requests from the enclave:
 
 * ``tmatmul``: a list of products for one round. Role 0 (``accelerator0``) gets ``E, F`` and a seed,
   expands its masks ``(A0, B0)`` and returns ``E (F + B0) + A0 F``; role 1 (``accelerator1``) returns
-  ``E B1 + A1 F``; role 2 (``accelerator2``, the triple helper) gets ``A, B`` and returns ``A B``.
+  ``E B1 + A1 F``; role 2 (``accelerator2``, the triple helper) gets both seeds and the shape, expands
+  ``A = A0 + A1``, ``B = B0 + B1`` itself and returns ``A B`` (it learns the masks, as it must).
   Every value is a uint32 field element; the answers are checked by the enclave (Freivalds).
 * ``bye``: stop.
 
@@ -38,6 +39,21 @@ def _field(a: Any, what: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
+def _seed(s: Any) -> bytes:
+    if not isinstance(s, bytes) or len(s) != 32:
+        raise ValueError("seed must be 32 bytes")
+    return s
+
+
+def _shape(sh: Any) -> tuple[int, int, int]:
+    if not isinstance(sh, list) or len(sh) != 3 or not all(isinstance(d, int) and 0 < d < 2**31 for d in sh):
+        raise ValueError("shape must be three positive integers [n, k, m]")
+    n, k, m = sh
+    if n * k + k * m > 2**31:
+        raise ValueError(f"product {n}x{k}x{m} too large")
+    return n, k, m
+
+
 class TrainAccelerator:
     """Stateless; ``handle(msg)`` returns the reply (None to stop). Override :meth:`product` in tests to
     model a cheating accelerator."""
@@ -66,18 +82,22 @@ class TrainAccelerator:
         """The field product this accelerator owes for one item (see module docstring)."""
         role = int(item["role"])
         if role == 2:
-            a, b = _field(item["a"], "A"), _field(item["b"], "B")
-            if a.shape[1] != b.shape[0]:
-                raise ValueError(f"A {a.shape} and B {b.shape} do not chain")
-            return field_matmul(self.backend, a, b)
+            n, k, m = _shape(item.get("shape"))
+            seeds = item.get("seeds")
+            if not isinstance(seeds, list) or len(seeds) != 2:
+                raise ValueError("the triple helper needs the two share holders' seeds")
+            a0, b0 = expand_masks(_seed(seeds[0]), n, k, m)
+            a1, b1 = expand_masks(_seed(seeds[1]), n, k, m)
+            a0 += a1
+            a0 %= P
+            b0 += b1
+            b0 %= P
+            return field_matmul(self.backend, a0, b0)
         e, f = _field(item["e"], "E"), _field(item["f"], "F")
         (n, k), (k2, m) = e.shape, f.shape
         if k != k2:
             raise ValueError(f"E {e.shape} and F {f.shape} do not chain")
-        seed = item["seed"]
-        if not isinstance(seed, bytes) or len(seed) != 32:
-            raise ValueError("seed must be 32 bytes")
-        a_j, b_j = expand_masks(seed, n, k, m)
+        a_j, b_j = expand_masks(_seed(item["seed"]), n, k, m)
         left = np.concatenate([e, a_j], axis=1)
         right = np.concatenate([(f + b_j) % P if role == 0 else b_j, f], axis=0)
         return field_matmul(self.backend, left, right)

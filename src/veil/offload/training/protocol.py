@@ -12,19 +12,24 @@ the data after the first update). The enclave computes ``U @ V`` for secret ``U`
    (k x m); ``A = A0 + A1``, ``B = B0 + B1``; open ``E = U_q - A`` and ``F = V_q - B``;
 3. one round, three accelerators in parallel:
 
+   * ``accelerator2`` (the triple helper, Goten's third server) gets both seeds and the shape, first
+     (before the enclave masks, so it computes while the enclave works), expands ``A, B`` and returns
+     ``C = A B``;
    * ``accelerator0`` gets ``E, F`` and the seed of ``(A0, B0)``, returns ``Z0 = E (F + B0) + A0 F``;
    * ``accelerator1`` gets ``E, F`` and the seed of ``(A1, B1)``, returns ``Z1 = E B1 + A1 F``;
-   * ``accelerator2`` (the triple helper, Goten's third server) gets ``A, B``, returns ``C = A B``;
 
-4. Freivalds, per accelerator, with a fresh secret uniform ``s`` (m x reps):
-   ``Z0 s == E((F + B0) s) + A0 (F s)``, ``Z1 s == E (B1 s) + A1 (F s)``, ``C s == A (B s)``;
-5. ``U_q V_q = Z0 + Z1 + C`` (since ``EF + EB + AF + AB = (E + A)(F + B)``), lift to (-p/2, p/2],
-   divide by ``2^(fu + fv)``.
+4. ``U_q V_q = Z0 + Z1 + C`` (since ``EF + EB + AF + AB = (E + A)(F + B)``), lifted to (-p/2, p/2];
+5. Freivalds on the result, with a fresh secret uniform ``s`` (m x reps):
+   ``(Z0 + Z1 + C) s == U_q (V_q s)``: one float64 BLAS pass over ``U_q`` and one over the result, exact
+   with limbs (:func:`exact_matvec`). Only if it fails are the three answers checked one by one
+   (``Z0 s == E((F + B0) s) + A0 (F s)``, ``Z1 s == E (B1 s) + A1 (F s)``, ``C s == A (B s)``, same ``s``:
+   the three expectations add up to the checked one, so at least one fails) to name the culprit;
+6. divide by ``2^(fu + fv)``.
 
 What each accelerator sees is uniform and independent of ``U`` and ``V``: accelerator0's ``E`` is
 masked by ``A1`` and its ``F`` by ``B1``, which it never sees (and symmetrically for accelerator1);
-accelerator2 sees only the masks. Any two of them together recover ``U`` and ``V``: the three must
-not collude pairwise. The enclave's work is O(nk + km + nm) (masks, subtractions, checks, sum); the
+accelerator2 sees only the masks (it learns ``A, B`` from the two seeds). Any two of them together
+recover ``U`` and ``V``: the three must not collude pairwise. The enclave's work is O(nk + km + nm) (masks, subtractions, one check, sum); the
 accelerators do the O(nkm) products. Because the masks cancel exactly in F_p, the result does not
 depend on them: a training step is bit-for-bit reproducible from the data, weights and scales.
 """
@@ -37,16 +42,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from veil.errors import ChannelError, IntegrityError
 from veil.net.channel import Channel
 from veil.offload.backend import Backend, NumpyBackend
 from veil.offload.errors import AcceleratorProtocolError, AcceleratorUnavailableError, FieldRangeError
-from veil.offload.field import HALF, MAX_INNER_FULL, P, centered, uniform_field
+from veil.offload.field import HALF, MAX_INNER_FULL, P, uniform_field
 from veil.offload.runtime import EnclaveRuntime
 
 __all__ = ["TRAIN_ACCELERATORS", "field_matmul", "expand_masks", "choose_scales", "MatmulEngine", "field_matvec", "quantise_pair",
-           "PlainMatmul", "SecureMatmul", "ProductRecord"]
+           "PlainMatmul", "SecureMatmul", "ProductRecord", "masks_u32", "exact_matvec"]
 
 #: party names: two share holders and the triple helper
 TRAIN_ACCELERATORS = ("accelerator0", "accelerator1", "accelerator2")
@@ -111,7 +117,7 @@ def expand_masks(seed: bytes, n: int, k: int, m: int) -> tuple[np.ndarray, np.nd
 
 def choose_scales(u: np.ndarray, v: np.ndarray) -> tuple[int, int]:
     """Fractional bits ``(fu, fv)`` for one product (see :func:`quantise_pair`)."""
-    fu, fv, _, _ = quantise_pair(u, v)
+    fu, fv, _, _ = _scales(u, v)
     return fu, fv
 
 
@@ -123,10 +129,17 @@ def quantise_pair(u: np.ndarray, v: np.ndarray) -> tuple[int, int, np.ndarray, n
     Guarantee, entry by entry: ``|(U_q V_q)_ij| <= ||U_q row i||_2 ||V_q col j||_2`` (Cauchy-Schwarz)
     ``<= (2^fu max_i ||U_i||_2 + sqrt(k)/2) (2^fv max_j ||V_j||_2 + sqrt(k)/2) < (p-1)/2`` (rounding moves
     each entry by at most 1/2), so the exact product never wraps around the field."""
+    fu, fv, _, _ = _scales(u, v)
+    return fu, fv, _quantise(u, fu), _quantise(v, fv)
+
+
+def _scales(u: np.ndarray, v: np.ndarray) -> tuple[int, int, float, float]:
+    """``(fu, fv, max|U|, max|V|)``: the scale rule of :func:`quantise_pair`."""
     k = u.shape[1]
     ru = float(np.sqrt(np.einsum("ij,ij->i", u, u).max())) if u.size else 0.0
     cv = float(np.sqrt(np.einsum("ij,ij->j", v, v).max())) if v.size else 0.0
-    au, av = float(np.abs(u).max()) if u.size else 0.0, float(np.abs(v).max()) if v.size else 0.0
+    au = max(float(u.max()), -float(u.min())) if u.size else 0.0
+    av = max(float(v.max()), -float(v.min())) if v.size else 0.0
     if ru == 0.0 or cv == 0.0:
         fu = fv = SCALE_MAX // 2
     else:
@@ -141,7 +154,7 @@ def quantise_pair(u: np.ndarray, v: np.ndarray) -> tuple[int, int, np.ndarray, n
                 fu -= 1
             else:
                 fv -= 1
-    return fu, fv, _quantise(u, fu), _quantise(v, fv)
+    return fu, fv, au, av
 
 
 def _quantise(x: np.ndarray, f: int) -> np.ndarray:
@@ -197,16 +210,87 @@ class PlainMatmul(MatmulEngine):
 
 @dataclass
 class _Pending:
-    e: np.ndarray
+    uq: np.ndarray  # U_q as float64 (exact integers, |U_q| <= amax_u)
+    vq: np.ndarray
+    amax_u: float
+    amax_v: float
+    seeds: tuple[bytes, bytes]
+    e: np.ndarray  # what the share holders received (uint32), kept for naming a culprit
     f: np.ndarray
-    a0: np.ndarray
-    a1: np.ndarray
-    b0: np.ndarray
-    b1: np.ndarray
     fu: int
     fv: int
     shape: tuple[int, int, int] = (0, 0, 0)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def masks_u32(seed: bytes, count: int) -> np.ndarray:
+    """The same ``count`` field elements as :func:`veil.offload.field.uniform_field` (same seed, same
+    AES-256-CTR stream, same rejection of ``p``), as uint32 (half the memory traffic of int64)."""
+    if len(seed) != 32:
+        raise ValueError("seed must be 32 bytes")
+    enc = Cipher(algorithms.AES(seed), modes.CTR(b"\x00" * 16)).encryptor()
+    out = np.frombuffer(enc.update(bytes(4 * count)), dtype="<u4") & np.uint32(0x7FFFFFFF)
+    bad = np.flatnonzero(out == P)
+    while bad.size:  # probability 2^-31 per element
+        fresh = np.frombuffer(enc.update(bytes(4 * bad.size)), dtype="<u4") & np.uint32(0x7FFFFFFF)
+        out[bad] = fresh
+        bad = bad[fresh == P]
+    return out
+
+
+def _mersenne(x: np.ndarray) -> np.ndarray:
+    """``x mod p`` in place for uint32 ``x`` (any value): ``2^31 = 1 (mod p)`` folds the top bit in,
+    one conditional subtraction makes it canonical."""
+    hi = x >> 31
+    x &= np.uint32(P)
+    x += hi
+    x -= np.uint32(P) * (x >= np.uint32(P))
+    return x
+
+
+def _masked(q: np.ndarray, m0: np.ndarray, m1: np.ndarray) -> np.ndarray:
+    """``(q - m0 - m1) mod p`` as uint32 for exact integers ``q`` (float64, |q| < p/2) and masks in [0, p)."""
+    x = q.astype(np.int64)
+    x -= m0
+    x -= m1
+    x %= P
+    return x.astype(np.uint32)
+
+
+def exact_matvec(a: np.ndarray, amax: float, x: np.ndarray) -> np.ndarray:
+    """``a @ x mod p`` (int64 in [0, p)) for a float64 matrix ``a`` of integers with ``|a| <= amax`` and
+    field elements ``x`` (int64, cols x t), exactly, in one float64 BLAS pass over ``a``.
+
+    ``x`` is cut into ``L`` limbs of ``b`` bits with ``cols * amax * 2^b < 2^53``, so every partial sum of
+    ``a @ limb`` is an integer below 2^53 (exact in float64 in any summation order); the ``L t`` limb
+    columns go through one product, and the limbs are recombined mod p in int64."""
+    rows, cols = a.shape
+    t = x.shape[1]
+    bound = max(cols * max(amax, 1.0), 1.0)
+    b = min(31, math.floor(53 - math.log2(bound) - 1e-9))
+    if b < 1:
+        raise FieldRangeError(f"matrix-vector product too wide for exact float64 limbs ({cols} columns)")
+    nl = -(-31 // b)
+    mask = (1 << b) - 1
+    limbs = np.concatenate([(x >> (b * j)) & mask for j in range(nl)], axis=1).astype(np.float64)
+    y = (a @ limbs).astype(np.int64) % P  # exact integers below 2^53 in magnitude
+    out = np.zeros((rows, t), np.int64)
+    for j in range(nl):
+        out = (out + y[:, j * t:(j + 1) * t] * pow(2, b * j, P)) % P
+    return out
+
+
+def _lift(zs: list[np.ndarray]) -> np.ndarray:
+    """``Z0 + Z1 + C`` (uint32 field elements) as float64 integers in (-p/2, p/2] (the centred residue):
+    the sum is below 3p < 2^33, exact in float64, and ``round(sum / p)`` is never a tie (p is odd)."""
+    z = zs[0].astype(np.float64)
+    for zj in zs[1:]:
+        z += zj
+    k = z * (1.0 / P)
+    np.rint(k, out=k)
+    k *= P
+    z -= k
+    return z
 
 
 class SecureMatmul(MatmulEngine):
@@ -257,40 +341,49 @@ class SecureMatmul(MatmulEngine):
     def _offload(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         t0 = time.perf_counter()
         self.round += 1
-        pend: list[_Pending] = []
-        msgs: list[list[dict[str, Any]]] = [[], [], []]
-        for i, (u, v) in enumerate(pairs):
+        shapes, seeds = [], []
+        for u, v in pairs:
             n, k = u.shape
             k2, m = v.shape
             if k != k2:
                 raise ValueError(f"product shapes do not match: {u.shape} @ {v.shape}")
             if k >= MAX_INNER_FULL:
                 raise FieldRangeError(f"inner dimension {k} too large for exact field products (< {MAX_INNER_FULL})")
-            fu, fv, uq, vq = quantise_pair(u, v)
-            s0, s1 = self.runtime.random_bytes(32), self.runtime.random_bytes(32)
-            a0, b0 = expand_masks(s0, n, k, m)
-            a1, b1 = expand_masks(s1, n, k, m)
-            a, b = _add(a0, a1), _add(b0, b1)
-            e, f = _sub(uq, a), _sub(vq, b)
-            e32, f32 = e.astype(np.uint32), f.astype(np.uint32)
-            msgs[0].append({"id": i, "role": 0, "e": e32, "f": f32, "seed": s0})
-            msgs[1].append({"id": i, "role": 1, "e": e32, "f": f32, "seed": s1})
-            msgs[2].append({"id": i, "role": 2, "a": a.astype(np.uint32), "b": b.astype(np.uint32)})
-            pend.append(_Pending(e, f, a0, a1, b0, b1, fu, fv, (n, k, m)))
+            shapes.append((n, k, m))
+            seeds.append((self.runtime.random_bytes(32), self.runtime.random_bytes(32)))
+        # the triple helper's C = A B depends on the seeds and shapes only: it starts while the enclave masks
+        self._send(self.accs[2], {"type": "tmatmul", "round": self.round, "items": [
+            {"id": i, "role": 2, "seeds": [s0, s1], "shape": list(sh)} for i, (sh, (s0, s1)) in enumerate(zip(shapes, seeds,
+                                                                                                              strict=True))]})
+        pend: list[_Pending] = []
+        msgs: list[list[dict[str, Any]]] = [[], []]
+        for i, ((u, v), (n, k, m), (s0, s1)) in enumerate(zip(pairs, shapes, seeds, strict=True)):
+            fu, fv, au, av = _scales(u, v)
+            uq, vq = np.rint(u * 2.0**fu), np.rint(v * 2.0**fv)  # exact integers, |.| < p/2 (Cauchy-Schwarz)
+            r0, r1 = masks_u32(s0, n * k + k * m), masks_u32(s1, n * k + k * m)  # (A_j, B_j) as in expand_masks
+            e = _masked(uq, r0[:n * k].reshape(n, k), r1[:n * k].reshape(n, k))
+            f = _masked(vq, r0[n * k:].reshape(k, m), r1[n * k:].reshape(k, m))
+            del r0, r1
+            msgs[0].append({"id": i, "role": 0, "e": e, "f": f, "seed": s0})
+            msgs[1].append({"id": i, "role": 1, "e": e, "f": f, "seed": s1})
+            pend.append(_Pending(uq, vq, math.ldexp(au, fu) + 1.0, math.ldexp(av, fv) + 1.0, (s0, s1), e, f, fu, fv,
+                                 (n, k, m)))
             self.records.append(ProductRecord((n, k, m), fu, fv))
             self.counters["products"] += 1
             self.counters["macs"] += n * k * m
-        for j, acc in enumerate(self.accs):
-            self._send(acc, {"type": "tmatmul", "round": self.round, "items": msgs[j]})
+        for j in range(2):
+            self._send(self.accs[j], {"type": "tmatmul", "round": self.round, "items": msgs[j]})
+        del msgs
         t_sent = time.perf_counter()
         replies = [self._recv(acc) for acc in self.accs]
         t_back = time.perf_counter()
         outs = []
         for i, p in enumerate(pend):
             zs = [self._result(j, replies[j], i, p.shape) for j in range(3)]
-            self._check(zs, p)
-            total = _add(_add(zs[0], zs[1]), zs[2])
-            outs.append(centered(total).astype(np.float64) * 2.0 ** -(p.fu + p.fv))
+            z = _lift(zs)
+            self._check(z, zs, p)
+            z *= 2.0 ** -(p.fu + p.fv)
+            outs.append(z)
         self.counters["rounds"] += 1
         self.counters["wait_s"] += t_back - t_sent
         self.counters["enclave_s"] += (time.perf_counter() - t0) - (t_back - t_sent)
@@ -311,28 +404,48 @@ class SecureMatmul(MatmulEngine):
         if not isinstance(z, np.ndarray) or z.dtype != np.uint32 or z.shape != (n, m):
             raise AcceleratorProtocolError(f"accelerator {acc!r}: result {i} of round {self.round} must be a uint32 "
                                            f"array of shape {(n, m)}")
-        z64 = z.astype(np.int64)
-        if z64.size and int(z64.max()) >= P:
+        if z.size and int(z.max()) >= P:
             raise IntegrityError(f"accelerator {acc!r} returned values outside the field (round {self.round})")
-        return z64
+        return z
 
-    def _check(self, zs: list[np.ndarray], p: _Pending) -> None:
-        """Freivalds, per accelerator (three matrix-vector passes over n x k operands in all)."""
+    def _check(self, z: np.ndarray, zs: list[np.ndarray], p: _Pending) -> None:
+        """Freivalds on the reconstructed product: ``(Z0 + Z1 + C) s == U_q (V_q s) (mod p)`` for a fresh
+        secret uniform ``s`` (m x reps): one float64 pass over ``U_q`` (n x k) and one over the result
+        (n x m). Only when it fails are the three answers checked one by one, to name the culprit."""
         m, r = p.shape[2], self.reps
         s = uniform_field(self.runtime.random_bytes(32), m * r).reshape(m, r)
-        fs, b0s, b1s = field_matvec(p.f, s), field_matvec(p.b0, s), field_matvec(p.b1, s)
+        self.counters["freivalds_checks"] += 1
+        got = exact_matvec(z, HALF, s)
+        want = exact_matvec(p.uq, p.amax_u, exact_matvec(p.vq, p.amax_v, s))
+        if not np.array_equal(got, want):
+            self._blame(zs, p, s)
+
+    def _blame(self, zs: list[np.ndarray], p: _Pending, s: np.ndarray) -> None:
+        """The sum failed its check with ``s``: at least one answer fails its own check with the same ``s``
+        (the three expectations add up to ``U_q V_q s``); raise naming every one that does (rare path,
+        int64, re-expands the masks from the seeds)."""
+        n, k, m = p.shape
+        r = s.shape[1]
+        e, f = p.e.astype(np.int64), p.f.astype(np.int64)
+        a0, b0 = expand_masks(p.seeds[0], n, k, m)
+        a1, b1 = expand_masks(p.seeds[1], n, k, m)
+        fs, b0s, b1s = field_matvec(f, s), field_matvec(b0, s), field_matvec(b1, s)
         bs = _add(b0s, b1s)
-        ew = field_matvec(p.e, np.concatenate([_add(fs, b0s), b1s], axis=1))
-        a0w = field_matvec(p.a0, np.concatenate([fs, bs], axis=1))
-        a1w = field_matvec(p.a1, np.concatenate([fs, bs], axis=1))
+        ew = field_matvec(e, np.concatenate([_add(fs, b0s), b1s], axis=1))
+        a0w = field_matvec(a0, np.concatenate([fs, bs], axis=1))
+        a1w = field_matvec(a1, np.concatenate([fs, bs], axis=1))
         expect = [_add(ew[:, :r], a0w[:, :r]), _add(ew[:, r:], a1w[:, :r]), _add(a0w[:, r:], a1w[:, r:])]
+        bad, rows_bad = [], []
         for j in range(3):
-            self.counters["freivalds_checks"] += 1
-            got = field_matvec(zs[j], s)
-            if not np.array_equal(got, expect[j]):
-                rows = np.flatnonzero((got != expect[j]).any(1))
-                raise IntegrityError(f"accelerator {self.accs[j]!r} returned a wrong product in round {self.round} "
-                                     f"(Freivalds check failed on {rows.size} of {got.shape[0]} rows)")
+            got = field_matvec(zs[j].astype(np.int64), s)
+            rows = np.flatnonzero((got != expect[j]).any(1))
+            if rows.size:
+                bad.append(repr(self.accs[j]))
+                rows_bad.append(f"{rows.size} of {n} rows")
+        if not bad:  # impossible: the three expectations add up to the checked sum
+            raise IntegrityError(f"the product of round {self.round} failed its Freivalds check")
+        raise IntegrityError(f"accelerator {' and '.join(bad)} returned a wrong product in round {self.round} "
+                             f"(Freivalds check failed on {', '.join(rows_bad)})")
 
     # --- channel ----------------------------------------------------------------------------------
     def _send(self, acc: str, msg: Any) -> None:
