@@ -211,3 +211,41 @@ def test_developer_signatures(src, tmp_path):
         read_user_bundle(tmp_path / "forged", pub)
     with pytest.raises(KeyBundleError, match="64 hex digits"):
         read_user_bundle(tmp_path / "user", "not-hex")
+
+
+def test_sentence_pooling_modes_match_their_definitions(tmp_path):
+    """`pool` against the formulas of sentence-transformers' Pooling (cls, max, mean, mean_sqrt_len,
+    concatenated in that order), and a sentence-transformers directory read into those settings."""
+    import json
+
+    import numpy as np
+    import pytest
+
+    from veil.errors import ModelFormatError
+    from veil.permute.sentence import pool, read_sentence_config
+
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(2, 5, 3)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    m = mask[..., None].astype(np.float32)
+    mean = (h * m).sum(1) / m.sum(1)
+    mx = np.stack([h[0, :3].max(0), h[1].max(0)])
+    np.testing.assert_allclose(pool(h, mask), mean, rtol=1e-6)
+    np.testing.assert_allclose(pool(h, mask, ["mean", "cls", "max", "mean_sqrt_len"]),
+                               np.concatenate([h[:, 0], mx, mean, (h * m).sum(1) / np.sqrt(m.sum(1))], -1), rtol=1e-6)
+    with pytest.raises(ModelFormatError, match="lasttoken"):
+        pool(h, mask, ["lasttoken"])
+    d = tmp_path / "st"
+    (d / "1_Pooling").mkdir(parents=True)
+    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": True}))
+    (d / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True,
+                                                             "pooling_mode_mean_tokens": False}))
+    assert read_sentence_config(d) == {"max_seq_length": 128, "do_lower_case": True, "pooling": ["cls"],
+                                       "normalize": False}
+    assert read_sentence_config(tmp_path) is None
+    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": "long"}))
+    with pytest.raises(ModelFormatError, match="max_seq_length"):
+        read_sentence_config(d)

@@ -62,11 +62,11 @@ def test_cli_errors_are_clear(hf_dir, tmp_path):
     OPTForCausalLM(OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
                              vocab_size=50, max_position_embeddings=16, word_embed_proj_dim=8)).save_pretrained(opt)
     r = runner.invoke(app, ["keygen", "--model", str(opt), "--out", str(tmp_path / "k")])
-    assert r.exit_code == 2 and "UnsupportedFamilyError" in r.output and "'opt'" in r.output
+    assert r.exit_code == 2 and "not supported by the permute mode" in r.output and "'opt'" in r.output
     assert "residual stream" in r.output
     r = runner.invoke(app, ["transform", "--model", str(hf_dir[1]), "--key", str(tmp_path / "nokey"),
                             "--cloud-out", str(tmp_path / "c"), "--user-out", str(tmp_path / "u")])
-    assert r.exit_code == 2 and "KeyBundleError" in r.output
+    assert r.exit_code == 2 and "nokey: no such directory" in r.output
 
 
 def test_export_writes_an_engine_checkpoint(hf_dir, tmp_path):
@@ -95,4 +95,22 @@ def test_export_writes_an_engine_checkpoint(hf_dir, tmp_path):
     assert vm.from_cloud(ids) == ref
     r = runner.invoke(app, ["export", "--cloud", str(tmp_path / "cloud"), "--out", str(tmp_path / "m.gguf"),
                             "--format", "gguf"])
-    assert r.exit_code == 2 and "UnsupportedFamilyError" in r.output and "Llama architecture" in r.output
+    assert r.exit_code == 2 and "not supported" in r.output and "Llama architecture" in r.output
+
+
+def test_serve_checks_the_package_before_announcing_and_errors_are_plain(tmp_path):
+    """`veil permute serve --cloud MISSING`: one line naming the folder, exit 2, no "serving ..." first,
+    and no exception class name (printed as every other mode prints a VeilError)."""
+    import subprocess
+    import sys
+
+    from veil.net.ports import free_port
+
+    missing = tmp_path / "no-such-cloud"
+    r = subprocess.run([sys.executable, "-m", "veil.cli.main", "permute", "serve", "--cloud", str(missing),
+                        "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "serving" not in r.stdout + r.stderr and "plain HTTP" not in r.stderr
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    assert lines == [f"error: {missing}: no such directory; expected a veil-permute-cloud/1 directory"], lines
+    assert "KeyBundleError" not in r.stderr and "Traceback" not in r.stderr

@@ -107,3 +107,44 @@ def test_token_type_ids_reach_the_cloud(minilm, mode):
     assert np.abs(client.forward(ids, mask) - ref).max() > 1e-2
     with pytest.raises(InputError, match="token_type_ids must lie in 0..1"):
         client.forward(ids, mask, types + 1)
+
+
+LONG = ("Permuted weights keep the model's function but hide the order of its hidden units, and the user "
+        "undoes the permutation on the answers it gets back from the cloud. ") * 12
+
+
+def test_long_texts_are_truncated_as_sentence_transformers_does(deployed, tmp_path):
+    """all-MiniLM-L6-v2 embeds at most 256 tokens (sentence_bert_config.json), not the model's 512
+    positions: a text of about 400 tokens through `encode` matches sentence-transformers itself."""
+    from sentence_transformers import SentenceTransformer
+
+    url, user = deployed
+    st = SentenceTransformer(str(MINILM_DIR), device="cpu")
+    assert st.max_seq_length == 256 and len(st.tokenizer(LONG)["input_ids"]) > 300
+    texts = [LONG, TEXTS[1]]
+    args = ["encode", "--user", str(user), "--url", url, "--out", str(tmp_path / "long.npy")]
+    for t in texts:
+        args += ["--text", t]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    got = np.load(tmp_path / "long.npy")
+    ref = st.encode(texts, convert_to_numpy=True)
+    assert cosine(got, ref).min() >= 0.9999, cosine(got, ref)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # normalised: a Normalize module
+    r = CliRunner().invoke(app, args[:-2] + ["--text", LONG, "--no-normalize", "--out", str(tmp_path / "raw.npy")])
+    assert r.exit_code == 0, r.output
+    assert abs(float(np.linalg.norm(np.load(tmp_path / "raw.npy"))) - 1.0) > 1e-3
+
+
+def test_sentence_settings_travel_in_the_signed_user_bundle(minilm, tmp_path):
+    from veil.permute.bundle import read_user_bundle
+    from veil.permute.sentence import read_sentence_config
+
+    assert read_sentence_config(MINILM_DIR) == {"max_seq_length": 256, "do_lower_case": False, "pooling": ["mean"],
+                                                "normalize": True}
+    key, meta = make_key(minilm, "vocab", seed=5)
+    cloud, user = make_packages(minilm, key, meta, tokenizer_dir=MINILM_DIR)
+    write_user_bundle(tmp_path / "user", user)
+    client = PermuteClient(read_user_bundle(tmp_path / "user"), LocalTransport(CloudRuntime(cloud)))
+    assert client.max_positions == 512 and client.max_text_tokens == 256
+    assert client.sentence_config["pooling"] == ["mean"] and client.sentence_config["normalize"] is True

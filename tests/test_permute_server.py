@@ -155,7 +155,7 @@ def test_generate_cli_against_the_server(stories, stories_server):
     assert r.exit_code == 0, r.output
     assert r.output.split("\n")[0].split() == [str(t) for t in hf_greedy(stories.model, [1], 10)]
     r = CliRunner().invoke(app, ["generate", "--user", str(user_dir), "--url", url, "--max-new-tokens", "600"])
-    assert r.exit_code == 2 and "SequenceTooLongError" in r.output
+    assert r.exit_code == 2 and "longer than the model allows" in r.output
 
 
 def test_server_refuses_a_package_not_signed_by_the_developer(tmp_path):
@@ -169,5 +169,5 @@ def test_server_refuses_a_package_not_signed_by_the_developer(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "veil.permute.server", "--cloud", str(tmp_path / "cloud"),
                            "--port", "1", "--developer-key", DEVELOPER], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "KeyBundleError" in proc.stderr and "does not verify" in proc.stderr
+    assert proc.stderr.startswith("error: ") and "does not verify" in proc.stderr
     assert "Traceback" not in proc.stderr

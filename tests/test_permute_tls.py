@@ -127,7 +127,7 @@ def test_server_tls_options_are_checked(pki):
 
     r = CliRunner().invoke(app, ["serve", "--cloud", str(pki), "--tls-cert", str(ca / "cloud.pem"),
                                  "--tls-key", str(pki / "missing.key")])
-    assert r.exit_code == 2 and "DeploymentError" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "cannot load the TLS certificate" in r.output and "Traceback" not in r.output
 
 
 def test_generate_cli_over_mutual_tls(clouds, pki):
@@ -145,6 +145,6 @@ def test_generate_cli_over_mutual_tls(clouds, pki):
         expected = plain.generate(PROMPT, 8)
     assert r.output.split("\n")[0].split() == [str(t) for t in expected]
     r = CliRunner().invoke(app, [*base, "--ca", str(pki / "other" / "ca.pem")])
-    assert r.exit_code == 2 and "CloudAuthError" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "is not authenticated" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, [*base, "--ca", str(ca / "ca.pem")])
     assert r.exit_code == 2 and "client certificate" in r.output

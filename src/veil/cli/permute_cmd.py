@@ -34,8 +34,8 @@ def _clear_errors(fn):
         try:
             return fn(*args, **kwargs)
         except VeilError as exc:
-            # one line, never wrapped, and the message is not read as rich markup
-            err_console.print(Text.assemble(("error:", "red"), f" {exc.__class__.__name__}: {exc}"), soft_wrap=True)
+            # as `veil` prints every VeilError (veil.cli.main): one line, never wrapped, not read as rich markup
+            err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -131,12 +131,15 @@ def serve(
     check_can_listen(host, port)  # a port in use is one error line, not uvicorn's log and exit code 3
     scheme = "https" if tls_cert is not None else "http"
     extra = " (client certificates required)" if tls_client_ca is not None else ""
-    console.print(f"serving {cloud} on {scheme}://{host}:{port}{extra}")
-    if scheme == "http":
-        err_console.print("[yellow]plain HTTP: traffic is unencrypted and the cloud is not authenticated; "
-                          "use --tls-cert/--tls-key beyond this machine[/yellow]")
+
+    def announce() -> None:  # only once the package is read and verified: a bad --cloud is the only line
+        console.print(f"serving {cloud} on {scheme}://{host}:{port}{extra}")
+        if scheme == "http":
+            err_console.print("[yellow]plain HTTP: traffic is unencrypted and the cloud is not authenticated; "
+                              "use --tls-cert/--tls-key beyond this machine[/yellow]")
+
     run_server(str(cloud), host, port, max_batch, window_ms, threads, developer_key, tls_cert=opt(tls_cert),
-               tls_key=opt(tls_key), tls_client_ca=opt(tls_client_ca))
+               tls_key=opt(tls_key), tls_client_ca=opt(tls_client_ca), on_ready=announce)
 
 
 def _connect(user: Path, url: str, developer_key: str | None, ca: Path | None = None,
@@ -210,14 +213,17 @@ def encode(
     pair: list[str] = typer.Option([], help="second sentence of a pair, one per --text (BERT segment B)"),
     out: Path | None = typer.Option(None, help="write the full vectors: .npy (float32, one row per text) "
                                                "or .json (list of lists)"),
-    normalize: bool = typer.Option(True, help="L2-normalise the vectors (as sentence-transformers' MiniLM)"),
+    normalize: bool | None = typer.Option(None, "--normalize/--no-normalize",
+                                          help="L2-normalise the vectors (default: as the model's sentence-transformers "
+                                               "configuration says; yes without one)"),
     developer_key: str | None = _DEV_KEY,
     ca: Path | None = _CA,
     server_name: str | None = _SERVER_NAME,
     client_cert: Path | None = _CLIENT_CERT,
     client_key: Path | None = _CLIENT_KEY,
 ) -> None:
-    """Sentence embeddings (mean pooling over the real tokens) from an encoder through the cloud."""
+    """Sentence embeddings from an encoder through the cloud, truncated, pooled and normalised as the
+    model's sentence-transformers configuration says (else: the model's positions, mean pooling)."""
     from veil.errors import InputError
     from veil.permute.errors import KeyBundleError
 
@@ -229,8 +235,13 @@ def encode(
         tok_json = client.bundle.tokenizer_files.get("tokenizer.json")
         if tok_json is None:
             raise KeyBundleError("the user bundle has no tokenizer.json; cannot tokenise text")
-        ids, mask, types = _tokenise(tok_json.decode(), text, pair, client.max_positions)
+        settings = client.sentence_config
+        if settings.get("do_lower_case"):
+            text, pair = [t.lower() for t in text], [p.lower() for p in pair]
+        ids, mask, types = _tokenise(tok_json.decode(), text, pair, client.max_text_tokens)
         emb = client.sentence_embedding(ids, mask, types if pair else None)
+        if normalize is None:
+            normalize = bool(settings.get("normalize", True))
     if normalize:
         emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
     if out is not None:
@@ -306,7 +317,7 @@ def _corpus_ids(model: Path, corpus: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         text = corpus.read_text(errors="replace")
     except OSError as exc:
-        raise InputError(f"cannot read corpus {corpus}: {exc.__class__.__name__}") from None
+        raise InputError(f"cannot read corpus {corpus}: {exc.strerror or exc}") from None
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tok_path))

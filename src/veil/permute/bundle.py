@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from veil.permute.errors import KeyBundleError
+from veil.permute.errors import KeyBundleError, reason_of
 from veil.permute.signing import new_signing_key, sign_manifest, verify_manifest
 from veil.permute.transform import PermutationKey, check_permutation
 
@@ -95,12 +95,14 @@ def _write_dir(path: Path, fmt: str, meta: dict[str, Any], files: dict[str, byte
 
 def _read_manifest(path: Path, fmt: str) -> dict[str, Any]:
     mpath = path / MANIFEST
+    if not path.is_dir():
+        raise KeyBundleError(f"{path}: no such directory; expected a {fmt} directory")
     if not mpath.is_file():
         raise KeyBundleError(f"{path}: no {MANIFEST}; expected a {fmt} directory")
     try:
         manifest = json.loads(mpath.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KeyBundleError(f"{mpath}: not valid JSON ({exc.__class__.__name__})") from None
+        raise KeyBundleError(f"{mpath}: not valid JSON ({reason_of(exc)})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise KeyBundleError(f"{mpath}: not a veil manifest")
     if manifest.get("format") != fmt:
@@ -136,7 +138,7 @@ def _safetensors(path: Path, name: str, data: bytes) -> dict[str, torch.Tensor]:
     try:
         return st_load(data)
     except Exception as exc:  # safetensors raises its own error types
-        raise KeyBundleError(f"{path}: {name!r} is not a valid safetensors file ({exc.__class__.__name__})") from None
+        raise KeyBundleError(f"{path}: {name!r} is not a valid safetensors file ({reason_of(exc)})") from None
 
 
 def _key_files(key: PermutationKey) -> bytes:

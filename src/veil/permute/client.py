@@ -32,7 +32,8 @@ import numpy as np
 from veil.errors import DeploymentError, InputError, VeilError
 from veil.permute.bundle import UserBundle
 from veil.permute.cloud import CloudRuntime
-from veil.permute.errors import CloudAuthError, CloudError, KeyBundleError, SequenceTooLongError
+from veil.permute.errors import CloudAuthError, CloudError, KeyBundleError, SequenceTooLongError, reason_of
+from veil.permute.sentence import pool
 from veil.permute.wire import decode_array, encode_array
 
 __all__ = ["Transport", "LocalTransport", "HttpTransport", "PermuteClient", "UnencryptedTrafficWarning", "mean_pool"]
@@ -148,7 +149,7 @@ class HttpTransport:
         try:
             ctx = ssl.create_default_context(cafile=None if ca is None else str(ca))
         except (ssl.SSLError, OSError) as exc:
-            raise DeploymentError(f"cannot load the CA file {ca}: {exc.__class__.__name__}") from None
+            raise DeploymentError(f"cannot load the CA file {ca}: {reason_of(exc)}") from None
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if client_cert is not None:
             cert, key = client_cert
@@ -156,7 +157,7 @@ class HttpTransport:
                 ctx.load_cert_chain(str(cert), str(key))
             except (ssl.SSLError, OSError) as exc:
                 raise DeploymentError(f"cannot load the client certificate {cert} with key {key}: "
-                                      f"{exc.__class__.__name__}") from None
+                                      f"{reason_of(exc)}") from None
         return ctx
 
     def close(self) -> None:
@@ -167,7 +168,7 @@ class HttpTransport:
             resp = self.client.request(method, path, json=body, extensions=self._extensions)
         except self._httpx.HTTPError as exc:
             self._raise_tls_failure(exc)
-            raise CloudError(f"cannot reach the cloud at {self.client.base_url}: {exc.__class__.__name__}") from None
+            raise CloudError(f"cannot reach the cloud at {self.client.base_url}: {reason_of(exc)}") from None
         self._answered = True
         try:
             data = resp.json()
@@ -230,7 +231,7 @@ def _raise_remote(status: int, data: Any) -> None:
         raise SequenceTooLongError(int(data.get("length", -1)), int(data.get("limit", -1)))
     if kind in ("InputError", "InputShapeError", "InputDtypeError"):
         raise InputError(f"cloud rejected the input: {detail}")
-    raise CloudError(f"cloud answered {status}: {kind or 'error'}: {detail}")
+    raise CloudError(f"cloud answered {status}: {detail or kind or 'error'}")
 
 
 def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -282,6 +283,19 @@ class PermuteClient:
     @property
     def max_positions(self) -> int:
         return int(self.meta["max_positions"])
+
+    @property
+    def sentence_config(self) -> dict[str, Any]:
+        """The sentence-transformers settings the developer carried into the bundle (``max_seq_length``,
+        ``do_lower_case``, ``pooling``, ``normalize``); mean pooling and no limit but the model's when absent."""
+        return dict(self.meta.get("sentence_transformers") or {})
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Texts are truncated to this many tokens: the sentence-transformers ``max_seq_length`` when the
+        bundle has one (e.g. 256 for all-MiniLM-L6-v2), never more than the model's positions."""
+        limit = self.sentence_config.get("max_seq_length")
+        return self.max_positions if not limit else min(int(limit), self.max_positions)
 
     def _ids(self, token_ids: Any, ndim: int) -> np.ndarray:
         ids = np.asarray(token_ids)
@@ -344,11 +358,12 @@ class PermuteClient:
 
     def sentence_embedding(self, token_ids: Any, attention_mask: Any | None = None,
                            token_type_ids: Any | None = None) -> np.ndarray:
-        """Mean of the final hidden states over the real tokens (``attention_mask`` 1), as
-        sentence-transformers pools. Without a mask every position counts, padding included."""
+        """The final hidden states pooled over the real tokens (``attention_mask`` 1) as the model's
+        sentence-transformers configuration says (mean when the bundle has none); not normalised.
+        Without a mask every position counts, padding included."""
         ids = self._ids(token_ids, 2)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        return mean_pool(self.forward(ids, mask, token_type_ids), mask)
+        return pool(self.forward(ids, mask, token_type_ids), mask, self.sentence_config.get("pooling") or ("mean",))
 
     def generate(
         self,

@@ -18,6 +18,7 @@ from veil.permute.bundle import CloudPackage, UserBundle
 from veil.permute.errors import KeyBundleError, UnsupportedFamilyError
 from veil.permute.families import supported_families
 from veil.permute.models import SourceModel
+from veil.permute.sentence import read_sentence_config
 from veil.permute.transform import PermutationKey, generate_key, transform_state_dict
 
 __all__ = ["MODES", "public_meta", "make_key", "make_packages"]
@@ -83,6 +84,9 @@ def make_packages(
         if a.head_name is not None and not a.tied(c):
             user.head = sd[a.head_name].detach().clone()
     if tokenizer_dir is not None:
+        sentence = read_sentence_config(tokenizer_dir)  # sentence-transformers' truncation, pooling, normalisation
+        if sentence is not None:
+            user.meta["sentence_transformers"] = sentence
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
             p = Path(tokenizer_dir) / name
             if p.is_file():

@@ -14,6 +14,7 @@ __all__ = [
     "SequenceTooLongError",
     "CloudError",
     "CloudAuthError",
+    "reason_of",
 ]
 
 
@@ -56,3 +57,13 @@ class CloudAuthError(CloudError, PeerAuthError):
     """TLS between the user and the cloud failed: the server's certificate does not verify against
     the user's CA (or is not for the expected name), or the cloud refused the user's client
     certificate (or its absence)."""
+
+
+def reason_of(exc: BaseException) -> str:
+    """A short, plain reason for a failed file or network operation, for a user's error line
+    (``No such file or directory``, ``[Errno 111] Connection refused``), not the exception's class name."""
+    reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc).strip()
+    if reason:
+        return " ".join(str(reason).split())[:200]
+    words = "".join(f" {c.lower()}" if c.isupper() else c for c in type(exc).__name__).strip()
+    return words.removesuffix(" error") or words

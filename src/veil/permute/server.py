@@ -30,6 +30,7 @@ import asyncio
 import logging
 import ssl
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -40,7 +41,7 @@ from fastapi.responses import JSONResponse
 
 from veil.errors import DeploymentError, InputError, VeilError
 from veil.permute.cloud import CloudRuntime
-from veil.permute.errors import CloudError, SequenceTooLongError
+from veil.permute.errors import CloudError, SequenceTooLongError, reason_of
 from veil.permute.wire import decode_array, encode_array
 
 __all__ = ["create_app", "StepBatcher", "main", "serve", "tls_options"]
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         serve(args.cloud, args.host, args.port, args.max_batch, args.window_ms, args.threads, args.developer_key,
               tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
     except VeilError as exc:
-        print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -229,22 +230,23 @@ def tls_options(tls_cert: str | None, tls_key: str | None, tls_client_ca: str | 
         ctx.load_cert_chain(tls_cert, tls_key)
     except (ssl.SSLError, OSError) as exc:
         raise DeploymentError(f"cannot load the TLS certificate {tls_cert} with key {tls_key}: "
-                              f"{exc.__class__.__name__}: {getattr(exc, 'strerror', None) or exc}") from None
+                              f"{reason_of(exc)}") from None
     opts: dict[str, Any] = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key}
     if tls_client_ca is not None:
         try:
             ctx.load_verify_locations(tls_client_ca)
         except (ssl.SSLError, OSError) as exc:
-            raise DeploymentError(f"cannot load the client CA {tls_client_ca}: {exc.__class__.__name__}") from None
+            raise DeploymentError(f"cannot load the client CA {tls_client_ca}: {reason_of(exc)}") from None
         opts.update(ssl_cert_reqs=ssl.CERT_REQUIRED, ssl_ca_certs=tls_client_ca)
     return opts
 
 
 def serve(cloud_dir: str, host: str, port: int, max_batch: int = 16, window_ms: float = 0.0, threads: int = 0,
           developer_key: str | None = None, *, tls_cert: str | None = None, tls_key: str | None = None,
-          tls_client_ca: str | None = None) -> None:
+          tls_client_ca: str | None = None, on_ready: Callable[[], None] | None = None) -> None:
     """Run the server until interrupted; HTTPS when ``tls_cert``/``tls_key`` are given, requiring
-    client certificates from ``tls_client_ca`` when that is given too."""
+    client certificates from ``tls_client_ca`` when that is given too. ``on_ready`` is called once the
+    package is read and verified, just before the server starts listening."""
     ssl_kwargs = tls_options(tls_cert, tls_key, tls_client_ca)
 
     import torch
@@ -260,6 +262,8 @@ def serve(cloud_dir: str, host: str, port: int, max_batch: int = 16, window_ms: 
         # on shutdown, a client that keeps an idle TLS connection open without answering the close
         # would hold the server for asyncio's SSL shutdown timeout (30 s); give up on it sooner
         ssl_kwargs["timeout_graceful_shutdown"] = _TLS_SHUTDOWN_S
+    if on_ready is not None:
+        on_ready()
     uvicorn.run(app, host=host, port=port, log_level="warning", **ssl_kwargs)
 
 
