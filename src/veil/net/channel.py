@@ -12,6 +12,7 @@ latency a protocol pays: one network delay per round.
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -40,6 +41,15 @@ def abort_reason(error: BaseException | str) -> tuple[str, str | None]:
         return f"{type(error).__name__}: {error}", culprit
     if isinstance(error, KeyboardInterrupt):
         return "interrupted", None
+    if isinstance(error, SystemExit):
+        # `veil` turns SIGTERM into SystemExit(128 + signal number) (veil.cli.main) so that cleanup runs
+        code = error.code
+        if isinstance(code, int) and 128 < code < 128 + signal.NSIG:
+            try:
+                return f"it was stopped ({signal.Signals(code - 128).name})", None
+            except ValueError:
+                pass
+        return f"it exited (status {0 if code is None else code})", None
     return f"internal error ({type(error).__name__})", None
 
 
