@@ -4,14 +4,16 @@
 
 Runs the five parties as threads (``veil.mpc.run``) on batches of sentences and prints, per
 sequence length, the minimum and mean cosine with the plaintext reference (sentence-transformers),
-the online and offline time and bytes, and the rounds per batch. Long, and memory-bound: all five
-parties share one process, and at sequence length 128 a batch of 4 sentences needed more than 14 GB
-(run ``--seq-lens 128 --batch 1``); at 16, 32 sentences in batches of 8 took about 5 minutes on 2 cores.
+the online and offline time and bytes, the rounds and program segments per batch, and the peak
+resident memory of this process so far (all five parties share it). Each batch is one session; its
+queries run in segments of at most ``--segment-mb`` of dealer material (``veil.mpc.run(...,
+segment_bytes=)``; 0: the whole query at once, as before segments existed).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -31,23 +33,31 @@ def main() -> None:
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[16, 128])
     ap.add_argument("--batch", type=int, default=8, help="sentences per mpc run")
     ap.add_argument("--count", type=int, default=len(SENTENCES), help="how many of the 32 sentences")
+    ap.add_argument("--segment-mb", type=float, default=None,
+                    help="dealer material per program segment in MiB (default veil's SEGMENT_BYTES; 0: one segment)")
     args = ap.parse_args()
+    seg = None if args.segment_mb is None else int(args.segment_mb * 2**20)
     texts = SENTENCES[: args.count]
-    print("| seq | sentences | min cosine | mean cosine | online s | offline s | online MB | offline MB | rounds/batch |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| seq | sentences | batch | min cosine | mean cosine | online s | offline s | online MB | offline MB | rounds/batch "
+          "| segments/batch | peak RSS GB | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in args.seq_lens:
         ref = minilm.reference_embeddings(texts, s)
-        got, on, off, on_b, off_b, rounds = [], 0.0, 0.0, 0, 0, 0
+        got, on, off, on_b, off_b, rounds, segs = [], 0.0, 0.0, 0, 0, 0, 0
+        t0 = time.time()
         for i in range(0, len(texts), args.batch):
             part = texts[i:i + args.batch]
             ids, mask = minilm.tokenize(part, s)
-            emb, rep = veil.mpc.run(minilm.minilm_graph(mask), {"input_ids": ids}, timeout=3600, compare=False)
+            emb, rep = veil.mpc.run(minilm.minilm_graph(mask), {"input_ids": ids}, timeout=3600, compare=False,
+                                    segment_bytes=seg)
+            segs = rep.per_query[0].get("segments", 1)
             got.append(emb)
             on, off, on_b, off_b, rounds = on + rep.online_s, off + rep.offline_s, on_b + rep.online_bytes, \
                 off_b + rep.offline_bytes, rep.rounds
         c = cosine(np.concatenate(got), ref)
-        print(f"| {s} | {len(texts)} | {c.min():.6f} | {c.mean():.6f} | {on:.1f} | {off:.1f} | {on_b / 1e6:.0f} | "
-              f"{off_b / 1e6:.0f} | {rounds} |", flush=True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        print(f"| {s} | {len(texts)} | {args.batch} | {c.min():.6f} | {c.mean():.6f} | {on:.1f} | {off:.1f} | {on_b / 1e6:.0f} | "
+              f"{off_b / 1e6:.0f} | {rounds} | {segs} | {peak:.1f} | {time.time() - t0:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

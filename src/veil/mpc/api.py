@@ -43,14 +43,17 @@ def load(model: Any, x: Any) -> Any:
 
 
 def run_session(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None = None,
-                timeout: float = 60.0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the five roles as threads; return (results by party, channels by party)."""
+                timeout: float = 60.0, segment_bytes: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the five roles as threads; return (results by party, channels by party). ``segment_bytes``:
+    dealer material per program segment (default :data:`veil.mpc.program.SEGMENT_BYTES`; 0: one segment)."""
     frac_bits, batch_size, timeout = check_options(frac_bits, batch_size, timeout)
+    if segment_bytes is not None:
+        segment_bytes = check_int(segment_bytes, "segment_bytes", 0, 2**62, why="a byte count (0: one segment per query)")
     graph = load(model, x)
     fp = FixedPoint(frac_bits)
     parties = {
         "owner": lambda ch: owner_role(ch, graph, fp),
-        "user": lambda ch: user_role(ch, x, batch_size),
+        "user": lambda ch: user_role(ch, x, batch_size, segment_bytes),
         "server0": lambda ch: server_role(ch, 0),
         "server1": lambda ch: server_role(ch, 1),
         "dealer": lambda ch: dealer_role(ch),
@@ -60,15 +63,18 @@ def run_session(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None 
 
 
 def run(model: Any, x: Any, frac_bits: int = 16, batch_size: int | None = None, compare: bool = True,
-        timeout: float = 60.0) -> tuple[Any, Report]:
+        timeout: float = 60.0, segment_bytes: int | None = None) -> tuple[Any, Report]:
     """Secure inference of ``model`` (ONNX path/bytes, torch module, or veil Graph) on ``x``.
 
     ``batch_size``: samples per query (``None``: all at once); ``frac_bits``: 4..28. Bad values are
-    an :class:`~veil.errors.OptionError`. Returns ``(outputs, report)`` like every mode's ``run``."""
+    an :class:`~veil.errors.OptionError`. ``segment_bytes``: the dealer's material is made, sent and
+    expanded one program segment of at most this many bytes (one server's view) at a time, right before
+    the segment runs, so memory holds one segment (default :data:`veil.mpc.program.SEGMENT_BYTES`; 0: the
+    whole query at once). Returns ``(outputs, report)`` like every mode's ``run``."""
     check_options(frac_bits, batch_size, timeout)
     graph = load(model, x)
     t0 = time.perf_counter()
-    res, _ = run_session(graph, x, frac_bits, batch_size, timeout)
+    res, _ = run_session(graph, x, frac_bits, batch_size, timeout, segment_bytes)
     total = time.perf_counter() - t0
     user = res["user"]
     rep: Report = user["report"]

@@ -25,7 +25,7 @@ import numpy as np
 from veil.errors import MaterialExhaustedError, ProtocolError
 from veil.mpc.prg import Prg
 
-__all__ = ["DealerSide", "ServerSide", "MaterialStore"]
+__all__ = ["DealerSide", "ServerSide", "SizeSide", "MaterialStore"]
 
 Shape = tuple[int, ...]
 
@@ -95,10 +95,38 @@ class ServerSide:
         return v
 
     def share(self, label: str, fn: Callable[[], np.ndarray], shape: Shape) -> np.ndarray:
-        return self.g.words(label, shape) if self.party == 0 else self._corr(label, shape).astype(np.uint64)
+        # server1 keeps the received correction itself (no copy: it is popped from ``corrections``)
+        return self.g.words(label, shape) if self.party == 0 else np.asarray(self._corr(label, shape), np.uint64)
 
     def share_bits(self, label: str, fn: Callable[[], np.ndarray], shape: Shape) -> np.ndarray:
-        return self.g.bytes_(label, shape) if self.party == 0 else self._corr(label, shape).astype(np.uint8)
+        return self.g.bytes_(label, shape) if self.party == 0 else np.asarray(self._corr(label, shape), np.uint8)
+
+
+class SizeSide:
+    """Counts the bytes of one server's view of some material, drawing nothing (read-only zero
+    views of the planned shapes): how a program is cut into segments."""
+
+    is_dealer = False
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+
+    def _zeros(self, shape: Shape, dtype: Any) -> np.ndarray:
+        shape = tuple(shape)
+        self.nbytes += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        return np.broadcast_to(np.zeros((), dtype), shape)
+
+    def rand(self, label: str, shape: Shape) -> np.ndarray:
+        return self._zeros(shape, np.uint64)
+
+    def rand_bits(self, label: str, shape: Shape) -> np.ndarray:
+        return self._zeros(shape, np.uint8)
+
+    def share(self, label: str, fn: Callable[[], np.ndarray], shape: Shape) -> np.ndarray:
+        return self._zeros(shape, np.uint64)
+
+    def share_bits(self, label: str, fn: Callable[[], np.ndarray], shape: Shape) -> np.ndarray:
+        return self._zeros(shape, np.uint8)
 
 
 class MaterialStore:

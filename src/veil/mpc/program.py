@@ -28,11 +28,17 @@ from veil.mpc.compilers.shape import apply_shape_op
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.kernels import products
 from veil.mpc.kernels.base import Cost
+from veil.mpc.material import SizeSide
 from veil.mpc.rewrite import pool_before_relu
 from veil.plain.executor import trace_shapes
 
 __all__ = ["MPC_OPS", "COMPILERS", "Program", "ServerState", "Instr", "compile_program", "fixed_spec", "apply_prefix",
-           "DIRECT_INPUT", "LOW_LATENCY_ELEMENTS", "state_of", "user_inputs"]
+           "DIRECT_INPUT", "LOW_LATENCY_ELEMENTS", "SEGMENT_BYTES", "state_of", "user_inputs"]
+
+# A query's program runs in segments of at most this much dealer material (one server's view, bytes):
+# the dealer makes a segment's material only when the previous segment's online part is done, so memory
+# holds one segment, not the whole model (the user chooses; every party reads it from the query).
+SEGMENT_BYTES = 256 * 2**20
 
 # Comparison layers up to this many elements (per query) use the 3-round protocol: one round less for
 # about 90 words of dealer material per element instead of ~8 (worth it where latency dominates).
@@ -50,6 +56,7 @@ class Program:
     post: dict[str, tuple[str, Any]]  # output -> ("softmax", axis) applied by the user
     final: dict[str, str]  # graph output -> tensor the servers reveal
     direct: dict[str, Any] | None = None  # first layer masked by the user itself (see compile_program)
+    _sizes: list[int] | None = None  # material bytes per instruction (material_sizes)
 
     @property
     def cost(self) -> Cost:
@@ -58,16 +65,47 @@ class Program:
             total = total + i.cost
         return total
 
-    def materials(self, side: Any, query: str, fixed: dict[str, Any]) -> dict[str, Any]:
-        """Run the material plan on a side (dealer: full values + corrections; server: its shares)."""
-        return {key: maker(side, f"{query}/{key}", fixed) for ins in self.instrs for key, maker in ins.materials}
+    def material_sizes(self) -> list[int]:
+        """Bytes of one server's material per instruction (from the public shapes; nothing is drawn)."""
+        if self._sizes is None:
+            side = SizeSide()
+            sizes = []
+            for ins in self.instrs:
+                before = side.nbytes
+                for key, maker in ins.materials:
+                    maker(side, key, {})
+                sizes.append(side.nbytes - before)
+            self._sizes = sizes
+        return self._sizes
 
-    def precompute(self, st: ServerState, side: Any, query: str) -> dict[str, Any]:
+    def segments(self, budget: int | None) -> list[tuple[int, int]]:
+        """Split the instructions into consecutive ranges ``[lo, hi)`` whose material (one server's
+        view) stays within ``budget`` bytes where possible (an instruction larger than the budget
+        is a segment of its own); ``None`` or 0: one segment. Every party computes the same ranges
+        from the public program and the user's budget."""
+        n = len(self.instrs)
+        if not budget:
+            return [(0, n)]
+        out, lo, acc = [], 0, 0
+        for i, size in enumerate(self.material_sizes()):
+            if size and acc and acc + size > budget:
+                out.append((lo, i))
+                lo, acc = i, 0
+            acc += size
+        out.append((lo, n))
+        return out
+
+    def materials(self, side: Any, query: str, fixed: dict[str, Any], lo: int = 0, hi: int | None = None) -> dict[str, Any]:
+        """Run the material plan of instructions ``lo..hi`` on a side (dealer: full values +
+        corrections; server: its shares)."""
+        return {key: maker(side, f"{query}/{key}", fixed) for ins in self.instrs[lo:hi] for key, maker in ins.materials}
+
+    def precompute(self, st: ServerState, side: Any, query: str, lo: int = 0, hi: int | None = None) -> dict[str, Any]:
         """Offline, before the dealer's message arrives: ``A_i op F`` for every fixed product
         (``A_i`` is drawn from the dealer seed, so the servers need not wait for the dealer). A group
         of layers reading one input (``prepare`` a tuple of names) shares ``A``: one value per layer."""
         out: dict[str, Any] = {}
-        for ins in self.instrs:
+        for ins in self.instrs[lo:hi]:
             if ins.prepare is not None:
                 key = f"{ins.name}/aw"
                 a = side.prefetch(f"{query}/{key}/A", self.shapes[ins.inputs[0]])
@@ -78,9 +116,10 @@ class Program:
                     out[key] = fw.apply(a, fw.f_limbs)
         return out
 
-    def prepare(self, st: ServerState, store: Any, early: dict[str, Any] | None = None) -> None:
+    def prepare(self, st: ServerState, store: Any, early: dict[str, Any] | None = None, lo: int = 0,
+                hi: int | None = None) -> None:
         """Offline precomputation on a server (fixed products: ``P_i = A_i op F + C_i``)."""
-        for ins in self.instrs:
+        for ins in self.instrs[lo:hi]:
             if ins.prepare is None:
                 continue
             key = f"{ins.name}/aw"
@@ -95,9 +134,13 @@ class Program:
 
     def run(self, st: ServerState, inputs: dict[str, np.ndarray], store: Any) -> dict[str, np.ndarray]:
         env = dict(inputs)
-        for ins in self.instrs:
-            ins.run(st, env, store)
+        self.run_range(st, env, store)
         return {o: env[t] for o, t in self.final.items()}
+
+    def run_range(self, st: ServerState, env: dict[str, np.ndarray], store: Any, lo: int = 0, hi: int | None = None) -> None:
+        """Run instructions ``lo..hi`` on ``env`` (tensors by name, updated in place)."""
+        for ins in self.instrs[lo:hi]:
+            ins.run(st, env, store)
 
 
 def _prepare_early(af: np.ndarray, item: dict[str, Any]) -> dict[str, Any]:

@@ -25,9 +25,9 @@ from veil.mpc.program import (
     user_inputs,
 )
 from veil.mpc.public import SECRET_PARAMS, from_public, secret_params
-from veil.mpc.roles.common import QUERY_WAIT, recv_msg
+from veil.mpc.roles.common import QUERY_WAIT, recv_msg, segment_budget
 from veil.mpc.roles.dealer import weight_masks
-from veil.net.channel import Channel
+from veil.net.channel import Channel, Stats
 
 __all__ = ["server_role"]
 
@@ -78,6 +78,41 @@ def _public_values(graph: Any, batch: int, got: dict[str, Any], i: int) -> dict[
     return out
 
 
+def _plus(a: Stats, b: Stats) -> Stats:
+    s = Stats(a.bytes_sent + b.bytes_sent, a.bytes_recv + b.bytes_recv, a.msgs_sent + b.msgs_sent,
+              a.msgs_recv + b.msgs_recv, a.rounds + b.rounds)
+    for d in (a.sent_to, b.sent_to):
+        for k, v in d.items():
+            s.sent_to[k] += v
+    return s
+
+
+def _offline_segment(ch: Channel, i: int, prog: Program, st: ServerState, side: ServerSide, store: MaterialStore,
+                     q: str, k: int, lo: int, hi: int, times: dict[str, float]) -> None:
+    """Segment ``k`` (instructions ``lo..hi``) offline: precompute from the seed while the dealer works,
+    take server1's corrections for this segment only, expand this server's material into ``store``."""
+    t0 = time.perf_counter()
+    early = prog.precompute(st, side, q, lo, hi)
+    t1 = time.perf_counter()
+    got = recv_msg(ch, "dealer")
+    t2 = time.perf_counter()
+    if got.get("q") != q or got.get("seg", 0) != k:
+        raise ProtocolError(f"server{i}: dealer material is for query {got.get('q')!r} segment {got.get('seg', 0)!r}, "
+                            f"expected {q!r} segment {k}")
+    side.corrections = got.pop("corrections", None) or {}  # popped as they are used: no second copy
+    del got
+    for key, item in prog.materials(side, q, {}, lo, hi).items():
+        store.put(key, item)
+    if side.corrections:
+        raise ProtocolError(f"server{i}: the dealer sent {len(side.corrections)} corrections that segment {k} of "
+                            f"query {q!r} does not use")
+    t3 = time.perf_counter()
+    prog.prepare(st, store, early, lo, hi)
+    for name, dt in (("precompute_s", t1 - t0), ("wait_dealer_s", t2 - t1), ("expand_s", t3 - t2),
+                     ("prepare_s", time.perf_counter() - t3)):
+        times[name] += dt
+
+
 def server_role(ch: Channel, i: int) -> dict[str, Any]:
     """Serve the user's queries. A query names the graph it runs (``g``: index into the owner's step
     graphs, 0 for single-graph models); the inputs listed in the graph's ``meta["state"]`` come from
@@ -97,56 +132,68 @@ def server_role(ch: Channel, i: int) -> dict[str, Any]:
         if not 0 <= gi < len(graphs):
             raise ProtocolError(f"server{i}: query {q!r} names graph {gi}, the owner sent {len(graphs)}")
         graph = graphs[gi]
-        # offline: material from the dealer, expanded and precomputed
+        # the program runs in segments (Program.segments): each segment's material is made, expanded
+        # and precomputed (offline) right before its instructions run (online); one segment unless
+        # the query's material exceeds the user's budget
         t0 = time.perf_counter()
         if (gi, batch) not in programs:
             programs[(gi, batch)] = compile_program(graph, batch, fp)
         prog = programs[(gi, batch)]
+        segs = prog.segments(segment_budget(msg, f"server{i}"))
         side = ServerSide(i, dealer_prg)
-        early = prog.precompute(st, side, q)  # while the dealer works
-        t_early = time.perf_counter()
-        got = recv_msg(ch, "dealer")
-        t_recv = time.perf_counter()
-        if got.get("q") != q:
-            raise ProtocolError(f"server{i}: dealer material is for query {got.get('q')!r}, expected {q!r}")
-        side.corrections = dict(got.get("corrections") or {})
         store = MaterialStore(q)
-        for key, item in prog.materials(side, q, {}).items():
-            store.put(key, item)
-        t_expand = time.perf_counter()
-        prog.prepare(st, store, early)
-        t_prep = time.perf_counter()
-        mine = user_inputs(graph)
-        if i == 0 and prog.direct is None:
-            assert user_prg is not None
-            x = {s.name: user_prg.words(f"{q}/input/{s.name}", s.concrete(batch)) for s in mine}
-        offline_s = time.perf_counter() - t0
-        ch.send("user", {"ready": q})
-        # online
-        before = ch.stats.copy()
-        t1 = time.perf_counter()
-        if prog.direct is not None:
-            x = {DIRECT_INPUT: recv_msg(ch, "user")}  # E = X - A for the first layer, from the user
-        elif i == 1:
-            x = recv_msg(ch, "user")  # its input share
-        else:
-            recv_msg(ch, "user")  # the input exists: go (server0's share comes from the user's seed)
-        x = {k: np.asarray(v, np.uint64) for k, v in x.items()}
-        x.update(_public_values(graph, batch, msg.get("public") or {}, i))
-        kept = state_of(graph)
-        for s in graph.inputs:
-            if s.name in (graph.meta.get("state") or {}):
-                if s.name not in st.state:
-                    raise ProtocolError(f"server{i}: query {q!r} reads state {s.name!r}, which no earlier query produced")
-                x[s.name] = st.state[s.name]
-        out = prog.run(st, x, store)
-        if len(store):
-            raise ProtocolError(f"server{i}: {len(store)} material items of query {q!r} were not consumed")
-        st.state = {inp: out.pop(o) for inp, o in kept.items()}  # secret state stays here
-        ch.send("user", out)
-        online = ch.stats - before
-        log.append({"q": q, "offline_s": offline_s, "online_s": time.perf_counter() - t1, "precompute_s": t_early - t0,
-                    "wait_dealer_s": t_recv - t_early, "expand_s": t_expand - t_recv, "prepare_s": t_prep - t_expand,
+        times = {"precompute_s": 0.0, "wait_dealer_s": 0.0, "expand_s": 0.0, "prepare_s": 0.0}
+        offline_s = online_s = 0.0
+        online = Stats()
+        env: dict[str, np.ndarray] = {}
+        for k, (lo, hi) in enumerate(segs):
+            if k:
+                t0 = time.perf_counter()
+            _offline_segment(ch, i, prog, st, side, store, q, k, lo, hi, times)
+            if k == 0:
+                mine = user_inputs(graph)
+                if i == 0 and prog.direct is None:
+                    assert user_prg is not None
+                    x = {s.name: user_prg.words(f"{q}/input/{s.name}", s.concrete(batch)) for s in mine}
+            offline_s += time.perf_counter() - t0
+            ch.send("user", {"ready": q, "seg": k})
+            if k:
+                go = recv_msg(ch, "user")  # both servers have their material: run the next segment
+                if go.get("go") != q or go.get("seg") != k:
+                    raise ProtocolError(f"server{i}: expected the go of segment {k} of query {q!r}, got {go!r}")
+            # online
+            before = ch.stats.copy()
+            t1 = time.perf_counter()
+            if k == 0:
+                if prog.direct is not None:
+                    x = {DIRECT_INPUT: recv_msg(ch, "user")}  # E = X - A for the first layer, from the user
+                elif i == 1:
+                    x = recv_msg(ch, "user")  # its input share
+                else:
+                    recv_msg(ch, "user")  # the input exists: go (server0's share comes from the user's seed)
+                x = {k_: np.asarray(v, np.uint64) for k_, v in x.items()}
+                x.update(_public_values(graph, batch, msg.get("public") or {}, i))
+                kept = state_of(graph)
+                for s in graph.inputs:
+                    if s.name in (graph.meta.get("state") or {}):
+                        if s.name not in st.state:
+                            raise ProtocolError(f"server{i}: query {q!r} reads state {s.name!r}, which no earlier query produced")
+                        x[s.name] = st.state[s.name]
+                env = dict(x)
+                del x
+            prog.run_range(st, env, store, lo, hi)
+            if len(store):
+                raise ProtocolError(f"server{i}: {len(store)} material items of query {q!r} were not consumed")
+            if k == len(segs) - 1:
+                out = {o: env[t] for o, t in prog.final.items()}
+                env = {}
+                st.state = {inp: out.pop(o) for inp, o in kept.items()}  # secret state stays here
+                ch.send("user", out)
+            online = _plus(online, ch.stats - before)
+            online_s += time.perf_counter() - t1
+            if k < len(segs) - 1:
+                ch.send("user", {"done": q, "seg": k})  # after the online counters: control, not protocol
+        log.append({"q": q, "offline_s": offline_s, "online_s": online_s, **times, "segments": len(segs),
                     "online": online.as_dict()})
         ch.send("user", log[-1])
     ch.send("user", {"setup": setup.as_dict(), "total": ch.stats.as_dict()})

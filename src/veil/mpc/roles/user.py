@@ -13,7 +13,7 @@ from veil.graph.ir import Graph
 from veil.mpc.compilers.public import public_inputs
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.prg import Prg, new_seed
-from veil.mpc.program import apply_prefix, compile_program
+from veil.mpc.program import SEGMENT_BYTES, apply_prefix, compile_program
 from veil.mpc.public import from_public
 from veil.mpc.report import Report
 from veil.mpc.roles.common import abort_all, recv_msg
@@ -57,8 +57,11 @@ class UserSession:
     ``query(g, inputs, q)`` runs graph ``g`` (index into the owner's graphs) on this party's encoded
     inputs (only the user's inputs; state inputs stay on the servers) and returns decoded outputs."""
 
-    def __init__(self, ch: Channel, info: dict[str, Any], graphs: list[Graph], fp: FixedPoint, rep: Report):
+    def __init__(self, ch: Channel, info: dict[str, Any], graphs: list[Graph], fp: FixedPoint, rep: Report,
+                 segment_bytes: int | None = None):
         self.ch, self.info, self.graphs, self.fp, self.rep = ch, info, graphs, fp, rep
+        # dealer material per segment (bytes, one server's view; 0: never split): bounds every party's memory
+        self.segment_bytes = SEGMENT_BYTES if segment_bytes is None else int(segment_bytes)
         self.seed = new_seed()
         self.prg = Prg(self.seed)
         self.programs: dict[tuple[int, int], Any] = {}
@@ -83,24 +86,41 @@ class UserSession:
         if key not in self.programs:
             self.programs[key] = compile_program(graph, b, fp)
         prog = self.programs[key]
+        budget = self.segment_bytes
+        nseg = len(prog.segments(budget))
         t0 = time.perf_counter()
-        ch.send("dealer", {"op": "query", "q": q, "batch": b, "g": gi})
+        ch.send("dealer", {"op": "query", "q": q, "batch": b, "g": gi, "seg_bytes": budget})
         for p in SERVERS:  # public inputs (in the clear) to the servers only: the dealer never sees them
-            ch.send(p, {"op": "query", "q": q, "batch": b, "g": gi, "public": public or {}})
+            ch.send(p, {"op": "query", "q": q, "batch": b, "g": gi, "public": public or {}, "seg_bytes": budget})
         mask = recv_msg(ch, "dealer")["A"] if prog.direct is not None else None
-        for p in SERVERS:
-            recv_msg(ch, p)  # ready
-        t1 = time.perf_counter()
-        sent_before = ch.stats.bytes_sent
-        if mask is not None:  # mask the first layer's input directly: E = X - A to both servers
-            masked = apply_prefix(prog, next(iter(enc.values()))) - mask
+        online_s = offline_s = 0.0
+        for k in range(nseg):  # offline part of segment k, then its online part (one segment: the whole query)
+            if k:
+                ch.send("dealer", {"op": "segment", "q": q, "seg": k})
             for p in SERVERS:
-                ch.send(p, masked)
-        else:
-            ch.send("server1", {k: v - self.prg.words(f"{q}/input/{k}", v.shape) for k, v in enc.items()})
-            ch.send("server0", {"go": q})
-        shares = [recv_msg(ch, p) for p in SERVERS]
-        t2 = time.perf_counter()
+                recv_msg(ch, p)  # ready
+            t1 = time.perf_counter()
+            offline_s += t1 - t0
+            if k == 0:
+                sent_before = ch.stats.bytes_sent
+                if mask is not None:  # mask the first layer's input directly: E = X - A to both servers
+                    masked = apply_prefix(prog, next(iter(enc.values()))) - mask
+                    for p in SERVERS:
+                        ch.send(p, masked)
+                else:
+                    ch.send("server1", {k_: v - self.prg.words(f"{q}/input/{k_}", v.shape) for k_, v in enc.items()})
+                    ch.send("server0", {"go": q})
+                user_bytes = ch.stats.bytes_sent - sent_before
+            else:
+                for p in SERVERS:
+                    ch.send(p, {"go": q, "seg": k})
+            if k == nseg - 1:
+                shares = [recv_msg(ch, p) for p in SERVERS]
+            else:
+                for p in SERVERS:
+                    recv_msg(ch, p)  # segment k done
+            t0 = time.perf_counter()
+            online_s += t0 - t1
         logs = [recv_msg(ch, p) for p in SERVERS]
         outs = {}
         for o in shares[0]:
@@ -109,12 +129,12 @@ class UserSession:
             if o in prog.post:
                 z = softmax(z, prog.post[o][1])
             outs[o] = z
-        on_bytes = (ch.stats.bytes_sent - sent_before) + sum(lg["online"]["bytes_sent"] for lg in logs)
-        rep.per_query.append({"q": q, "batch": b, "online_s": t2 - t1, "offline_s": t1 - t0, "online_bytes": on_bytes,
-                              "rounds": logs[0]["online"]["rounds"],
+        on_bytes = user_bytes + sum(lg["online"]["bytes_sent"] for lg in logs)
+        rep.per_query.append({"q": q, "batch": b, "online_s": online_s, "offline_s": offline_s, "online_bytes": on_bytes,
+                              "rounds": logs[0]["online"]["rounds"], "segments": nseg,
                               "servers": [{k: v for k, v in lg.items() if k.endswith("_s")} for lg in logs]})
-        rep.online_s += t2 - t1
-        rep.offline_s += t1 - t0
+        rep.online_s += online_s
+        rep.offline_s += offline_s
         rep.online_bytes += on_bytes
         rep.server_bytes += logs[0]["online"]["sent_to"].get("server1", 0)
         rep.rounds += logs[0]["online"]["rounds"]
@@ -139,7 +159,9 @@ def _receive_model(ch: Channel) -> tuple[dict[str, Any], list[Graph], FixedPoint
     return info, graphs, FixedPoint(info["frac_bits"])
 
 
-def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, Any]:
+def user_role(ch: Channel, x: Any, batch_size: int | None = None, segment_bytes: int | None = None) -> dict[str, Any]:
+    """Run the user's queries on ``x``; ``segment_bytes``: the dealer material per program segment
+    (default :data:`~veil.mpc.program.SEGMENT_BYTES`, 0: one segment per query)."""
     t_start = time.perf_counter()
     info, graphs, fp = _receive_model(ch)
     graph = graphs[0]
@@ -155,7 +177,7 @@ def user_role(ch: Channel, x: Any, batch_size: int | None = None) -> dict[str, A
         raise
     bs = min(batch_size or n, n)
     rep = Report(images=n, batch=bs, frac_bits=fp.frac_bits)
-    sess = UserSession(ch, info, graphs, fp, rep)
+    sess = UserSession(ch, info, graphs, fp, rep, segment_bytes)
     sess.start()
     rep.setup_s = time.perf_counter() - t_start  # the owner's model and seeds (servers' weight setup overlaps q0)
     outs: dict[str, list[np.ndarray]] = {o: [] for o in graph.outputs}
