@@ -1,4 +1,5 @@
-"""``veil attested ...``: serve models in a (simulated) enclave, print measurements, check a server."""
+"""``veil attested ...``: serve models in a (simulated) enclave, print measurements, check a server,
+upload a model and run it (``attested_client_cmd.py``), verify hardware evidence (``attested_verify_cmd.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from veil.cli.attested_client_cmd import run as _run_model
+from veil.cli.attested_client_cmd import upload as _upload_model
 from veil.cli.attested_verify_cmd import verify as _verify_evidence_file
 from veil.errors import VeilError
 
@@ -19,6 +22,8 @@ __all__ = ["app"]
 app = typer.Typer(help="Attested mode: confidential ONNX inference server and verifying client.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.command(name="verify")(_verify_evidence_file)
+app.command(name="upload")(_upload_model)
+app.command(name="run")(_run_model)
 console = Console()
 err = Console(stderr=True)
 
