@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=len(SENTENCES), help="how many of the 32 sentences")
     ap.add_argument("--segment-mb", type=float, default=None,
                     help="dealer material per program segment in MiB (default veil's SEGMENT_BYTES; 0: one segment)")
+    ap.add_argument("--progress", action="store_true", help="print a line after every batch")
     args = ap.parse_args()
     seg = None if args.segment_mb is None else int(args.segment_mb * 2**20)
     texts = SENTENCES[: args.count]
@@ -51,6 +52,12 @@ def main() -> None:
             emb, rep = veil.mpc.run(minilm.minilm_graph(mask), {"input_ids": ids}, timeout=3600, compare=False,
                                     segment_bytes=seg)
             segs = rep.per_query[0].get("segments", 1)
+            if args.progress:  # one line per batch, so a long run that is stopped still says what it did
+                cb = cosine(emb, ref[i:i + args.batch])
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                print(f"  seq {s}, sentences {i}..{i + len(part) - 1}: min cosine {cb.min():.6f}, online {rep.online_s:.1f} s, "
+                      f"offline {rep.offline_s:.1f} s, {rep.rounds} rounds, {segs} segments, peak RSS so far {peak:.1f} GB, "
+                      f"{time.time() - t0:.0f} s since the start of this length", flush=True)
             got.append(emb)
             on, off, on_b, off_b, rounds = on + rep.online_s, off + rep.offline_s, on_b + rep.online_bytes, \
                 off_b + rep.offline_bytes, rep.rounds
