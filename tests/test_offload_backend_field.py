@@ -99,3 +99,18 @@ def test_bad_operands_are_refused(backend) -> None:
         backend.field_matmul(u, (np.zeros((4, 2), np.uint32), np.zeros((4, 3), np.uint32)))
     with pytest.raises(FieldRangeError, match="too large"):
         backend.field_matmul_sum([(np.zeros((1, MAX_INNER_FULL // 2), np.uint32), np.zeros((MAX_INNER_FULL // 2, 1), np.uint32))] * 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_read_only_operands_from_the_wire(backend, recwarn) -> None:
+    """Arrays decoded from a channel are read-only views of the message: accepted, untouched, no warning."""
+    from veil.net.wire import decode, encode
+
+    rng = np.random.default_rng(9)
+    u, v = field(rng, (6, 8), np.uint32), field(rng, (8, 4), np.int64)
+    ru, rv = decode(encode([u, v]))
+    assert not ru.flags.writeable and not rv.flags.writeable
+    got = backend.field_matmul_sum([(ru, (rv, rv)), (ru, rv)], dtype=np.uint32)
+    assert np.array_equal(got.astype(np.int64), (exact(u, (2 * v) % P) + exact(u, v)) % P)
+    assert np.array_equal(ru, u) and np.array_equal(rv, v)
+    assert not [w for w in recwarn if "writable" in str(w.message)]

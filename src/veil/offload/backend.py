@@ -16,6 +16,7 @@ nothing in between synchronises with the host.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -208,6 +209,7 @@ class TorchBackend(Backend):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.name = f"torch-{self.device.type}"
         self.cuda = self.device.type == "cuda"
+        self._pinned = True  #: copy results back through page-locked memory (GPU only; off if unavailable)
 
     def put(self, a: np.ndarray) -> Any:
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -234,7 +236,12 @@ class TorchBackend(Backend):
         # uint32 field elements (< 2^31) travel as int32 (a view, no host pass) and are widened on the device
         a = np.ascontiguousarray(a)
         src = a.view(np.int32) if a.dtype == np.uint32 else a
-        t = self.torch.from_numpy(src)
+        if a.flags.writeable:
+            t = self.torch.from_numpy(src)
+        else:  # e.g. decoded from the wire; only read here (copied to the device or widened into a new tensor)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                t = self.torch.from_numpy(src)
         if self.cuda:
             t = t.to(self.device, non_blocking=True)
         return t.to(self.torch.int64)
@@ -242,12 +249,16 @@ class TorchBackend(Backend):
     def field_out(self, t: Any, dtype: Any) -> np.ndarray:
         # values in [0, p) fit int32: one 4-byte copy back (into pinned memory on a GPU), viewed as uint32
         t32 = t.to(self.torch.int32)
-        if self.cuda:
-            host = self.torch.empty(t32.shape, dtype=self.torch.int32, pin_memory=True)
-            host.copy_(t32, non_blocking=True)
-            self.torch.cuda.current_stream(self.device).synchronize()
-            t32 = host
-        out = t32.numpy().view(np.uint32)
+        if self.cuda and self._pinned:
+            try:
+                host = self.torch.empty(t32.shape, dtype=self.torch.int32, pin_memory=True)
+            except RuntimeError:  # no page-locked memory here: plain copies from now on
+                self._pinned = False
+            else:
+                host.copy_(t32, non_blocking=True)
+                self.torch.cuda.current_stream(self.device).synchronize()
+                t32 = host
+        out = t32.cpu().numpy().view(np.uint32)
         return out if dtype == np.uint32 else out.astype(np.int64)
 
     def cat(self, ts: list[Any], axis: int) -> Any:
