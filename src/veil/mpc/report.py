@@ -17,7 +17,8 @@ class Report:
     * ``online_*``: from the user sending its input shares to receiving both output shares
       (servers' traffic plus the user's input and the outputs).
     * ``offline_*``: the dealer producing and sending a query's material and the servers
-      expanding it and precomputing (before the input exists).
+      expanding it and precomputing (before the input exists; when the query runs in several
+      segments, each later segment's material is made between the online parts, never during one).
     * ``setup_*``: once per session (weights shared, fixed weight masks opened).
     * ``rounds``: communication rounds of server0 in the online phase (all queries), counted by its
       channel, including the round that sends its output share to the user: the latency the
