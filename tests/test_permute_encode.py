@@ -127,6 +127,7 @@ def test_long_texts_are_truncated_as_sentence_transformers_does(deployed, tmp_pa
         args += ["--text", t]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
+    assert "text 1 truncated to 256 tokens" in r.output and "text 2 truncated" not in r.output
     got = np.load(tmp_path / "long.npy")
     ref = st.encode(texts, convert_to_numpy=True)
     assert cosine(got, ref).min() >= 0.9999, cosine(got, ref)

@@ -238,7 +238,10 @@ def encode(
         settings = client.sentence_config
         if settings.get("do_lower_case"):
             text, pair = [t.lower() for t in text], [p.lower() for p in pair]
-        ids, mask, types = _tokenise(tok_json.decode(), text, pair, client.max_text_tokens)
+        ids, mask, types, cut = _tokenise(tok_json.decode(), text, pair, client.max_text_tokens)
+        for i in cut:
+            err_console.print(f"[dim]text {i + 1} truncated to {client.max_text_tokens} tokens (the model's limit, "
+                              "as sentence-transformers does)[/dim]")
         emb = client.sentence_embedding(ids, mask, types if pair else None)
         if normalize is None:
             normalize = bool(settings.get("normalize", True))
@@ -260,9 +263,10 @@ def encode(
 
 
 def _tokenise(tok_json: str, texts: list[str], pairs: list[str], max_len: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
     """Token ids, attention mask and token-type ids, padded to the longest text (not to a fixed
-    length: padding is masked out anyway, and the tokenizer's own fixed padding is switched off)."""
+    length: padding is masked out anyway, and the tokenizer's own fixed padding is switched off),
+    and the indices of the texts cut at ``max_len`` tokens."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(tok_json)
@@ -276,7 +280,7 @@ def _tokenise(tok_json: str, texts: list[str], pairs: list[str], max_len: int
     types = np.zeros((len(encs), n), dtype=np.int64)
     for i, e in enumerate(encs):
         ids[i, :len(e.ids)], mask[i, :len(e.ids)], types[i, :len(e.ids)] = e.ids, e.attention_mask, e.type_ids
-    return ids, mask, types
+    return ids, mask, types, [i for i, e in enumerate(encs) if e.overflowing]
 
 
 @app.command()
