@@ -24,7 +24,8 @@ from veil.errors import ChannelError
 from veil.net.channel import Channel
 from veil.offload.backend import Backend, select_backend
 from veil.offload.field import P
-from veil.offload.training.protocol import expand_masks, field_matmul
+from veil.offload.training.conv_field import ConvSpec
+from veil.offload.training.protocol import expected_answer
 
 __all__ = ["TrainAccelerator", "serve_train_accelerator"]
 
@@ -32,11 +33,11 @@ log = logging.getLogger(__name__)
 
 
 def _field(a: Any, what: str) -> np.ndarray:
-    if not isinstance(a, np.ndarray) or a.dtype != np.uint32 or a.ndim != 2:
-        raise ValueError(f"{what} must be a 2-D uint32 array")
+    if not isinstance(a, np.ndarray) or a.dtype != np.uint32 or a.ndim not in (2, 4):
+        raise ValueError(f"{what} must be a 2-D (or, for a convolution, 4-D) uint32 array")
     if a.size and int(a.max()) >= P:
         raise ValueError(f"{what} holds values outside the field")
-    return a.astype(np.int64)
+    return a
 
 
 def _seed(s: Any) -> bytes:
@@ -81,26 +82,41 @@ class TrainAccelerator:
     def product(self, item: dict[str, Any]) -> np.ndarray:
         """The field product this accelerator owes for one item (see module docstring)."""
         role = int(item["role"])
+        spec = ConvSpec.from_msg(item["conv"]) if "conv" in item else None
         if role == 2:
-            n, k, m = _shape(item.get("shape"))
+            shape = _shape(item.get("shape"))
             seeds = item.get("seeds")
             if not isinstance(seeds, list) or len(seeds) != 2:
                 raise ValueError("the triple helper needs the two share holders' seeds")
-            a0, b0 = expand_masks(_seed(seeds[0]), n, k, m)
-            a1, b1 = expand_masks(_seed(seeds[1]), n, k, m)
-            a0 += a1
-            a0 %= P
-            b0 += b1
-            b0 %= P
-            return field_matmul(self.backend, a0, b0)
+            if spec is not None:
+                _conv_fits(spec, shape)
+            return expected_answer(self.backend, 2, None, None, (_seed(seeds[0]), _seed(seeds[1])), spec, shape)
+        if role not in (0, 1):
+            raise ValueError(f"role must be 0, 1 or 2, got {role}")
         e, f = _field(item["e"], "E"), _field(item["f"], "F")
-        (n, k), (k2, m) = e.shape, f.shape
-        if k != k2:
-            raise ValueError(f"E {e.shape} and F {f.shape} do not chain")
-        a_j, b_j = expand_masks(_seed(item["seed"]), n, k, m)
-        left = np.concatenate([e, a_j], axis=1)
-        right = np.concatenate([(f + b_j) % P if role == 0 else b_j, f], axis=0)
-        return field_matmul(self.backend, left, right)
+        if spec is None:
+            if e.ndim != 2 or f.ndim != 2 or e.shape[1] != f.shape[0]:
+                raise ValueError(f"E {e.shape} and F {f.shape} do not chain")
+        else:
+            n, k, m = _matrix_shape(spec, e.shape, f.shape)
+            if (e.shape, f.shape) != spec.raw_shapes(n, k, m):
+                raise ValueError(f"E {e.shape} and F {f.shape} do not fit the convolution {spec}")
+        return expected_answer(self.backend, role, e, f, (_seed(item["seed"]),), spec)
+
+
+def _matrix_shape(spec: ConvSpec, eu: tuple[int, ...], fv: tuple[int, ...]) -> tuple[int, int, int]:
+    if spec.op == "fwd":
+        return spec.rows, spec.k, (fv[1] if len(fv) == 2 else 0)
+    if spec.op == "dw":
+        return (eu[0] if len(eu) == 2 else 0), spec.rows, spec.k
+    return spec.rows, (eu[1] if len(eu) == 2 else 0), spec.k
+
+
+def _conv_fits(spec: ConvSpec, shape: tuple[int, int, int]) -> None:
+    n, k, m = shape
+    o = m if spec.op == "fwd" else n if spec.op == "dw" else k
+    if spec.matrix_shape(o) != shape:
+        raise ValueError(f"shape {list(shape)} does not fit the convolution {spec}")
 
 
 def serve_train_accelerator(channel: Channel, enclave: str = "enclave", backend: str | Backend = "auto",

@@ -4,8 +4,9 @@ The enclave runs the non-linear layers (ReLU, sigmoid, tanh, max and average poo
 reshape, residual add, constant scale/shift, softmax) and the losses in float64. Every product of a
 linear or convolution layer goes through a :class:`~veil.offload.training.protocol.MatmulEngine`:
 forward ``Y = X W^T``, backward ``dX = dY W`` and ``dW = dY^T X`` (the backward pair in one round).
-Convolutions become products by im2col in the enclave (O(input x kernel) work, no products) and
-col2im in the backward pass.
+Convolutions go to the engine as convolutions (:meth:`MatmulEngine.conv_forward`,
+:meth:`MatmulEngine.conv_backward`): enclave-only, by im2col and col2im here; offloaded, the enclave masks
+the tensors and the accelerators do im2col and col2im in the field (:mod:`veil.offload.training.conv_field`).
 
 Trainable parameters: ``W`` and ``b`` of every ``linear`` and ``conv2d`` node. The constants of
 ``add_const``/``mul_const`` (e.g. folded normalisation) stay fixed.
@@ -129,13 +130,7 @@ class TrainGraph:
             return y + b if b is not None else y
         if op == "conv2d":
             w = self.params[f"{nd.name}/W"]
-            o, _, kh, kw = w.shape
-            n = x.shape[0]
-            cols = patches(x, (kh, kw), at["strides"], at["pads"])  # (N, C, OH, OW, kh*kw)
-            oh, ow = cols.shape[2], cols.shape[3]
-            mat = cols.transpose(0, 2, 3, 1, 4).reshape(n * oh * ow, -1)
-            cache[nd.name] = mat
-            y = engine.matmul(mat, w.reshape(o, -1).T).reshape(n, oh, ow, o).transpose(0, 3, 1, 2)
+            y, cache[nd.name] = engine.conv_forward(x, w, tuple(at["strides"]), tuple(at["pads"]))
             b = self.params.get(f"{nd.name}/b")
             return np.ascontiguousarray(y + b.reshape(1, -1, 1, 1) if b is not None else y)
         if op == "relu":
@@ -206,20 +201,12 @@ class TrainGraph:
             return [None if dx is None else dx.reshape(x.shape)]
         if op == "conv2d":
             w = self.params[f"{nd.name}/W"]
-            o, c, kh, kw = w.shape
-            n, _, oh, ow = g.shape
-            g2 = g.transpose(0, 2, 3, 1).reshape(-1, o)
-            if nd.inputs[0] in self.input_names:
-                (dw,) = engine.matmuls([(g2.T, cache[nd.name])])
-            else:
-                dcols, dw = engine.matmuls([(g2, w.reshape(o, -1)), (g2.T, cache[nd.name])])
-            grads[f"{nd.name}/W"] = dw.reshape(w.shape)
+            need_dx = nd.inputs[0] not in self.input_names  # no gradient needed for the data itself
+            dx, dw = engine.conv_backward(x, w, g, tuple(at["strides"]), tuple(at["pads"]), cache[nd.name], need_dx)
+            grads[f"{nd.name}/W"] = dw
             if f"{nd.name}/b" in self.params:
-                grads[f"{nd.name}/b"] = g2.sum(0)
-            if nd.inputs[0] in self.input_names:
-                return [None]
-            d5 = dcols.reshape(n, oh, ow, c, kh * kw).transpose(0, 3, 1, 2, 4)
-            return [col2im(d5, x.shape, (kh, kw), at["strides"], at["pads"])]
+                grads[f"{nd.name}/b"] = g.transpose(0, 2, 3, 1).reshape(-1, w.shape[0]).sum(0)
+            return [dx]
         if op == "relu":
             return [g * (x > 0)]
         if op == "sigmoid":

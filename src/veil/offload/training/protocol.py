@@ -36,8 +36,10 @@ depend on them: a training step is bit-for-bit reproducible from the data, weigh
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +52,7 @@ from veil.offload.backend import Backend, NumpyBackend
 from veil.offload.errors import AcceleratorProtocolError, AcceleratorUnavailableError, FieldRangeError
 from veil.offload.field import HALF, MAX_INNER_FULL, P, uniform_field
 from veil.offload.runtime import EnclaveRuntime
+from veil.offload.training.conv_field import ConvSpec, check_conv, col2im_field, cols, conv_norms
 
 __all__ = ["TRAIN_ACCELERATORS", "field_matmul", "expand_masks", "choose_scales", "MatmulEngine", "field_matvec", "quantise_pair",
            "PlainMatmul", "SecureMatmul", "ProductRecord", "masks_u32", "exact_matvec"]
@@ -135,26 +138,35 @@ def quantise_pair(u: np.ndarray, v: np.ndarray) -> tuple[int, int, np.ndarray, n
 
 def _scales(u: np.ndarray, v: np.ndarray) -> tuple[int, int, float, float]:
     """``(fu, fv, max|U|, max|V|)``: the scale rule of :func:`quantise_pair`."""
-    k = u.shape[1]
     ru = float(np.sqrt(np.einsum("ij,ij->i", u, u).max())) if u.size else 0.0
     cv = float(np.sqrt(np.einsum("ij,ij->j", v, v).max())) if v.size else 0.0
-    au = max(float(u.max()), -float(u.min())) if u.size else 0.0
-    av = max(float(v.max()), -float(v.min())) if v.size else 0.0
-    if ru == 0.0 or cv == 0.0:
-        fu = fv = SCALE_MAX // 2
-    else:
-        total = math.floor(math.log2(HALF / (ru * cv)))
-        fu = min(max(round((total + math.log2(av / au)) / 2), SCALE_MIN), SCALE_MAX)
-        fv = min(max(total - fu, SCALE_MIN), SCALE_MAX)
-        slack = math.sqrt(k) / 2
-        while (2.0**fu * ru + slack) * (2.0**fv * cv + slack) >= HALF:
-            if fu <= SCALE_MIN and fv <= SCALE_MIN:
-                raise FieldRangeError(f"values too large for exact field products (max |U| {au:.3g}, max |V| {av:.3g})")
-            if fu >= fv:
-                fu -= 1
-            else:
-                fv -= 1
+    au, av = _maxabs(u), _maxabs(v)
+    fu, fv = _scale_rule(ru, cv, au, av, u.shape[1])
     return fu, fv, au, av
+
+
+def _maxabs(x: np.ndarray) -> float:
+    return max(float(x.max()), -float(x.min())) if x.size else 0.0
+
+
+def _scale_rule(ru: float, cv: float, au: float, av: float, length: int) -> tuple[int, int]:
+    """Fractional bits for output entries that are inner products of ``length`` terms between vectors of
+    2-norm <= ``ru`` (entries of U) and <= ``cv`` (entries of V): ``(2^fu ru + sqrt(length)/2)
+    (2^fv cv + sqrt(length)/2) < (p-1)/2``."""
+    if ru == 0.0 or cv == 0.0:
+        return SCALE_MAX // 2, SCALE_MAX // 2
+    total = math.floor(math.log2(HALF / (ru * cv)))
+    fu = min(max(round((total + math.log2(av / au)) / 2), SCALE_MIN), SCALE_MAX)
+    fv = min(max(total - fu, SCALE_MIN), SCALE_MAX)
+    slack = math.sqrt(length) / 2
+    while (2.0**fu * ru + slack) * (2.0**fv * cv + slack) >= HALF:
+        if fu <= SCALE_MIN and fv <= SCALE_MIN:
+            raise FieldRangeError(f"values too large for exact field products (max |U| {au:.3g}, max |V| {av:.3g})")
+        if fu >= fv:
+            fu -= 1
+        else:
+            fv -= 1
+    return fu, fv
 
 
 def _quantise(x: np.ndarray, f: int) -> np.ndarray:
@@ -192,6 +204,106 @@ class MatmulEngine:
     def matmuls(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Several independent products (one accelerator round in the secure engine)."""
         return [self.matmul(u, v) for u, v in pairs]
+
+    # convolutions: here by im2col in the caller's process and :meth:`matmuls`; the secure engine
+    # overrides them (masks the tensors, the accelerators do im2col, see conv_field)
+    def conv_forward(self, x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
+                     pads: tuple[int, int, int, int]) -> tuple[np.ndarray, Any]:
+        """NCHW convolution without bias: ``(y, ctx)``; ``ctx`` goes to :meth:`conv_backward`."""
+        spec = _conv_spec("fwd", x, w, strides, pads)
+        o = w.shape[0]
+        (oh, ow), n = spec.out_hw, x.shape[0]
+        mat = cols(x, spec)
+        y = self.matmul(mat, w.reshape(o, -1).T)
+        return np.ascontiguousarray(y.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)), mat
+
+    def conv_backward(self, x: np.ndarray, w: np.ndarray, g: np.ndarray, strides: tuple[int, int],
+                      pads: tuple[int, int, int, int], ctx: Any, need_dx: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        """``(dX or None, dW)`` for the gradient ``g`` (N x O x OH x OW) of the output, in one round."""
+        o = w.shape[0]
+        g2 = g.transpose(0, 2, 3, 1).reshape(-1, o)
+        if not need_dx:
+            (dw,) = self.matmuls([(g2.T, ctx)])
+            return None, dw.reshape(w.shape)
+        dcols, dw = self.matmuls([(g2, w.reshape(o, -1)), (g2.T, ctx)])
+        spec = _conv_spec("dx", x, w, strides, pads)
+        (oh, ow), n, c = spec.out_hw, x.shape[0], x.shape[1]
+        d6 = dcols.reshape(n, oh, ow, c, w.shape[2], w.shape[3])
+        t, left, b, r = pads
+        dx = np.zeros((n, c, x.shape[2] + t + b, x.shape[3] + left + r))
+        for i in range(w.shape[2]):
+            for j in range(w.shape[3]):
+                dx[:, :, i:i + strides[0] * oh:strides[0], j:j + strides[1] * ow:strides[1]] += \
+                    d6[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(dx[:, :, t:t + x.shape[2], left:left + x.shape[3]]), dw.reshape(w.shape)
+
+
+def _conv_intensity(spec: ConvSpec, u: np.ndarray, v: np.ndarray, o: int) -> float:
+    n, k, m = spec.matrix_shape(o)
+    out = math.prod(spec.out_shape(n, m))
+    return n * k * m / max(u.size + v.size + out, 1)
+
+
+def _transforms(spec: ConvSpec | None) -> tuple[Any, Any, Any]:
+    """(on U, on V, on the result) for an item: ``cols`` for the operand that is a tensor, ``col2im``
+    for a data gradient's result, identity otherwise."""
+    def ident(a: Any) -> Any:
+        return a
+
+    if spec is None:
+        return ident, ident, ident
+    sp = spec
+
+    def im2col(a: Any) -> Any:
+        return cols(a, sp)
+
+    def back(z: Any) -> Any:
+        return col2im_field(z, sp)
+
+    return (im2col if sp.op == "fwd" else ident, im2col if sp.op == "dw" else ident, back if sp.op == "dx" else ident)
+
+
+def expected_answer(backend: Backend, role: int, e: np.ndarray | None, f: np.ndarray | None, seeds: tuple[bytes, ...],
+                    spec: ConvSpec | None, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """What accelerator ``role`` owes for one item (uint32): role 0 ``T(E (F + B0) + A0 F)``, role 1
+    ``T(E B1 + A1 F)``, role 2 ``T(A B)`` (``e``, ``f`` unused), where ``E``, ``F``, ``A_j``, ``B_j`` go through
+    ``cols`` as the item's convolution says and ``T`` is ``col2im`` for a data gradient. ``seeds``: the
+    role's own seed first for roles 0 and 1; both for role 2."""
+    tu, tv, to = _transforms(spec)
+    if role == 2:
+        su, sv = _raw_shapes(spec, shape)
+    elif e is None or f is None:
+        raise ValueError("a share holder's answer needs E and F")
+    else:
+        su, sv = e.shape, f.shape
+    nu = math.prod(su)
+
+    def masks(seed: bytes) -> tuple[np.ndarray, np.ndarray]:
+        r = masks_u32(seed, nu + math.prod(sv))
+        return r[:nu].reshape(su), r[nu:].reshape(sv)
+
+    if role == 2:
+        (a0, b0), (a1, b1) = masks(seeds[0]), masks(seeds[1])
+        z = backend.field_matmul((tu(a0), tu(a1)), (tv(b0), tv(b1)))
+    else:
+        a_j, b_j = masks(seeds[role] if len(seeds) > 1 else seeds[0])
+        te, tf = tu(e), tv(f)
+        pairs = [(te, (tf, tv(b_j)) if role == 0 else tv(b_j)), (tu(a_j), tf)]
+        z = backend.field_matmul_sum(pairs)
+    return np.asarray(to(z)).astype(np.uint32)
+
+
+def _raw_shapes(spec: ConvSpec | None, shape: tuple[int, int, int] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if shape is None:
+        raise ValueError("the triple helper's item needs its shape")
+    n, k, m = shape
+    return ((n, k), (k, m)) if spec is None else spec.raw_shapes(n, k, m)
+
+
+def _conv_spec(op: str, x: np.ndarray, w: np.ndarray, strides: Any, pads: Any) -> ConvSpec:
+    n, c, h, wd = x.shape
+    return ConvSpec(op, (int(n), int(c), int(h), int(wd)), (int(w.shape[2]), int(w.shape[3])),
+                    (int(strides[0]), int(strides[1])), tuple(int(q) for q in pads))  # type: ignore[arg-type]
 
 
 class PlainMatmul(MatmulEngine):
@@ -338,36 +450,127 @@ class SecureMatmul(MatmulEngine):
                 return [r if r is not None else next(outs) for r in res]
         return self._offload(pairs)
 
-    def _offload(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    # --- convolutions: tensors masked, im2col/col2im on the accelerators (conv_field) ----------------
+    def conv_forward(self, x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
+                     pads: tuple[int, int, int, int]) -> tuple[np.ndarray, Any]:
+        spec = _conv_spec("fwd", x, w, strides, pads)
+        o = w.shape[0]
+        wt = np.ascontiguousarray(w.reshape(o, -1).T)
+        if _conv_intensity(spec, x, wt, o) < self.min_intensity:
+            return super().conv_forward(x, w, strides, pads)
+        (y2,) = self._offload([(x, wt, spec)])
+        (oh, ow), n = spec.out_hw, x.shape[0]
+        return np.ascontiguousarray(y2.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)), None
+
+    def conv_backward(self, x: np.ndarray, w: np.ndarray, g: np.ndarray, strides: tuple[int, int],
+                      pads: tuple[int, int, int, int], ctx: Any, need_dx: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        o = w.shape[0]
+        g2 = np.ascontiguousarray(g.transpose(0, 2, 3, 1).reshape(-1, o))
+        g2t = np.ascontiguousarray(g2.T)
+        wm = w.reshape(o, -1)
+        sdw = _conv_spec("dw", x, w, strides, pads)
+        items: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]] = []
+        if need_dx:
+            sdx = _conv_spec("dx", x, w, strides, pads)
+            items.append((g2, wm, sdx) if _conv_intensity(sdx, g2, wm, o) >= self.min_intensity else
+                         (g2, wm, None))
+        items.append((g2t, x, sdw) if _conv_intensity(sdw, g2t, x, o) >= self.min_intensity else
+                      (g2t, cols(x, sdw) if ctx is None else ctx, None))
+        outs = self._products(items)
+        dw = outs[-1].reshape(w.shape)
+        if not need_dx:
+            return None, dw
+        if items[0][2] is not None:
+            return outs[0], dw
+        # dX stayed a plain product (low intensity): col2im here
+        d6 = outs[0].reshape(x.shape[0], *sdw.out_hw, x.shape[1], w.shape[2], w.shape[3])
+        t, left, b, r = pads
+        oh, ow = sdw.out_hw
+        dx = np.zeros((x.shape[0], x.shape[1], x.shape[2] + t + b, x.shape[3] + left + r))
+        for i in range(w.shape[2]):
+            for j in range(w.shape[3]):
+                dx[:, :, i:i + strides[0] * oh:strides[0], j:j + strides[1] * ow:strides[1]] += \
+                    d6[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(dx[:, :, t:t + x.shape[2], left:left + x.shape[3]]), dw
+
+    def _products(self, items: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]]) -> list[np.ndarray]:
+        """Plain products through :meth:`matmuls` (intensity rule), convolution items offloaded, one round."""
+        plain = [(u, v) for u, v, sp in items if sp is None]
+        conv = [it for it in items if it[2] is not None]
+        if plain and conv:  # one round: the plain ones too (they passed the conv rule or are checked like any)
+            small = [_intensity(u, v) < self.min_intensity for u, v in plain]
+            local = iter([self.local.matmul(u, v) for (u, v), sm in zip(plain, small, strict=True) if sm])
+            self.counters["local_products"] = self.counters.get("local_products", 0) + sum(small)
+            self.counters["enclave_s"] += self.local.counters["enclave_s"]
+            self.local.counters["enclave_s"] = 0.0
+            off = [(u, v, None) for (u, v), sm in zip(plain, small, strict=True) if not sm] + conv
+            outs = iter(self._offload(off))
+            plain_off = [None if sm else next(outs) for sm in small]
+            conv_out = list(outs)
+            res: list[np.ndarray] = []
+            pi, ci = 0, 0
+            for _, _, sp in items:
+                if sp is None:
+                    po = plain_off[pi]
+                    res.append(po if po is not None else next(local))
+                    pi += 1
+                else:
+                    res.append(conv_out[ci])
+                    ci += 1
+            return res
+        if conv:
+            return self._offload(conv)
+        return self.matmuls(plain)
+
+    def _offload(self, pairs: Sequence[tuple[Any, ...]]) -> list[np.ndarray]:
+        """One accelerator round for ``(U, V)`` pairs and ``(U, V, ConvSpec)`` convolution items."""
         t0 = time.perf_counter()
         self.round += 1
-        shapes, seeds = [], []
-        for u, v in pairs:
-            n, k = u.shape
-            k2, m = v.shape
-            if k != k2:
-                raise ValueError(f"product shapes do not match: {u.shape} @ {v.shape}")
+        items: list[tuple[np.ndarray, np.ndarray, ConvSpec | None, tuple[int, int, int]]] = []
+        for pr in pairs:
+            u, v = pr[0], pr[1]
+            spec: ConvSpec | None = pr[2] if len(pr) > 2 else None
+            if spec is None:
+                n, k = u.shape
+                k2, m = v.shape
+                if k != k2:
+                    raise ValueError(f"product shapes do not match: {u.shape} @ {v.shape}")
+            else:
+                n, k, m = spec.matrix_shape(v.shape[1] if spec.op == "fwd" else u.shape[0] if spec.op == "dw"
+                                            else u.shape[1])
             if k >= MAX_INNER_FULL:
                 raise FieldRangeError(f"inner dimension {k} too large for exact field products (< {MAX_INNER_FULL})")
-            shapes.append((n, k, m))
-            seeds.append((self.runtime.random_bytes(32), self.runtime.random_bytes(32)))
+            items.append((u, v, spec, (n, k, m)))
+        seeds = [(self.runtime.random_bytes(32), self.runtime.random_bytes(32)) for _ in items]
         # the triple helper's C = A B depends on the seeds and shapes only: it starts while the enclave masks
-        self._send(self.accs[2], {"type": "tmatmul", "round": self.round, "items": [
-            {"id": i, "role": 2, "seeds": [s0, s1], "shape": list(sh)} for i, (sh, (s0, s1)) in enumerate(zip(shapes, seeds,
-                                                                                                              strict=True))]})
+        helper = []
+        for i, ((_, _, spec, sh), (s0, s1)) in enumerate(zip(items, seeds, strict=True)):
+            msg: dict[str, Any] = {"id": i, "role": 2, "seeds": [s0, s1], "shape": list(sh)}
+            if spec is not None:
+                msg["conv"] = spec.as_msg()
+            helper.append(msg)
+        self._send(self.accs[2], {"type": "tmatmul", "round": self.round, "items": helper})
         pend: list[_Pending] = []
         msgs: list[list[dict[str, Any]]] = [[], []]
-        for i, ((u, v), (n, k, m), (s0, s1)) in enumerate(zip(pairs, shapes, seeds, strict=True)):
-            fu, fv, au, av = _scales(u, v)
+        for i, ((u, v, spec, (n, k, m)), (s0, s1)) in enumerate(zip(items, seeds, strict=True)):
+            if spec is None:
+                fu, fv, au, av = _scales(u, v)
+            else:
+                ru, cv, length = conv_norms(spec, u, v)
+                au, av = _maxabs(u), _maxabs(v)
+                fu, fv = _scale_rule(ru, cv, au, av, length)
             uq, vq = np.rint(u * 2.0**fu), np.rint(v * 2.0**fv)  # exact integers, |.| < p/2 (Cauchy-Schwarz)
-            r0, r1 = masks_u32(s0, n * k + k * m), masks_u32(s1, n * k + k * m)  # (A_j, B_j) as in expand_masks
-            e = _masked(uq, r0[:n * k].reshape(n, k), r1[:n * k].reshape(n, k))
-            f = _masked(vq, r0[n * k:].reshape(k, m), r1[n * k:].reshape(k, m))
+            r0, r1 = masks_u32(s0, u.size + v.size), masks_u32(s1, u.size + v.size)  # (A_j, B_j) as in expand_masks
+            e = _masked(uq, r0[:u.size].reshape(u.shape), r1[:u.size].reshape(u.shape))
+            f = _masked(vq, r0[u.size:].reshape(v.shape), r1[u.size:].reshape(v.shape))
             del r0, r1
-            msgs[0].append({"id": i, "role": 0, "e": e, "f": f, "seed": s0})
-            msgs[1].append({"id": i, "role": 1, "e": e, "f": f, "seed": s1})
+            for j, sj in ((0, s0), (1, s1)):
+                item: dict[str, Any] = {"id": i, "role": j, "e": e, "f": f, "seed": sj}
+                if spec is not None:
+                    item["conv"] = spec.as_msg()
+                msgs[j].append(item)
             pend.append(_Pending(uq, vq, math.ldexp(au, fu) + 1.0, math.ldexp(av, fv) + 1.0, (s0, s1), e, f, fu, fv,
-                                 (n, k, m)))
+                                 (n, k, m), {"spec": spec}))
             self.records.append(ProductRecord((n, k, m), fu, fv))
             self.counters["products"] += 1
             self.counters["macs"] += n * k * m
@@ -379,9 +582,14 @@ class SecureMatmul(MatmulEngine):
         t_back = time.perf_counter()
         outs = []
         for i, p in enumerate(pend):
-            zs = [self._result(j, replies[j], i, p.shape) for j in range(3)]
+            spec = p.extra["spec"]
+            want = spec.out_shape(p.shape[0], p.shape[2]) if spec is not None else (p.shape[0], p.shape[2])
+            zs = [self._result(j, replies[j], i, want) for j in range(3)]
             z = _lift(zs)
-            self._check(z, zs, p)
+            if spec is None:
+                self._check(z, zs, p)
+            else:
+                self._check_conv(z, zs, p, spec)
             z *= 2.0 ** -(p.fu + p.fv)
             outs.append(z)
         self.counters["rounds"] += 1
@@ -390,7 +598,7 @@ class SecureMatmul(MatmulEngine):
         return outs
 
     # --- checks -----------------------------------------------------------------------------------
-    def _result(self, j: int, reply: Any, i: int, shape: tuple[int, int, int]) -> np.ndarray:
+    def _result(self, j: int, reply: Any, i: int, want: tuple[int, ...]) -> np.ndarray:
         acc = self.accs[j]
         if not isinstance(reply, dict) or reply.get("type") != "result" or reply.get("round") != self.round:
             msg = reply.get("message") if isinstance(reply, dict) and reply.get("type") == "error" else None
@@ -400,10 +608,9 @@ class SecureMatmul(MatmulEngine):
         if not isinstance(items, list) or len(items) <= i:
             raise AcceleratorProtocolError(f"accelerator {acc!r} returned too few results in round {self.round}")
         z = items[i]
-        n, _, m = shape
-        if not isinstance(z, np.ndarray) or z.dtype != np.uint32 or z.shape != (n, m):
+        if not isinstance(z, np.ndarray) or z.dtype != np.uint32 or z.shape != tuple(want):
             raise AcceleratorProtocolError(f"accelerator {acc!r}: result {i} of round {self.round} must be a uint32 "
-                                           f"array of shape {(n, m)}")
+                                           f"array of shape {tuple(want)}")
         if z.size and int(z.max()) >= P:
             raise IntegrityError(f"accelerator {acc!r} returned values outside the field (round {self.round})")
         return z
@@ -419,6 +626,24 @@ class SecureMatmul(MatmulEngine):
         want = exact_matvec(p.uq, p.amax_u, exact_matvec(p.vq, p.amax_v, s))
         if not np.array_equal(got, want):
             self._blame(zs, p, s)
+
+    def _check_conv(self, z: np.ndarray, zs: list[np.ndarray], p: _Pending, spec: ConvSpec) -> None:
+        """Freivalds with tensor-product random vectors (:mod:`~veil.offload.training.conv_field`), ``reps``
+        times; on failure the three answers are recomputed here to name the culprit (rare path)."""
+        rng_seed = self.runtime.random_bytes(32)
+        drawn = [0]
+
+        def rand(count: int) -> np.ndarray:
+            drawn[0] += 1
+            return uniform_field(hashlib.sha256(rng_seed + drawn[0].to_bytes(4, "little")).digest(), count)
+
+        for _ in range(self.reps):
+            self.counters["freivalds_checks"] += 1
+            if not check_conv(spec, z, p.uq, p.amax_u, p.vq, p.amax_v, rand):
+                bad = [repr(self.accs[j]) for j in range(3)
+                       if not np.array_equal(zs[j], expected_answer(_NP, j, p.e, p.f, p.seeds, spec, p.shape))]
+                raise IntegrityError(f"accelerator {' and '.join(bad) or '(unknown)'} returned a wrong product in round "
+                                     f"{self.round} (Freivalds check on the convolution failed)")
 
     def _blame(self, zs: list[np.ndarray], p: _Pending, s: np.ndarray) -> None:
         """The sum failed its check with ``s``: at least one answer fails its own check with the same ``s``
