@@ -10,7 +10,7 @@ import pytest
 from offload_train_helpers import DirectSecureMatmul, runtime, small_cnn
 from veil.errors import IntegrityError, VeilError
 from veil.offload.errors import AcceleratorUnavailableError, SealError
-from veil.offload.field import P
+from veil.offload.field import P, uniform_field
 from veil.offload.training import (
     TRAIN_ACCELERATORS,
     TrainAccelerator,
@@ -19,6 +19,7 @@ from veil.offload.training import (
     TrainGraph,
     train_offload_local,
 )
+from veil.offload.training.conv_field import ConvSpec
 from veil.offload.training.protocol import SecureMatmul, expand_masks
 
 
@@ -54,9 +55,14 @@ class Recorder(TrainAccelerator):
         if int(item["role"]) == 2:
             # the triple helper receives two seeds and the shape, no array: what it learns are the masks
             # A = A0 + A1, B = B0 + B1 it expands from them (audited here in their place)
-            assert not arrays and set(item) == {"id", "role", "seeds", "shape"}, sorted(item)
+            assert not arrays and set(item) - {"conv"} == {"id", "role", "seeds", "shape"}, sorted(item)
             n, k, m = item["shape"]
-            (a0, b0), (a1, b1) = (expand_masks(s, n, k, m) for s in item["seeds"])
+            if "conv" in item:  # a convolution: the masks have the shapes of the tensors sent (e.g. X, not cols(X))
+                su, sv = ConvSpec.from_msg(item["conv"]).raw_shapes(n, k, m)
+                (a0, b0), (a1, b1) = ((r[:np.prod(su)].reshape(su), r[np.prod(su):].reshape(sv))
+                                      for r in (uniform_field(s, int(np.prod(su) + np.prod(sv))) for s in item["seeds"]))
+            else:
+                (a0, b0), (a1, b1) = (expand_masks(s, n, k, m) for s in item["seeds"])
             arrays = {"a": (a0 + a1) % P, "b": (b0 + b1) % P}
         self.log.append((self.name, self.requests + 1, int(item["id"]), arrays))
         return super().product(item)
@@ -69,6 +75,18 @@ class Truth(SecureMatmul):
         for i, (u, v) in enumerate(pairs):
             self.truth[(self.round + 1, i)] = (u.copy(), v.copy())
         return super().matmuls(pairs)
+
+    # convolutions reach the accelerators as tensors: the operands as sent, in the engine's item order
+    def conv_forward(self, x, w, strides, pads):
+        self.truth[(self.round + 1, 0)] = (x.copy(), w.reshape(w.shape[0], -1).T.copy())
+        return super().conv_forward(x, w, strides, pads)
+
+    def conv_backward(self, x, w, g, strides, pads, ctx, need_dx):
+        g2 = g.transpose(0, 2, 3, 1).reshape(-1, w.shape[0])
+        items = ([(g2, w.reshape(w.shape[0], -1))] if need_dx else []) + [(g2.T, x)]
+        for i, (u, v) in enumerate(items):
+            self.truth[(self.round + 1, i)] = (u.copy(), v.copy())
+        return super().conv_backward(x, w, g, strides, pads, ctx, need_dx)
 
 
 @pytest.fixture(scope="module")
