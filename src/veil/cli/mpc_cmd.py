@@ -4,8 +4,10 @@
   report next to plaintext (agreement, error, time, bytes, rounds).
 * ``veil mpc local MODEL [--inputs FILE]``: the five parties as processes over mutual TLS on loopback.
 * ``veil mpc plan MODEL``: the compiled program with each step's declared rounds and bytes.
-* ``veil mpc encode --text ...``: MiniLM sentence embeddings, five local processes over mutual TLS.
-* ``veil mpc generate [--llama2c FILE] --steps N``: greedy decoding, the key/value cache as shares on the servers.
+* ``veil mpc encode --text ... [--deployment FILE]``: MiniLM sentence embeddings, five local processes over
+  mutual TLS (or the user of a deployment); the padding mask is a public input of the model.
+* ``veil mpc generate [--llama2c FILE] --steps N [--deployment FILE]``: greedy decoding, the key/value cache
+  as shares on the servers.
 * The parties of a real deployment run with ``veil party --deployment FILE --as NAME`` (see docs/mpc.md).
 
 MODEL is an ONNX file or a shipped network name (A, B, C, D); without ``--inputs`` the shipped
@@ -133,35 +135,43 @@ def encode(text: list[str] = typer.Option(..., "--text", "-t", help="a sentence 
            seq_len: int = typer.Option(16, "--seq-len", help="tokens per sentence (padded/truncated; public)"),
            out: Path = typer.Option(None, "--out", help="write the embeddings to a .npy or .json file"),
            frac_bits: int = typer.Option(16, help="fractional bits of the fixed-point format"),
+           deployment: Path = typer.Option(None, "--deployment", "-d", help="be the user of this deployment (its other "
+                                           "four parties run `veil party`); its options set seq_len and batch_size"),
            timeout: float = typer.Option(900, help="seconds before every party is stopped")) -> None:
-    """MiniLM (all-MiniLM-L6-v2) sentence embeddings under mpc, five local processes over mutual TLS."""
+    """MiniLM (all-MiniLM-L6-v2) sentence embeddings under mpc: five local processes over mutual TLS, or
+    the user of a deployment (--deployment)."""
     import json
 
     from veil.errors import InputError
-    from veil.models.secure import encode_local
+    from veil.models.secure import encode_deployment, encode_local
     from veil.options import check_int
 
     seq_len = check_int(seq_len, "--seq-len", 2, 512)
     if out is not None and out.suffix not in (".npy", ".json"):
         raise InputError(f"--out {out.name!r}: expected a .npy or .json file")
-    with tempfile.TemporaryDirectory(prefix="veil-mpc-encode-") as tmp:
-        res = encode_local(text, tmp, seq_len=seq_len, frac_bits=frac_bits, timeout=timeout)
-    rep, emb = res["report"], res["embedding"]
-    t = Table(title=f"all-MiniLM-L6-v2 under mpc: {len(text)} sentence(s), sequence length {seq_len}")
+    if deployment is not None:
+        res = encode_deployment(deployment, text, timeout=timeout)
+    else:
+        with tempfile.TemporaryDirectory(prefix="veil-mpc-encode-") as tmp:
+            res = encode_local(text, tmp, seq_len=seq_len, frac_bits=frac_bits, timeout=timeout)
+    rep, emb, cos = res["report"], res["embedding"], res["cosine"]
+    t = Table(title=f"all-MiniLM-L6-v2 under mpc: {len(text)} sentence(s), sequence length {res['seq_len']}")
     for c in ("sentence", "tokens", "embedding[:3]", "cosine vs plaintext"):
         t.add_column(c)
-    for s, n, e, c in zip(res["texts"], res["tokens"], emb, res["cosine"], strict=True):
-        t.add_row(s if len(s) <= 40 else s[:37] + "...", str(n), " ".join(f"{v:+.3f}" for v in e[:3]), f"{c:.6f}")
+    for i, (s, n, e) in enumerate(zip(res["texts"], res["tokens"], emb, strict=True)):
+        t.add_row(s if len(s) <= 40 else s[:37] + "...", str(n), " ".join(f"{v:+.3f}" for v in e[:3]),
+                  "-" if cos is None else f"{cos[i]:.6f}")
     console.print(t)
     console.print(f"online {rep['online_s']:.2f} s, offline {rep['offline_s']:.2f} s, whole run {res['wall_s']:.1f} s; "
                   f"{rep['online_bytes'] / 1e6:.1f} MB online, {rep['offline_bytes'] / 1e6:.1f} MB offline, "
-                  f"{rep['setup_bytes'] / 1e6:.1f} MB setup; {rep['rounds']} rounds")
+                  f"{rep['setup_bytes'] / 1e6:.1f} MB setup; {rep['rounds']} rounds; public: sequence length and "
+                  "each sentence's number of tokens")
     if out is not None:
         if out.suffix == ".npy":
             np.save(out, emb)
         else:
-            out.write_text(json.dumps({"texts": res["texts"], "seq_len": seq_len, "embedding": emb.tolist(),
-                                       "cosine_vs_plain": res["cosine"].tolist()}))
+            out.write_text(json.dumps({"texts": res["texts"], "seq_len": res["seq_len"], "embedding": emb.tolist(),
+                                       "cosine_vs_plain": None if cos is None else cos.tolist()}))
         console.print(f"wrote {len(emb)} embeddings of {emb.shape[1]} values to {out}")
 
 
@@ -170,21 +180,29 @@ def generate(llama2c: Path = typer.Option(None, "--llama2c", help="llama2.c chec
              steps: int = typer.Option(20, "--steps", help="tokens to generate"),
              bos: int = typer.Option(1, "--bos", help="the first token id"),
              frac_bits: int = typer.Option(16, help="fractional bits of the fixed-point format"),
+             deployment: Path = typer.Option(None, "--deployment", "-d", help="be the user of this deployment (its other "
+                                             "four parties run `veil party`; the owner's llama2c and steps options); "
+                                             "--llama2c then only serves the plaintext comparison"),
              timeout: float = typer.Option(900, help="seconds before every party is stopped")) -> None:
-    """Greedy generation under mpc (key/value cache as shares on the servers), five local processes over mutual TLS."""
-    from veil.models.secure import generate_local
+    """Greedy generation under mpc (key/value cache as shares on the servers): five local processes over
+    mutual TLS, or the user of a deployment (--deployment)."""
+    from veil.models.secure import generate_deployment, generate_local
 
-    if llama2c is None:
-        from veil.assets import stories260k_path
+    if deployment is not None:
+        res = generate_deployment(deployment, steps, prompt=(bos,), checkpoint=llama2c, timeout=timeout)
+    else:
+        if llama2c is None:
+            from veil.assets import stories260k_path
 
-        llama2c = stories260k_path()
-    with tempfile.TemporaryDirectory(prefix="veil-mpc-generate-") as tmp:
-        res = generate_local(llama2c, steps, tmp, prompt=(bos,), frac_bits=frac_bits, timeout=timeout)
+            llama2c = stories260k_path()
+        with tempfile.TemporaryDirectory(prefix="veil-mpc-generate-") as tmp:
+            res = generate_local(llama2c, steps, tmp, prompt=(bos,), frac_bits=frac_bits, timeout=timeout)
     rep, n = res["report"], len(res["ids"])
     console.print(f"[bold]{res['model']}[/] under mpc, {n} tokens from id {bos}:")
     console.print(" ".join(str(i) for i in res["ids"]))
-    same = res["ids"] == res["plain_ids"]
-    console.print(f"plaintext decoding gives {'the same ids' if same else 'different ids: ' + str(res['plain_ids'])}")
+    if res["plain_ids"] is not None:
+        same = res["ids"] == res["plain_ids"]
+        console.print(f"plaintext decoding gives {'the same ids' if same else 'different ids: ' + str(res['plain_ids'])}")
     console.print(f"per token: online {rep['online_s'] / n * 1e3:.0f} ms, offline {rep['offline_s'] / n * 1e3:.0f} ms; "
                   f"whole run {res['wall_s']:.1f} s; {rep['online_bytes'] / 1e6:.1f} MB online, "
                   f"{rep['offline_bytes'] / 1e6:.1f} MB offline, {rep['setup_bytes'] / 1e6:.1f} MB setup; "

@@ -7,6 +7,11 @@ TLS). Options read from the deployment's ``[options]`` table (paths relative to 
 * generation instead (a llama2c decoder, key/value cache kept on the servers): ``llama2c`` (checkpoint,
   read by the owner), ``steps`` (default 20), ``prompt`` (token ids, default [1]); the user writes the
   generated ``ids`` to ``outputs``;
+* sentence embeddings instead (``veil mpc encode``): ``encode = "all-MiniLM-L6-v2"``, ``seq_len``
+  (default 16), ``batch_size`` (sentences per query, default 1), read by the owner and the user;
+  ``texts`` (a list of strings, read by the user; ``veil mpc encode --deployment`` passes its own); the
+  padding mask is a public input, so the owner's graph does not depend on the texts; the user writes
+  ``embedding`` and ``tokens`` to ``outputs``;
 * user: ``inputs`` (.npy for a single-input model, .npz with named inputs), ``batch_size``
   (default: all at once), ``outputs`` (.npz written with the outputs; the report goes next to it
   as JSON).
@@ -79,6 +84,7 @@ def run_party(deployment: Deployment, name: str, channel: Channel, console: Any 
     opts = deployment.options
     with blas_single_thread():
         generating = "llama2c" in opts
+        encoding = "encode" in opts
         prompt = [int(t) for t in opts.get("prompt", [1])]
         steps = int(opts.get("steps", 20))
         if name == "owner":
@@ -89,6 +95,10 @@ def run_party(deployment: Deployment, name: str, channel: Channel, console: Any 
 
                 graphs = step_graphs(load_llama2c(_path(deployment, "llama2c")), len(prompt) + steps - 1)
                 return owner_role(channel, graphs[0], fp, graphs[1:])
+            if encoding:  # MiniLM with the padding mask as a public input: independent of the user's texts
+                from veil.models.secure import encode_owner_graph
+
+                return owner_role(channel, encode_owner_graph(opts), fp)
             return owner_role(channel, load_model(_path(deployment, "model")), fp)
         if name == "dealer":
             return dealer_role(channel)
@@ -102,6 +112,20 @@ def run_party(deployment: Deployment, name: str, channel: Channel, console: Any 
                 report_path(out).write_text(json.dumps(res["report"].as_dict(), indent=1))
             if console is not None:
                 console.print(f"user: ids {res['ids']}; {res['report'].summary()}")
+            return res
+        if encoding:
+            from veil.models.secure import encode_options, encode_user
+
+            seq_len, batch = encode_options(opts)
+            if "texts" not in opts:
+                raise DeploymentError(f"mpc deployment {deployment.name!r}: the user needs option 'texts' (a list of strings)")
+            res = encode_user(channel, list(opts["texts"]), seq_len, batch)
+            if "outputs" in opts:
+                out = _path(deployment, "outputs")
+                np.savez(out, embedding=res["embedding"], tokens=np.asarray(res["tokens"], np.int64))
+                report_path(out).write_text(json.dumps(res["report"].as_dict(), indent=1))
+            if console is not None:
+                console.print(f"user: {len(res['texts'])} embeddings; {res['report'].summary()}")
             return res
         x = load_inputs(_path(deployment, "inputs"))
         bs = opts.get("batch_size")
