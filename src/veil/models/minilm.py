@@ -29,9 +29,13 @@ import numpy as np
 from veil.errors import ModelError
 from veil.graph.ir import Graph
 
-__all__ = ["model_dir", "tokenize", "minilm_onnx", "minilm_graph", "reference_embeddings", "HIDDEN"]
+__all__ = ["model_dir", "tokenize", "minilm_onnx", "minilm_graph", "reference_embeddings", "HIDDEN", "NORM_EPS"]
 
 HIDDEN = 384
+# the L2 normalisation divides by sqrt(|e|^2 + NORM_EPS) (sentence-transformers clamps the norm at 1e-12):
+# the eps proves the inverse square root's input >= 2^-16, inside the mpc kernel's range (veil.mpc.bounds
+# refuses it otherwise); |e|^2 is about 30 for this model, so the norm moves by ~1e-7 and no direction changes
+NORM_EPS = 2.0**-16
 
 
 def model_dir() -> Path:
@@ -78,7 +82,7 @@ def _hf_model() -> Any:
 
 @functools.lru_cache(maxsize=4)
 def minilm_onnx(batch: int, seq_len: int) -> bytes:
-    """ONNX export of encoder + masked mean pooling + L2 normalisation, inputs ``input_ids`` and
+    """ONNX export of encoder + masked mean pooling + L2 normalisation (with :data:`NORM_EPS`), inputs ``input_ids`` and
     ``attention_mask`` (batch, seq_len) int64, output ``embedding`` (batch, 384)."""
     import torch
 
@@ -91,7 +95,7 @@ def minilm_onnx(batch: int, seq_len: int) -> bytes:
             h = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
             m = mask.unsqueeze(-1).to(h.dtype)
             e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            return e / torch.sqrt((e * e).sum(-1, keepdim=True))
+            return e / torch.sqrt((e * e).sum(-1, keepdim=True) + NORM_EPS)
 
     ids = torch.zeros((batch, seq_len), dtype=torch.long)
     buf = io.BytesIO()

@@ -9,10 +9,9 @@ weights of the mean pooling. They are *public*: under mpc the user sends them in
 servers (``graph.meta["public_inputs"]`` declares them with their largest magnitude), which reveals
 how many real tokens each sentence has; the padded shapes reveal the sequence length anyway.
 
-The final L2 normalisation divides by ``sqrt(|e|^2 + NORM_EPS)``, like sentence-transformers'
-``normalize`` (which clamps the norm at 1e-12): the eps proves the input of the inverse square root
-at least ``NORM_EPS`` = 2^-16, inside the mpc kernel's range (:mod:`veil.mpc.bounds` refuses an
-inverse square root without such a proof). It changes no direction, so no cosine.
+The final L2 normalisation divides by ``sqrt(|e|^2 + NORM_EPS)`` (:data:`veil.models.minilm.NORM_EPS`,
+2^-16): the eps proves the input of the inverse square root inside the mpc kernel's range
+(:mod:`veil.mpc.bounds` refuses an inverse square root without such a proof).
 
     ids, mask = minilm.tokenize(texts, 16)
     g = minilm_public_mask_graph(batch=len(texts), seq_len=16)
@@ -28,9 +27,8 @@ import numpy as np
 from veil.errors import InputError, ModelError
 from veil.graph.ir import Graph, Node, TensorSpec
 
-__all__ = ["minilm_public_mask_graph", "public_inputs", "NORM_EPS", "MASKED_BIAS"]
+__all__ = ["minilm_public_mask_graph", "public_inputs", "MASKED_BIAS"]
 
-NORM_EPS = 2.0**-16
 MASKED_BIAS = -1e4  # an additive bias at or below veil.graph.fuse.MASKED excludes a position
 
 
@@ -70,15 +68,10 @@ def _graph(batch: int, seq_len: int) -> Graph:
         elif n.name == "/Div" and n.op == "mul_const" and n.params["c"].shape == (batch, 1):
             rename[n.output] = n.inputs[0]  # the 1 / count is in pool_weights
             pooled += 1
-        elif n.op == "rsqrt" and n.name == "/Div_1/reciprocal":
-            eps = f"{n.inputs[0]}+eps"
-            nodes.append(Node(f"{n.name}/eps", "add_const", (n.inputs[0],), eps, {"c": np.array(NORM_EPS, np.float32)}))
-            nodes.append(Node(n.name, "rsqrt", (eps,), n.output))
-            pooled += 1
         else:
             nodes.append(n)
-    if softmaxes != 6 or pooled != 3:
-        raise ModelError(f"unexpected MiniLM export: {softmaxes} masked softmaxes (6 expected), {pooled} of the 3 "
+    if softmaxes != 6 or pooled != 2:
+        raise ModelError(f"unexpected MiniLM export: {softmaxes} masked softmaxes (6 expected), {pooled} of the 2 "
                          "pooling nodes found")
     inputs = [*g.inputs, TensorSpec("attention_bias", (batch, 1, 1, seq_len), "float32"),
               TensorSpec("pool_weights", (batch, seq_len, 1), "float32")]

@@ -19,8 +19,18 @@ Constraints (f fractional bits, every secret value below 2^62 at its scale):
   ``x`` is carried at the coefficient scale);
 * inputs of ``layernorm`` below ``2^(61 - 3f)`` with row L2 norms ``R^2 < 2^(61 - 2f + 4)`` (the centred
   row at scale 3f, the sum of squares at ``2f - 4``); of ``rmsnorm`` with ``R^2 < 2^(61 - 2f)``;
-* inputs of ``reciprocal`` below 2^24, ``rsqrt`` 2^30, ``sqrt`` 2^26 (their normalisation ranges; their
-  lower ends, 2^-8 and 2^-16, are a documented precondition).
+* inputs of ``reciprocal`` below 2^24, ``rsqrt`` 2^30, ``sqrt`` 2^26 (the top of their normalisation ranges).
+
+Lower ends (:func:`lower_bounds`, :func:`kernel_low_bits`): ``reciprocal`` and ``rsqrt`` are only right on
+inputs inside their normalisation range ``[2^lo, 2^hi)``. From the public graph alone (every party gets
+the same answer) a lower bound is proven for tensors built by exact non-negative operations: squares
+``mul(a, a)``, ``relu``, products and sums of non-negative tensors, ``add_const`` of a positive constant
+(an eps), ``mul_const`` by non-negative constants, sums, means, pooling and shape ops. The kernel's range
+then starts at ``2^floor(log2 L)``, but never below the kernel's lowest start: 2^-12 for ``reciprocal``,
+2^-16 for ``rsqrt``/``sqrt`` (nor below ``2^-f``, the smallest positive fixed-point value). A ``reciprocal``
+or ``rsqrt`` whose input is not proven at least that (e.g. a plain sum of squares: it can be 0, where 1/x
+has no finite value), or a ``sqrt`` whose input is not proven non-negative (sqrt(0) = 0 is right), is
+refused when the program is compiled, which the owner does before sending anything.
 
 The owner publishes only ``input_limit`` (a bound on the network's gain); the user checks its input
 against it before sending anything. Integer inputs (token ids) do not take part: the user checks them
@@ -38,7 +48,7 @@ from veil.graph.ir import Graph, Node
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.kernels.nonlinear import NORM_SQUARE_DROP, coef_scale
 
-__all__ = ["input_limit", "tensor_bounds"]
+__all__ = ["input_limit", "tensor_bounds", "lower_bounds", "kernel_low_bits", "FLOORED_OPS"]
 
 
 def _inf_norm(w: np.ndarray) -> float:
@@ -130,6 +140,80 @@ def _node_bound(n: Node, ins: list[Bound], shapes: dict[str, tuple[int, ...]], s
     return e, e * root
 
 
+FLOORED_OPS = ("reciprocal", "rsqrt", "sqrt")
+FLOOR_TOPS = {"reciprocal": 24, "rsqrt": 30, "sqrt": 26}  # log2 of the top of each kernel's range (hi)
+# log2 of the lowest start of each kernel's range that keeps its stated error (tests/test_mpc_kernel_ranges.py:
+# the reciprocal's normaliser overflows from lo = -15 on; rsqrt/sqrt hold 5e-3 relative down to 2^-16)
+FLOOR_BOTTOMS = {"reciprocal": -12, "rsqrt": -16, "sqrt": -16}
+
+_SAME_BOUND = frozenset({"reshape", "transpose", "flatten", "unsqueeze", "squeeze", "slice", "gather", "maxpool", "avgpool",
+                         "global_avgpool", "reduce_mean"})
+
+
+def lower_bounds(graph: Graph) -> dict[str, float]:
+    """``{tensor: L}`` with every element of the tensor proven ``>= L >= 0``, from the graph's public
+    structure and constants only (no secret weight is read); tensors without a proof are absent."""
+    lo: dict[str, float] = {}
+    for n in graph.nodes:
+        ins = [lo.get(i) for i in n.inputs]
+        known = bool(ins) and all(v is not None for v in ins)
+        vals = [float(v) for v in ins if v is not None]
+        c = np.asarray(n.params.get("c", 0.0), np.float64)
+        out: float | None = None
+        if n.op == "mul" and len(n.inputs) == 2 and n.inputs[0] == n.inputs[1]:
+            out = vals[0] ** 2 if known else 0.0
+        elif n.op == "relu":
+            out = vals[0] if known else 0.0
+        elif not known:
+            out = None
+        elif n.op == "mul":
+            out = vals[0] * vals[1]
+        elif n.op in ("add", "concat"):
+            out = sum(vals) if n.op == "add" else min(vals)
+        elif n.op == "add_const":
+            out = vals[0] + float(c.min()) if c.size else vals[0]
+        elif n.op == "mul_const":
+            out = vals[0] * float(c.min()) if c.size else vals[0]
+        elif n.op in _SAME_BOUND or n.op == "reduce_sum":  # a sum of non-negative terms is at least any one
+            out = vals[0]
+        elif n.op in ("sqrt", "rsqrt", "reciprocal"):
+            out = 0.0
+        if out is not None and out >= 0.0:
+            lo[n.output] = out
+    return lo
+
+
+_LOWER: dict[int, tuple[Graph, dict[str, float]]] = {}
+
+
+def kernel_low_bits(graph: Graph, node: Node, f: int) -> int:
+    """``lo`` of the ``reciprocal``/``rsqrt``/``sqrt`` kernel range ``[2^lo, 2^hi)`` for ``node``: from the
+    proven lower bound of its input, at least ``-f``. Raises :class:`~veil.errors.UnsupportedOpError`
+    (naming the node, the op and the bound) when the input is not proven inside the range."""
+    from veil.mpc.compilers.base import refuse
+
+    hit = _LOWER.get(id(graph))
+    if hit is None or hit[0] is not graph:
+        if len(_LOWER) > 64:
+            _LOWER.clear()
+        hit = (graph, lower_bounds(graph))
+        _LOWER[id(graph)] = hit
+    low = hit[1].get(node.inputs[0])
+    bits = max(FLOOR_BOTTOMS[node.op], -f)
+    floor = 2.0**bits
+    if node.op == "sqrt":
+        if low is None:
+            raise refuse(node, "sqrt needs an input proven non-negative (the kernel is wrong on negative values); "
+                               "none is proven here: apply it to a square, a sum of squares or a relu")
+        return min(max(int(np.floor(np.log2(low))) if low > 0 else bits, bits), FLOOR_TOPS[node.op] - 1)
+    if low is None or low < floor:
+        proven = "no lower bound is proven" if low is None else f"it is only proven >= {low:.3g}"
+        raise refuse(node, f"{node.op} is right only on inputs >= 2^{bits} = {floor:.3g} (the bottom of its range at "
+                           f"f={f}), and {proven}; below that it would be wrong, silently. Add a positive constant of at "
+                           f"least {floor:.3g} (an eps) to its input, e.g. x / sqrt(sum(x^2) + eps)")
+    return min(max(int(np.floor(np.log2(low))), bits), FLOOR_TOPS[node.op] - 1)
+
+
 def _input_caps(n: Node, fp: FixedPoint, shapes: dict[str, tuple[int, ...]]) -> list[float]:
     """Extra limits on the node's first input (see the module docstring)."""
     f = fp.frac_bits
@@ -137,7 +221,7 @@ def _input_caps(n: Node, fp: FixedPoint, shapes: dict[str, tuple[int, ...]]) -> 
         return [2.0 ** (61 - f - coef_scale(f))]
     if n.op in ("layernorm", "rmsnorm"):
         return [2.0 ** (61 - 3 * f)]
-    return [{"reciprocal": 2.0**24, "rsqrt": 2.0**30, "sqrt": 2.0**26}[n.op]] if n.op in ("reciprocal", "rsqrt", "sqrt") else []
+    return [2.0 ** FLOOR_TOPS[n.op]] if n.op in FLOOR_TOPS else []
 
 
 def tensor_bounds(graph: Graph, x: float, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:

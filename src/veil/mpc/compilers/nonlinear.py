@@ -17,6 +17,7 @@ import numpy as np
 
 from veil.graph.ir import Node
 from veil.mpc.compilers.base import Builder, ServerState
+from veil.mpc.debug import stop_point
 from veil.mpc.kernels import nonlinear as NL
 from veil.mpc.kernels.steps import Runner, plan, steps_cost, steps_material
 
@@ -27,6 +28,7 @@ PIECEWISE_OPS = ("gelu", "gelu_tanh", "sigmoid", "tanh", "silu", "erf")
 
 def _run_kernel(fn: Callable[..., np.ndarray], ins: tuple[str, ...], params: tuple[str, ...], key: str,
                 steps: list[Any], out: str, st: ServerState, env: dict[str, np.ndarray], store: Any) -> None:
+    stop_point(f"server{st.ctx.party}", key)  # test hook (veil.mpc.debug), inert unless its variable is set
     run = Runner(st.ctx, store.take(key), steps)
     env[out] = fn(run, *[env[i] for i in ins], *[st.params[p] for p in params])
     run.finish()
@@ -56,7 +58,13 @@ _SPECIAL: dict[str, Callable[..., np.ndarray]] = {"reciprocal": NL.reciprocal_a,
 
 
 def compile_elementwise(b: Builder, node: Node, src: list[str]) -> None:
-    fn = _SPECIAL.get(node.op) or partial(_piecewise, NL.FUNCTIONS[node.op])
+    if node.op in _SPECIAL:  # range [2^lo, 2^hi) from the input's proven lower bound, or refused (bounds.py)
+        from veil.mpc.bounds import FLOOR_TOPS, kernel_low_bits
+
+        fn: Callable[..., np.ndarray] = partial(_SPECIAL[node.op], lo=kernel_low_bits(b.graph, node, b.f),
+                                                hi=FLOOR_TOPS[node.op])
+    else:
+        fn = partial(_piecewise, NL.FUNCTIONS[node.op])
     compile_kernel(b, node, fn, [src[0]])
 
 
