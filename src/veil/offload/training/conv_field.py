@@ -221,13 +221,17 @@ def check_conv(spec: ConvSpec, z: np.ndarray, uq: np.ndarray, amax_u: float, vq:
         t, q, beta, gamma = rand(o), rand(c), rand(kh), rand(kw)
         s_full = (((q[:, None, None] * beta[None, :, None]) % P) * gamma[None, None, :]) % P
         lhs = _dot(exact_matvec(z, HALF, s_full.reshape(-1, 1))[:, 0], t)
-        ut = exact_matvec(np.ascontiguousarray(uq.T), amax_u, t[:, None])[:, 0].reshape(n, oh, ow)
+        ut = exact_matvec(uq.T, amax_u, t[:, None])[:, 0].reshape(n, oh, ow)
         xc = exact_matvec(np.ascontiguousarray(vq.transpose(0, 2, 3, 1)).reshape(-1, c), amax_v, q[:, None])
         xc = np.pad(xc[:, 0].reshape(n, h, w), ((0, 0), (pt, pb), (pl, pr)))
+        # cols(X_q) s = sum_ij beta_i gamma_j Xc[:, oh s + i, ow s + j], separably: kw taps, then kh taps
+        hp = xc.shape[1]
+        xg = np.zeros((n, hp, ow), np.int64)
+        for j in range(kw):
+            xg = (xg + xc[:, :, j:j + sw * ow:sw] * int(gamma[j])) % P
         y = np.zeros((n, oh, ow), np.int64)
         for i in range(kh):
-            for j in range(kw):
-                y = (y + xc[:, i:i + sh * oh:sh, j:j + sw * ow:sw] * (int(beta[i]) * int(gamma[j]) % P)) % P
+            y = (y + xg[:, i:i + sh * oh:sh, :] * int(beta[i])) % P
         return lhs == _dot(ut, y)
     # dx
     o = uq.shape[1]

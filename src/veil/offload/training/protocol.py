@@ -145,6 +145,12 @@ def _scales(u: np.ndarray, v: np.ndarray) -> tuple[int, int, float, float]:
     return fu, fv, au, av
 
 
+def _rint_scaled(x: np.ndarray, f: int) -> np.ndarray:
+    """``round(x 2^f)`` (to nearest even, as :func:`numpy.rint`), float64, one temporary."""
+    q = np.multiply(x, 2.0**f, dtype=np.float64)
+    return np.rint(q, out=q)
+
+
 def _maxabs(x: np.ndarray) -> float:
     return max(float(x.max()), -float(x.min())) if x.size else 0.0
 
@@ -284,7 +290,11 @@ def expected_answer(backend: Backend, role: int, e: np.ndarray | None, f: np.nda
 
     if role == 2:
         (a0, b0), (a1, b1) = masks(seeds[0]), masks(seeds[1])
-        z = backend.field_matmul((tu(a0), tu(a1)), (tv(b0), tv(b1)))
+        a0 += a1  # uint32: below 2p < 2^32
+        a0 %= np.uint32(P)
+        b0 += b1
+        b0 %= np.uint32(P)
+        z = backend.field_matmul(tu(a0), tv(b0))  # cols() of the (smaller) tensor's sum, not of each mask
     else:
         a_j, b_j = masks(seeds[role] if len(seeds) > 1 else seeds[0])
         te, tf = tu(e), tv(f)
@@ -559,7 +569,7 @@ class SecureMatmul(MatmulEngine):
                 ru, cv, length = conv_norms(spec, u, v)
                 au, av = _maxabs(u), _maxabs(v)
                 fu, fv = _scale_rule(ru, cv, au, av, length)
-            uq, vq = np.rint(u * 2.0**fu), np.rint(v * 2.0**fv)  # exact integers, |.| < p/2 (Cauchy-Schwarz)
+            uq, vq = _rint_scaled(u, fu), _rint_scaled(v, fv)  # exact integers, |.| < p/2 (Cauchy-Schwarz)
             r0, r1 = masks_u32(s0, u.size + v.size), masks_u32(s1, u.size + v.size)  # (A_j, B_j) as in expand_masks
             e = _masked(uq, r0[:u.size].reshape(u.shape), r1[:u.size].reshape(u.shape))
             f = _masked(vq, r0[u.size:].reshape(v.shape), r1[u.size:].reshape(v.shape))
