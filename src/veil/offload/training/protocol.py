@@ -72,21 +72,9 @@ def field_matmul(backend: Backend, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     With 16-bit limbs ``u = u1 2^16 + u0``, ``v = v1 2^16 + v0``, Karatsuba needs three float64
     products: ``u1 v1``, ``u0 v0`` and ``(u1 + u0)(v1 + v0)`` (17-bit sums, so partial sums stay below
     2^53 while the inner dimension is < 2^19); ``2^32 = 2 (mod p)``. Wider products fall back to the four
-    limb products of :func:`veil.offload.field.mul_full` (inner dimension < 2^21)."""
-    k = u.shape[1]
-    if k >= MAX_INNER_FULL:
-        raise FieldRangeError(f"inner dimension {k} too large for exact field products (< {MAX_INNER_FULL})")
-    if k >= MAX_INNER_KARATSUBA:
-        return backend.linear(u, backend.prepare(np.ascontiguousarray(v.T), True))
-    ut = backend.put(np.ascontiguousarray(u, dtype=np.int64))
-    vt = backend.put(np.ascontiguousarray(v.T, dtype=np.int64))
-    u1, u0 = ut >> 16, ut & 0xFFFF
-    v1, v0 = vt >> 16, vt & 0xFFFF
-    f, i = backend.f64, backend.i64
-    hh = i(backend.matmul_t(f(u1), f(v1)))
-    ll = i(backend.matmul_t(f(u0), f(v0)))
-    mid = i(backend.matmul_t(f(u1 + u0), f(v1 + v0))) - hh - ll
-    return backend.get((hh % P * 2 + mid % P * (1 << 16) + ll % P) % P)
+    limb products of :func:`veil.offload.field.mul_full` (inner dimension < 2^21). Delegates to
+    :meth:`veil.offload.backend.Backend.field_matmul`."""
+    return backend.field_matmul(u, v)
 
 
 def field_matvec(m: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -294,13 +282,13 @@ def expected_answer(backend: Backend, role: int, e: np.ndarray | None, f: np.nda
         a0 %= np.uint32(P)
         b0 += b1
         b0 %= np.uint32(P)
-        z = backend.field_matmul(tu(a0), tv(b0))  # cols() of the (smaller) tensor's sum, not of each mask
+        z = backend.field_matmul(tu(a0), tv(b0), dtype=np.uint32)  # cols() of the tensor's sum, not of each mask
     else:
         a_j, b_j = masks(seeds[role] if len(seeds) > 1 else seeds[0])
         te, tf = tu(e), tv(f)
         pairs = [(te, (tf, tv(b_j)) if role == 0 else tv(b_j)), (tu(a_j), tf)]
-        z = backend.field_matmul_sum(pairs)
-    return np.asarray(to(z)).astype(np.uint32)
+        z = backend.field_matmul_sum(pairs, dtype=np.uint32)
+    return np.asarray(to(z)).astype(np.uint32, copy=False)
 
 
 def _raw_shapes(spec: ConvSpec | None, shape: tuple[int, int, int] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
