@@ -86,3 +86,20 @@ def test_bitslice_matches_bit_by_bit(n):
         want = ((x >> np.uint64(j)) & np.uint64(1)).astype(np.uint64)
         assert (S.unslice_row(rows[j], n) == want).all()
     assert (S.unpack_bits(S.pack_bits(np.arange(n) % 2), n) == np.arange(n) % 2).all()
+
+
+@pytest.mark.parametrize("backend", ["int64", "limbs"])
+def test_ring_products_agree_on_both_backends(backend, monkeypatch):
+    """The int64 GEMM (torch) and the float64 limbs give the same exact products mod 2^64."""
+    if backend == "int64" and ring.int64_backend() is None:
+        pytest.skip("torch is not installed: the int64 product needs it")
+    if backend == "limbs":
+        monkeypatch.setattr(ring, "_BACKEND", [None])
+    a, b = rand_ring(5, 2 * ring.CHUNK + 3), rand_ring(2 * ring.CHUNK + 3, 4)
+    assert (ring.matmul(a, b) == a @ b).all()
+    assert (ring.matmul(a, ring.Limbs(b)) == a @ b).all()
+    x, y = rand_ring(2, 3, 4, 7), rand_ring(1, 3, 7, 5)
+    assert (ring.bmatmul(x, y) == np.matmul(x, y)).all()
+    ro = rand_ring(3, 6)
+    ro.setflags(write=False)  # arrays decoded from the wire are read-only
+    assert (ring.matmul(ro, rand_ring(6, 2)[:, :1]).shape == (3, 1))

@@ -48,15 +48,25 @@ def upscale_a(x: np.ndarray, bits: int) -> np.ndarray:
     return x << np.uint64(bits)
 
 
-def trunc_from_open(party: int, c: np.ndarray, t: np.ndarray, u: np.ndarray, f: int) -> np.ndarray:
-    """Steps 3-4 of ``trunc_a``, given the opened ``c = z + r + 2^62`` (the offset added publicly)."""
+def trunc_from_open(party: int, c: np.ndarray, t: np.ndarray, u: np.ndarray, f: int,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """Steps 3-4 of ``trunc_a``, given the opened ``c = z + r + 2^62`` (the offset added publicly);
+    written into ``out`` when given (same shape as ``c``)."""
+    s = np.uint64(63 - f)
     c63 = c >> np.uint64(63)
-    b = u * (np.uint64(1) - np.uint64(2) * c63)  # (1 - 2 c63) u ; party 0 adds c63 below
-    fs = np.uint64(f)
-    out = (b << np.uint64(63 - f)) - t
+    m = np.negative(c63)  # all ones where c63 = 1: (x ^ m) - m = (1 - 2 c63) x
+    res = np.left_shift(u, s, out=out)  # party 0 adds c63 << (63 - f) below
+    res ^= m
+    res -= m
+    res -= t
     if party == 0:
-        out += ((c & M63) >> fs) + (c63 << np.uint64(63 - f)) - np.uint64(1 << (62 - f))
-    return out
+        lo = c & M63
+        lo >>= np.uint64(f)
+        res += lo
+        c63 <<= s
+        res += c63
+        res -= np.uint64(1 << (62 - f))
+    return res
 
 
 def trunc_a(ctx: Ctx, x: np.ndarray, mat: dict[str, np.ndarray]) -> np.ndarray:

@@ -32,6 +32,7 @@ All values must satisfy ``|x| < 2^63`` (``< 2^62`` with truncation): see :mod:`v
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -81,23 +82,42 @@ def monomials_bb(ctx: Ctx, xs: list[np.ndarray], monos: tuple[tuple[int, ...], .
     if extra is not None:
         theirs, other_extra = theirs
     d = mine ^ theirs
+    pubs: dict[tuple[int, ...], np.ndarray] = {}
+
+    def pub(rest: tuple[int, ...]) -> np.ndarray:  # AND of the public D_i, i in rest (cached)
+        if rest not in pubs:
+            pubs[rest] = d[rest[0]] if len(rest) == 1 else pub(rest[:-1]) & d[rest[-1]]
+        return pubs[rest]
+
     outs = []
     for t in monos:
-        acc = np.zeros_like(xs[0])
-        for bits in range(1 << len(t)):
-            u = tuple(sorted(t[i] for i in range(len(t)) if bits >> i & 1))
-            rest = [t[i] for i in range(len(t)) if not bits >> i & 1]
-            pub = d[rest[0]].copy() if rest else None
-            for i in rest[1:]:
-                pub &= d[i]
+        acc: np.ndarray | None = None
+        for u, rest in _splits(t):
             if not u:
-                if ctx.party == 0:
-                    acc ^= pub
-                continue
-            sh = a[u[0]] if len(u) == 1 else prods[u]
-            acc ^= sh if pub is None else (pub & sh)
+                if ctx.party != 0:
+                    continue
+                term = pub(rest).copy()
+            else:
+                sh = a[u[0]] if len(u) == 1 else prods[u]
+                term = sh.copy() if not rest else pub(rest) & sh
+            if acc is None:
+                acc = term
+            else:
+                acc ^= term
+        assert acc is not None
         outs.append(acc)
     return outs, other_extra
+
+
+@cache
+def _splits(t: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    """Every split of a monomial's variables into (masked part U, public part T minus U), both sorted."""
+    out = []
+    for bits in range(1 << len(t)):
+        u = tuple(sorted(t[i] for i in range(len(t)) if bits >> i & 1))
+        rest = tuple(sorted(t[i] for i in range(len(t)) if not bits >> i & 1))
+        out.append((u, rest))
+    return tuple(out)
 
 
 def _minterms(cb: np.ndarray) -> np.ndarray:
@@ -120,11 +140,14 @@ def group_borrows(ctx: Ctx, cb: np.ndarray, mat: dict[str, Any], m: np.ndarray |
     """Step 3 (local): XOR shares of generate and propagate of the 16 groups, (16, nb) each. ``m``: the
     minterms of ``cb`` when already known (several thresholds against one opening)."""
     gt = mat["tables"]  # (16 values, 16 groups, nb): shares of G_u = [u < r_k]
-    prev = np.concatenate([np.full_like(gt[:1], 0xFF if ctx.party == 0 else 0), gt[:-1]])  # G_{u-1}, G_{-1} = 1
     if m is None:
         m = _minterms(cb)
     g = np.bitwise_xor.reduce(gt & m, axis=0)  # select the actual nibble, locally
-    p = np.bitwise_xor.reduce((prev ^ gt) & m, axis=0)  # P = [u == r_k] = G_{u-1} ^ G_u
+    # P = [u == r_k] = G_{u-1} ^ G_u selected by m_u: g ^ XOR_u (G_{u-1} & m_u), with G_{-1} = 1 (public)
+    p = np.bitwise_xor.reduce(gt[:-1] & m[1:], axis=0)
+    p ^= g
+    if ctx.party == 0:
+        p ^= m[0]
     return g, p
 
 

@@ -186,8 +186,10 @@ def _poly_rows(run: Runner, coef: np.ndarray, pw: dict[int, np.ndarray], n: int)
     """``sum_k coef[:, k] x^k`` for shares of the powers (rows (R, n)); the constant terms are public."""
     out = np.empty((coef.shape[0], n), np.uint64)
     out[:] = coef[:, :1] if run.party == 0 else np.uint64(0)
+    tmp = np.empty_like(out)
     for k in range(1, coef.shape[1]):
-        out += coef[:, k : k + 1] * pw[k][None, :]
+        np.multiply(coef[:, k : k + 1], pw[k][None, :], out=tmp)
+        out += tmp
     return out
 
 
@@ -226,22 +228,36 @@ def _magnitude(run: Runner, x: np.ndarray, lo: int, hi: int, sc2: int, half: boo
     f = run.fp.frac_bits
     w = working_scale(f)
     sc1 = 59 - f  # scale of the public deltas of 2^-e: x * 2^-e < 2 stays below 2^62
-    es = lo + np.arange(1, (hi - lo) * OCTAVE_STEPS) / OCTAVE_STEPS
-    prev = np.concatenate([[lo], es[:-1]])
-    d1 = 2.0**-es - 2.0**-prev
-    p = 0.5 if half else 1.0
-    d2 = cmul * (2.0 ** (-p * es) - 2.0 ** (-p * prev))
+    ts, d1, d2, base1, base2 = _magnitude_consts(f, lo, hi, sc2, half, cmul)
     n = x.shape[0]
-    base_x = x * _enc(2.0**-lo, sc1)
-    base_c = run.public(np.full(n, _enc(cmul * 2.0 ** (-p * lo), sc2)))
-    if len(es):
-        ts = np.array([_enc(2.0**e, f) for e in es])
-        ys = np.stack([np.stack([x * _enc(dj, sc1) for dj in d1]),
-                       np.stack([run.public(np.full(n, _enc(dj, sc2))) for dj in d2])])  # (2, J, n): width 2
+    base_x = x * base1
+    base_c = run.public(np.full(n, base2, np.uint64))
+    if len(ts):
+        ys = np.empty((2, len(ts), n), np.uint64)  # width 2: x * delta_j and the public delta of c
+        np.multiply(d1[:, None], x[None, :], out=ys[0])
+        ys[1] = d2[:, None] if run.party == 0 else np.uint64(0)
         sel = run.select_thresholds(x, ts, ys).sum(axis=1)
-        base_x, base_c = base_x + sel[0], base_c + sel[1]
+        base_x += sel[0]
+        base_c += sel[1]
     xn = run.trunc(base_x, f + sc1 - w)
     return xn, base_c
+
+
+@lru_cache(maxsize=64)
+def _magnitude_consts(f: int, lo: int, hi: int, sc2: int, half: bool,
+                      cmul: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.uint64, np.uint64]:
+    """Ring constants of :func:`_magnitude`: thresholds ``2^e`` (at f), the deltas of ``2^-e`` (at
+    59 - f) and of ``cmul 2^(-p e)`` (at ``sc2``), and the bases at ``e = lo``."""
+    sc1 = 59 - f
+    es = lo + np.arange(1, (hi - lo) * OCTAVE_STEPS) / OCTAVE_STEPS
+    prev = np.concatenate([[lo], es[:-1]])
+    p = 0.5 if half else 1.0
+    ts = _enc(2.0**es, f)
+    d1 = _enc(2.0**-es - 2.0**-prev, sc1)
+    d2 = _enc(cmul * (2.0 ** (-p * es) - 2.0 ** (-p * prev)), sc2)
+    for a in (ts, d1, d2):
+        a.setflags(write=False)
+    return ts, d1, d2, np.uint64(_enc(2.0**-lo, sc1)), np.uint64(_enc(cmul * 2.0 ** (-p * lo), sc2))
 
 
 def _c_scale(f: int, lo: int, half: bool) -> int:

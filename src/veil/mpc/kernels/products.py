@@ -32,7 +32,7 @@ from veil.mpc import ring
 from veil.mpc.kernels.base import Cost, Ctx, arr, lst
 
 __all__ = ["FixedWeight", "mul_aa", "matmul_aa", "matmul_ap", "conv_ap", "linear_aw", "conv_aw", "prepare_aw",
-           "product_aw_cost", "beaver_cost", "weight_op"]
+           "product_aw_cost", "beaver_cost", "weight_op", "beaver_finish", "bmatmul_finish"]
 
 
 @dataclass
@@ -107,22 +107,46 @@ def product_aw_cost(x_shape: Sequence[int]) -> Cost:
     return Cost().send(arr("uint64", tuple(x_shape)), "masked input E")
 
 
+def beaver_finish(party: int, d: np.ndarray, e: np.ndarray, mat: dict[str, np.ndarray]) -> np.ndarray:
+    """``z_i = d*e [party 0] + d*b_i + a_i*e + c_i`` for the opened ``d``, ``e`` (element-wise; ``e``
+    is overwritten). Party 0 computes ``d*(b_0 + e)``: one product less."""
+    if d.shape != e.shape:  # broadcasting operands
+        z = d * mat["b"] + mat["a"] * e + mat["c"]
+        return z + d * e if party == 0 else z
+    z = mat["b"] + e if party == 0 else mat["b"] * d
+    if party == 0:
+        z *= d
+    e *= mat["a"]
+    z += e
+    z += mat["c"]
+    return z
+
+
 def mul_aa(ctx: Ctx, x: np.ndarray, y: np.ndarray, mat: dict[str, np.ndarray]) -> np.ndarray:
     """Element-wise product of two shared tensors of the same shape: 1 round."""
     d_mine, e_mine = x - mat["a"], y - mat["b"]
     d_o, e_o = ctx.exchange([d_mine, e_mine])
-    d, e = d_mine + d_o, e_mine + e_o
-    z = d * mat["b"] + mat["a"] * e + mat["c"]
-    return z + d * e if ctx.party == 0 else z
+    d_mine += d_o
+    e_mine += e_o
+    return beaver_finish(ctx.party, d_mine, e_mine, mat)
 
 
 def matmul_aa(ctx: Ctx, x: np.ndarray, y: np.ndarray, mat: dict[str, np.ndarray]) -> np.ndarray:
     """Matrix product of two shared tensors (batch dims broadcast, as numpy): 1 round."""
     d_mine, e_mine = x - mat["a"], y - mat["b"]
     d_o, e_o = ctx.exchange([d_mine, e_mine])
-    d, e = d_mine + d_o, e_mine + e_o
-    z = ring.bmatmul(d, mat["b"]) + ring.bmatmul(mat["a"], e) + mat["c"]
-    return z + ring.bmatmul(d, e) if ctx.party == 0 else z
+    d_mine += d_o
+    e_mine += e_o
+    return bmatmul_finish(ctx.party, d_mine, e_mine, mat)
+
+
+def bmatmul_finish(party: int, d: np.ndarray, e: np.ndarray, mat: dict[str, np.ndarray]) -> np.ndarray:
+    """``z_i = d@e [party 0] + d@b_i + a_i@e + c_i``; party 0 computes ``d@(b_0 + e)``: two ring
+    products per party."""
+    z = ring.bmatmul(d, mat["b"] + e if party == 0 else mat["b"])
+    z += ring.bmatmul(mat["a"], e)
+    z += mat["c"]
+    return z
 
 
 def beaver_cost(x_shape: Sequence[int], y_shape: Sequence[int]) -> Cost:

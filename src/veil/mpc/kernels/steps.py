@@ -70,13 +70,26 @@ def _trunc_material(side: Any, label: str, n: int, bits: np.ndarray) -> dict[str
     return {"r": r, "t": t, "u": u}
 
 
-def _trunc_open(party: int, c: np.ndarray, t: np.ndarray, u: np.ndarray, bits: np.ndarray) -> np.ndarray:
-    """:func:`veil.mpc.kernels.arith.trunc_from_open` with a number of bits per element."""
-    c63 = c >> np.uint64(63)
-    b = u * (np.uint64(1) - np.uint64(2) * c63)
-    out = (b << (np.uint64(63) - bits)) - t
-    if party == 0:
-        out += ((c & M63) >> bits) + (c63 << (np.uint64(63) - bits)) - (np.uint64(1) << (np.uint64(62) - bits))
+def _trunc_open(party: int, c: np.ndarray, t: np.ndarray, u: np.ndarray, spec: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """:func:`veil.mpc.kernels.arith.trunc_from_open` with a number of bits per run of elements
+    (``spec`` as in :func:`_bits`): each run with a scalar shift, written into one array."""
+    out = np.empty_like(c)
+    i = 0
+    for count, bits in _runs(spec):
+        j = i + count
+        arith.trunc_from_open(party, c[i:j], t[i:j], u[i:j], bits, out=out[i:j])
+        i = j
+    return out
+
+
+def _runs(spec: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+    """Adjacent runs with the same number of bits merged."""
+    out: list[tuple[int, int]] = []
+    for count, bits in spec:
+        if out and out[-1][1] == bits:
+            out[-1] = (out[-1][0] + count, bits)
+        else:
+            out.append((count, bits))
     return out
 
 
@@ -183,9 +196,9 @@ class Runner:
         mat = self._take(("matmul", tuple(x.shape), tuple(y.shape), tuple(out_shape)))
         d_mine, e_mine = x - mat["a"], y - mat["b"]
         d_o, e_o = self.ctx.exchange([d_mine, e_mine])
-        d, e = d_mine + d_o, e_mine + e_o
-        z = ring.bmatmul(d, mat["b"]) + ring.bmatmul(mat["a"], e) + mat["c"]
-        return z + ring.bmatmul(d, e) if self.party == 0 else z
+        d_mine += d_o
+        e_mine += e_o
+        return products.bmatmul_finish(self.party, d_mine, e_mine, mat)
 
     def trunc(self, x: np.ndarray, bits: int) -> np.ndarray:
         """Divide by ``2^bits`` (error < 1 unit of the result, unbiased), any shape. 1 round."""
@@ -196,8 +209,10 @@ class Runner:
         spec = tuple((int(x.size), int(b)) for x, b in items)
         mat = self._take(("trunc", sum(c for c, _ in spec), spec))
         flat = np.concatenate([x.reshape(-1) for x, _ in items])
-        c = self.ctx.open(flat + mat["r"]) + _OFF
-        out = _trunc_open(self.party, c, mat["t"], mat["u"], _bits(spec))
+        flat += mat["r"]
+        c = self.ctx.open(flat)
+        c += _OFF
+        out = _trunc_open(self.party, c, mat["t"], mat["u"], spec)
         return _split(out, items)
 
     def mul_many(self, pairs: list[tuple[np.ndarray, np.ndarray]], open_also: dict[str, Any] | None = None) -> list[np.ndarray]:
@@ -211,9 +226,9 @@ class Runner:
         d_mine, e_mine = x - mat["a"], y - mat["b"]
         d_o, e_o, c_o = self.ctx.exchange([d_mine, e_mine, open_also["masked"]])
         open_also["c0"] = open_also["masked"] + c_o
-        d, e = d_mine + d_o, e_mine + e_o
-        z = d * mat["b"] + mat["a"] * e + mat["c"]
-        return _split(z + d * e if self.party == 0 else z, pairs)
+        d_mine += d_o
+        e_mine += e_o
+        return _split(products.beaver_finish(self.party, d_mine, e_mine, mat), pairs)
 
     def select(self, x: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """``ys * [x >= 0]`` for flat ``x`` (n,) and ``ys`` (width, n): exact comparison."""
