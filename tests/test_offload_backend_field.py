@@ -114,3 +114,52 @@ def test_read_only_operands_from_the_wire(backend, recwarn) -> None:
     assert np.array_equal(got.astype(np.int64), (exact(u, (2 * v) % P) + exact(u, v)) % P)
     assert np.array_equal(ru, u) and np.array_equal(rv, v)
     assert not [w for w in recwarn if "writable" in str(w.message)]
+
+
+CONV_SPECS = [((2, 3, 7, 6), (3, 2), (2, 1), (1, 0, 2, 1)), ((3, 1, 12, 12), (5, 5), (1, 1), (0, 0, 0, 0)),
+              ((2, 4, 6, 6), (3, 3), (2, 2), (1, 1, 1, 1))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("geom", CONV_SPECS, ids=["asym-pads-stride21", "5x5", "3x3-stride2"])
+def test_im2col_operands_and_col2im_results_match_the_host_transforms(backend, geom) -> None:
+    """cols() built on the device from the tensor, and col2im of the result folded there, bit for bit as
+    conv_field.cols / col2im_field on the host followed by the plain product: forward, dW and dX shapes."""
+    from veil.offload.backend import Im2col
+    from veil.offload.training.conv_field import ConvSpec, col2im_field, cols
+
+    x_shape, kernel, strides, pads = geom
+    rng = np.random.default_rng(len(x_shape) + kernel[0])
+    x, x2 = field(rng, x_shape, np.uint32), field(rng, x_shape, np.uint32)
+    o = 5
+    fwd = ConvSpec("fwd", x_shape, kernel, strides, pads)
+    rows, k = fwd.rows, fwd.k
+    w = field(rng, (k, o), np.uint32)
+    # forward: cols(X) W, X given as a tuple (sum mod p)
+    xs = (x.astype(np.int64) + x2) % P
+    want = exact(cols(xs, fwd), w)
+    assert np.array_equal(backend.field_matmul(Im2col((x, x2), fwd), w), want)
+    # weight gradient: dY^T cols(X), with an extra plain pair joined along the inner dimension
+    dw = ConvSpec("dw", x_shape, kernel, strides, pads)
+    g, h = field(rng, (o, rows), np.uint32), field(rng, (o, 3), np.uint32)
+    hv = field(rng, (3, k), np.uint32)
+    got = backend.field_matmul_sum([(g, Im2col(x, dw)), (h, hv)], dtype=np.uint32)
+    assert np.array_equal(got.astype(np.int64), (exact(g, cols(x, dw)) + exact(h, hv)) % P)
+    # data gradient: col2im(dY W) folded on the device
+    dx = ConvSpec("dx", x_shape, kernel, strides, pads)
+    gy, wm = field(rng, (rows, o), np.uint32), field(rng, (o, k), np.uint32)
+    got = backend.field_matmul(gy, wm, dtype=np.uint32, col2im=dx)
+    assert got.shape == x_shape and got.dtype == np.uint32
+    assert np.array_equal(got.astype(np.int64), col2im_field(exact(gy, wm), dx))
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2], ids=lambda b: b.name)
+def test_bad_convolution_operands_are_refused(backend) -> None:
+    from veil.offload.backend import Im2col
+    from veil.offload.training.conv_field import ConvSpec
+
+    spec = ConvSpec("fwd", (2, 3, 7, 6), (3, 2), (2, 1), (1, 0, 2, 1))
+    with pytest.raises(ValueError, match="tensors of shape"):
+        backend.field_matmul(Im2col(np.zeros((2, 3, 7, 5), np.uint32), spec), np.zeros((spec.k, 2), np.uint32))
+    with pytest.raises(ValueError, match="not cols"):
+        backend.field_matmul(np.zeros((4, 3), np.uint32), np.zeros((3, 2), np.uint32), col2im=spec)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,13 +28,41 @@ from veil.offload.errors import FieldRangeError
 from veil.offload.field import MAX_INNER_FULL, FieldOps, P, limbs_f64, mul_full, mul_small
 from veil.plain import kernels as K
 
-__all__ = ["Backend", "NumpyBackend", "TorchBackend", "select_backend", "MAX_INNER_KARATSUBA", "FieldArg"]
+__all__ = ["Backend", "NumpyBackend", "TorchBackend", "select_backend", "MAX_INNER_KARATSUBA", "FieldArg", "Im2col",
+           "ConvGeometry"]
 
 MAX_INNER_KARATSUBA = 2 ** (53 - 34)  #: exact limit of the three-product (Karatsuba) form (exclusive)
 
-#: a field matrix (uint32 or int64 host array, entries in [0, p)), or a tuple of such matrices of one shape
-#: standing for their sum mod p (formed on the backend's device)
-FieldArg = np.ndarray | tuple[np.ndarray, ...]
+
+class ConvGeometry(Protocol):
+    """A convolution's geometry (e.g. :class:`veil.offload.training.conv_field.ConvSpec`)."""
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]: ...
+    @property
+    def kernel(self) -> tuple[int, int]: ...
+    @property
+    def strides(self) -> tuple[int, int]: ...
+    @property
+    def pads(self) -> tuple[int, int, int, int]: ...
+    @property
+    def out_hw(self) -> tuple[int, int]: ...
+
+
+@dataclass(frozen=True)
+class Im2col:
+    """An operand standing for ``cols(x)`` (im2col: rows ``(n, oh, ow)``, columns ``(c, i, j)``, zero padding,
+    as :func:`veil.offload.training.conv_field.cols`) of the NCHW field tensor ``x`` (or of the sum mod p of
+    a tuple of tensors). The backend moves the tensor, not ``cols(x)``, to its device and builds the matrix
+    there."""
+
+    x: np.ndarray | tuple[np.ndarray, ...]
+    spec: ConvGeometry
+
+
+#: a field matrix (uint32 or int64 host array, entries in [0, p)), a tuple of such matrices of one shape
+#: standing for their sum mod p (formed on the backend's device), or an :class:`Im2col` of a field tensor
+FieldArg = np.ndarray | tuple[np.ndarray, ...] | Im2col
 
 
 class Backend(FieldOps):
@@ -81,15 +110,19 @@ class Backend(FieldOps):
         return self.get(y)
 
     # --- products of two field matrices (offload training) ----------------------------------------
-    def field_matmul(self, u: FieldArg, v: FieldArg, dtype: Any = np.int64) -> np.ndarray:
+    def field_matmul(self, u: FieldArg, v: FieldArg, dtype: Any = np.int64,
+                     col2im: ConvGeometry | None = None) -> np.ndarray:
         """``u @ v mod p`` for field matrices (see :meth:`field_matmul_sum`)."""
-        return self.field_matmul_sum([(u, v)], dtype)
+        return self.field_matmul_sum([(u, v)], dtype, col2im)
 
-    def field_matmul_sum(self, pairs: Sequence[tuple[FieldArg, FieldArg]], dtype: Any = np.int64) -> np.ndarray:
+    def field_matmul_sum(self, pairs: Sequence[tuple[FieldArg, FieldArg]], dtype: Any = np.int64,
+                         col2im: ConvGeometry | None = None) -> np.ndarray:
         """``sum_i u_i @ v_i mod p``, exact, as a host array of ``dtype`` (int64 or uint32).
 
-        ``u_i`` (n x k_i) and ``v_i`` (k_i x m) are uint32 or int64 arrays of field elements in [0, p), or
-        tuples of such arrays (their sum mod p). The pairs are joined along the inner dimension
+        ``u_i`` (n x k_i) and ``v_i`` (k_i x m) are uint32 or int64 arrays of field elements in [0, p),
+        tuples of such arrays (their sum mod p), or :class:`Im2col` operands (``cols`` of a tensor, built on
+        the device). ``col2im``: return ``col2im`` of the (n x m) result instead, an array of
+        ``col2im.x_shape`` (the adjoint of ``cols``, summed mod p on the device). The pairs are joined along the inner dimension
         (``[u_1 .. u_r] @ [v_1; ..; v_r]``), an array passed several times is moved to the device once.
         With 16-bit limbs ``u = u1 2^16 + u0``, ``v = v1 2^16 + v0``, Karatsuba needs three float64
         products, ``u1 v1``, ``u0 v0`` and ``(u1 + u0)(v1 + v0)`` (17-bit sums: every partial sum stays
@@ -103,6 +136,8 @@ class Backend(FieldOps):
             if su[0] != n or sv[1] != m or su[1] != sv[0]:
                 raise ValueError(f"field products do not chain: {[(su, sv) for su, sv in shapes]}")
         k = sum(su[1] for su, _ in shapes)
+        if col2im is not None and (n, m) != _cols_shape(col2im):
+            raise ValueError(f"a result of shape {(n, m)} is not cols() of a tensor of shape {col2im.x_shape}")
         if k >= MAX_INNER_FULL:
             raise FieldRangeError(f"inner dimension {k} too large for exact field products (< {MAX_INNER_FULL})")
         if dtype not in (np.int64, np.uint32):
@@ -117,7 +152,7 @@ class Backend(FieldOps):
                 return t % P
             key = id(x)
             if key not in cache:
-                cache[key] = self.field_in(x)
+                cache[key] = self.cols(dev(x.x), x.spec) if isinstance(x, Im2col) else self.field_in(x)
             return cache[key]
 
         u = self.cat([dev(a) for a, _ in pairs], 1)
@@ -131,7 +166,8 @@ class Backend(FieldOps):
         else:
             hh, ll = i(mm(u1, v1)), i(mm(u0, v0))
             mid = i(mm(u1, v0)) % P + i(mm(u0, v1)) % P
-        return self.field_out((hh % P * 2 + mid % P * (1 << 16) + ll % P) % P, dtype)
+        z = (hh % P * 2 + mid % P * (1 << 16) + ll % P) % P
+        return self.field_out(z if col2im is None else self.col2im(z, col2im), dtype)
 
     def field_in(self, a: np.ndarray) -> Any:
         """A host field matrix (uint32 or int64) -> the backend's int64 array."""
@@ -147,8 +183,28 @@ class Backend(FieldOps):
     def mm(self, a: Any, b: Any) -> Any:  # a @ b, float64
         raise NotImplementedError
 
+    def cols(self, x: Any, spec: ConvGeometry) -> Any:
+        """im2col of the backend's int64 NCHW tensor (see :class:`Im2col`)."""
+        raise NotImplementedError
+
+    def col2im(self, z: Any, spec: ConvGeometry) -> Any:
+        """The adjoint of :meth:`cols` for the backend's int64 field matrix, mod p (int64 NCHW)."""
+        raise NotImplementedError
+
+
+def _cols_shape(spec: ConvGeometry) -> tuple[int, int]:
+    n, c, _, _ = spec.x_shape
+    oh, ow = spec.out_hw
+    return n * oh * ow, c * spec.kernel[0] * spec.kernel[1]
+
 
 def _shape(x: FieldArg) -> tuple[int, ...]:
+    if isinstance(x, Im2col):
+        xs = x.x if isinstance(x.x, tuple) else (x.x,)
+        for y in xs:
+            if not isinstance(y, np.ndarray) or y.dtype not in (np.uint32, np.int64) or y.shape != tuple(x.spec.x_shape):
+                raise ValueError(f"an Im2col operand needs uint32 or int64 tensors of shape {tuple(x.spec.x_shape)}")
+        return _cols_shape(x.spec)
     if isinstance(x, tuple):
         if not x or any(not isinstance(y, np.ndarray) or y.shape != x[0].shape for y in x):
             raise ValueError("a summed field operand must be a non-empty tuple of arrays of one shape")
@@ -194,6 +250,16 @@ class NumpyBackend(Backend):
 
     def mm(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a @ b
+
+    def cols(self, x: np.ndarray, spec: ConvGeometry) -> np.ndarray:
+        from veil.offload.training.conv_field import cols
+
+        return cols(x, spec)  # type: ignore[arg-type]  # any ConvGeometry
+
+    def col2im(self, z: np.ndarray, spec: ConvGeometry) -> np.ndarray:
+        from veil.offload.training.conv_field import col2im_field
+
+        return col2im_field(z, spec)  # type: ignore[arg-type]
 
 
 class TorchBackend(Backend):
@@ -266,6 +332,29 @@ class TorchBackend(Backend):
 
     def mm(self, a: Any, b: Any) -> Any:
         return a @ b
+
+    def cols(self, x: Any, spec: ConvGeometry) -> Any:
+        n, c, _, _ = spec.x_shape
+        (kh, kw), (sh, sw) = spec.kernel, spec.strides
+        top, left, bottom, right = spec.pads
+        oh, ow = spec.out_hw
+        if any(spec.pads):
+            x = self.F.pad(x, (left, right, top, bottom))
+        win = x.unfold(2, kh, sh).unfold(3, kw, sw)[:, :, :oh, :ow]  # n, c, oh, ow, kh, kw (a view)
+        return win.permute(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
+
+    def col2im(self, z: Any, spec: ConvGeometry) -> Any:
+        n, c, h, w = spec.x_shape
+        (kh, kw), (sh, sw) = spec.kernel, spec.strides
+        top, left, bottom, right = spec.pads
+        oh, ow = spec.out_hw
+        out = self.torch.zeros((n, c, h + top + bottom, w + left + right), dtype=self.torch.int64, device=z.device)
+        d6 = z.reshape(n, oh, ow, c, kh, kw)
+        for i in range(kh):
+            for j in range(kw):
+                out[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += d6[:, :, :, :, i, j].permute(0, 3, 1, 2)
+        out %= P  # at most kh kw terms below 2^31 each
+        return out[:, :, top:top + h, left:left + w].contiguous()
 
 
 def select_backend(name: str = "auto") -> Backend:
