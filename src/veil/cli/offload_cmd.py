@@ -135,10 +135,11 @@ def user(deployment: Path = typer.Option(..., "--deployment", "-d", help="deploy
 def train(
     model: str = typer.Argument(..., help="initial model: an .onnx file, A-D (SecureNN architecture, seeded random "
                                           "initial weights) or deep-crossing"),
-    data: str = typer.Option("mnist-slice", help="mnist (images 0..7999 of the shared MNIST file), mnist-slice "
-                                                 "(the first 256 shipped HELD-OUT images 8000..8255: a smoke test only; a model trained on "
-                                                 "them must not be scored on the held-out set), clicks (synthetic), or an "
-                                                 ".npz with inputs and y"),
+    data: str = typer.Option("auto", help="mnist (images 0..7999 of the shared MNIST file ../shared/data/mnist_test.npz "
+                                          "or $VEIL_MNIST), mnist-slice (the first 256 shipped HELD-OUT images "
+                                          "8000..8255: a smoke test only; a model trained on them must not be scored on "
+                                          "the held-out set), clicks (synthetic), or an .npz with inputs and y; auto "
+                                          "(default): mnist when the shared file is there, else mnist-slice (said at start)"),
     n: int = typer.Option(None, help="use only the first N training samples"),
     optimizer: str = typer.Option("adam", help="sgd (with momentum) or adam"),
     lr: float = typer.Option(1e-3, help="learning rate"),
@@ -151,7 +152,9 @@ def train(
     backend: str = typer.Option("auto", help="accelerator backend: auto, numpy, torch, torch-cpu, torch-cuda"),
     checkpoint_every: int = typer.Option(0, help="seal a checkpoint every K steps (0: never)"),
     min_intensity: float = typer.Option(16.0, help="products with nkm/(nk+km+nm) below this stay in the enclave "
-                                                   "(0: offload every product)"),
+                                                   "(0: offload every product); the count is printed at start"),
+    precision: str = typer.Option("double", help="secure field products per product: single (one; ~1e-3 error "
+                                                 "relative to the largest output) or double (three, same round; ~1e-6)"),
     resume: bool = typer.Option(False, help="resume from the sealed checkpoint in --workdir"),
     workdir: Path = typer.Option(None, help="keep deployment, keys, logs and checkpoint here (default: a temp dir)"),
     deployment: Path = typer.Option(None, "--deployment", "-d",
@@ -174,11 +177,22 @@ def train(
                   "data": str(Path(data).resolve()) if Path(data).is_file() else data,
                   "optimizer": optimizer, "lr": lr, "momentum": momentum, "epochs": epochs, "batch_size": batch_size,
                   "seed": seed, "backend": backend, "hazmat_allow_simulation": hazmat_simulate, "output": "trained.onnx",
-                  "min_intensity": min_intensity}
+                  "min_intensity": min_intensity, "precision": precision}
     if n is not None:
         opts["n"] = n
     if max_steps is not None:
         opts["max_steps"] = max_steps
+    from veil.offload.training.party import train_config
+
+    train_config(opts)  # every setting checked before anything starts (VeilError: one line, exit 2)
+    if data == "auto":
+        from veil.offload.training.data import mnist_path
+
+        data = "mnist" if mnist_path().is_file() else "mnist-slice"
+        opts["data"] = data
+        console.print(f"data: {data}" + (" (images 0..7999 of the shared MNIST file)" if data == "mnist" else
+                                         f" (the shared MNIST file {mnist_path()} is missing: 256 shipped HELD-OUT "
+                                         "images, a smoke test only)"))
     if checkpoint_every or resume:
         opts.update({"checkpoint": "train.ckpt", "checkpoint_every": checkpoint_every, "resume": resume,
                      "sealing_key": "sealing.key"})
@@ -187,6 +201,23 @@ def train(
                                         "gives no hardware protection; pass --hazmat-allow-simulation to run it anyway")
     console.print("[bold yellow]warning:[/] the enclave is SIMULATED (software only, no SGX); three accelerators "
                   "(two share holders, one triple helper) must not collude pairwise")
+    request = None
+    if deployment is None:
+        from veil.offload.training.party import owner_request
+        from veil.offload.training.trainer import TrainConfig, Trainer
+
+        request = owner_request(opts)
+        plan = Trainer(request["model"], request["feeds"], request["labels"],
+                       TrainConfig.from_dict(request["config"])).product_plan(min_intensity)
+        sent = sum(off for _, off in plan)
+        per = 3 if precision == "double" else 1
+        console.print(f"per step: {len(plan)} products; {sent} offloaded to the accelerators ({sent * per} secure "
+                      f"products at precision {precision}), {len(plan) - sent} kept inside the enclave (arithmetic "
+                      f"intensity nkm/(nk+km+nm) below --min-intensity {min_intensity:g})")
+        if not sent:
+            top = max((a * b * c / max(a * b + b * c + a * c, 1) for (a, b, c), _ in plan), default=0.0)
+            console.print(f"[bold yellow]warning:[/] nothing is offloaded: the highest arithmetic intensity of {model} at "
+                          f"batch {batch_size} is {top:.1f}; pass --min-intensity 0 to offload every product")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
         task = bar.add_task("training", total=None, info="starting parties")
@@ -212,9 +243,9 @@ def train(
 
             if workdir is None:
                 with tempfile.TemporaryDirectory(prefix="veil-offload-train-") as tmp:
-                    res = run_train_deployment(tmp, opts, on_progress=on_progress)
+                    res = run_train_deployment(tmp, opts, on_progress=on_progress, request=request)
             else:
-                res = run_train_deployment(workdir, opts, on_progress=on_progress)
+                res = run_train_deployment(workdir, opts, on_progress=on_progress, request=request)
     out.write_bytes(res["onnx"])
     wall = time.perf_counter() - t0
     c = res["counters"]
@@ -227,7 +258,7 @@ def train(
     enclave_s = res["timing"]["enclave_s"] + c["enclave_s"]
     t.add_row("enclave work / accelerator wait", f"{enclave_s:.2f} s / {c['wait_s']:.2f} s "
               f"(enclave {enclave_s / max(res['wall_s'], 1e-9):.0%} of the training time)")
-    t.add_row("products (rounds), Freivalds checks", f"{int(c['products'])} ({int(c['rounds'])}), {int(c['freivalds_checks'])} "
+    t.add_row("secure products (rounds), Freivalds checks", f"{int(c['products'])} ({int(c['rounds'])}), {int(c['freivalds_checks'])} "
               f"(miss prob. {res['soundness_error_per_row']:.1e} per wrong row)")
     t.add_row("bytes enclave -> / <- accelerators+owner", f"{res['bytes_sent']:,} / {res['bytes_recv']:,}")
     if data == "mnist":

@@ -37,12 +37,14 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 def run_train_deployment(workdir: str | Path, options: dict[str, Any], timeout: float = 3600.0,
                          recv_timeout: float = 60.0, on_progress: Callable[[dict[str, Any]], None] | None = None,
-                         kill_after_steps: tuple[str, int] | None = None) -> dict[str, Any]:
+                         kill_after_steps: tuple[str, int] | None = None,
+                         request: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train over four local processes + this one (owner); returns the enclave's report with ``onnx``.
 
     ``options``: the deployment's ``[options]`` (see :mod:`veil.offload.training.party`); ``task`` and
     ``hazmat_allow_simulation`` must be set by the caller. ``kill_after_steps = (party, k)`` (tests) kills that
-    party's process after the k-th progress message."""
+    party's process after the k-th progress message. ``request``: the owner's request if the caller built it
+    already (:func:`~veil.offload.training.party.owner_request` of the same options)."""
     from veil.net import connect_tls, create_keys, write_deployment
 
     wd = Path(workdir)
@@ -53,7 +55,8 @@ def run_train_deployment(workdir: str | Path, options: dict[str, Any], timeout: 
                            timeout=recv_timeout, options={"task": "train", **options})
     if not (wd / "keys" / "ca" / "ca.pem").exists():
         create_keys(dep)
-    request = owner_request(dep.options, base=wd)
+    if request is None:
+        request = owner_request(dep.options, base=wd)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs = {p: wd / f"{p}.log" for p in _PROCS}

@@ -17,7 +17,9 @@ SecureNN architecture with seeded random initial weights), ``data`` (``mnist``: 
 the shared MNIST file, ``mnist-slice``: the shipped 256 held-out images, ``clicks``: the synthetic
 click set, or an .npz file with one array per model input and ``y``), ``n`` (use the first n
 samples), ``optimizer`` (sgd/adam), ``lr``, ``momentum``, ``epochs``, ``batch_size``, ``seed``,
-``loss`` (cross_entropy/bce), ``max_steps``, ``output`` (trained .onnx, default ``trained.onnx``);
+``loss`` (cross_entropy/bce), ``max_steps``, ``precision`` (``single``: one secure field product per
+product, ``double`` (default): three, see :mod:`veil.offload.training.precision`), ``output`` (trained
+.onnx, default ``trained.onnx``);
 enclave: ``hazmat_allow_simulation`` (required; ``hazmat_simulate`` is the old name), ``sealing_key``
 (simulated sealing-key file, so a restarted enclave can unseal), ``checkpoint`` (file), ``checkpoint_every``, ``resume``, ``freivalds_reps``,
 ``min_intensity`` (default 16: a product with ``nkm / (nk + km + nm)`` below it is computed inside the
@@ -40,10 +42,11 @@ from veil.net.channel import Channel
 from veil.net.deployment import Deployment
 from veil.offload.runtime import SimulatedEnclaveRuntime
 from veil.offload.training.accelerator import serve_train_accelerator
+from veil.offload.training.precision import DEFAULT_PRECISION
 from veil.offload.training.protocol import TRAIN_ACCELERATORS, SecureMatmul
 from veil.offload.training.trainer import TrainConfig, Trainer
 
-__all__ = ["run_train_party", "owner_request", "run_owner", "TRAIN_PARTIES"]
+__all__ = ["run_train_party", "owner_request", "train_config", "run_owner", "TRAIN_PARTIES"]
 
 TRAIN_PARTIES = ("enclave", *TRAIN_ACCELERATORS, "owner")
 DEFAULT_MIN_INTENSITY = 16.0  #: deployments: products below this arithmetic intensity stay in the enclave
@@ -88,11 +91,11 @@ def owner_request(opts: dict[str, Any], base: Path | None = None) -> dict[str, A
     from veil.offload.training.data import load_mnist, synthetic_clicks
     from veil.offload.training.export import graph_to_onnx
 
+    config = train_config(opts)  # bad settings fail here, before any data is read
     spec = str(opts.get("model", "C"))
     data = str(opts.get("data", "mnist-slice"))
     seed = int(opts.get("seed", 0))
     n = opts.get("n")
-    loss = str(opts.get("loss", "bce" if data == "clicks" else "cross_entropy"))
     feeds: dict[str, np.ndarray]
     if data in ("mnist", "mnist-slice"):
         if data == "mnist":
@@ -139,12 +142,27 @@ def owner_request(opts: dict[str, Any], base: Path | None = None) -> dict[str, A
         if not p.is_file():
             raise VeilError(f"model {spec!r}: not an .onnx file, A-D or deep-crossing")
         model = p.read_bytes()
-    opt: dict[str, Any] = {"name": str(opts.get("optimizer", "adam")), "lr": float(opts.get("lr", 1e-3))}
-    if opt["name"] == "sgd":
-        opt["momentum"] = float(opts.get("momentum", 0.9))
-    config = TrainConfig(optimizer=opt, epochs=int(opts.get("epochs", 1)), batch_size=int(opts.get("batch_size", 64)),
-                         seed=seed, loss=loss, max_steps=None if opts.get("max_steps") is None else int(opts["max_steps"]))
     return {"type": "train", "model": model, "feeds": feeds, "labels": np.asarray(y), "config": config.as_dict()}
+
+
+def train_config(opts: dict[str, Any]) -> TrainConfig:
+    """The training settings of deployment/CLI options, every one checked (:class:`VeilError` naming the bad
+    one); cheap, so callers run it before starting anything."""
+    data = str(opts.get("data", "mnist-slice"))
+    try:
+        opt: dict[str, Any] = {"name": str(opts.get("optimizer", "adam")), "lr": float(opts.get("lr", 1e-3))}
+        if opt["name"] == "sgd":
+            opt["momentum"] = float(opts.get("momentum", 0.9))
+        d = {"optimizer": opt, "epochs": int(opts.get("epochs", 1)), "batch_size": int(opts.get("batch_size", 64)),
+             "seed": int(opts.get("seed", 0)), "loss": str(opts.get("loss", "bce" if data == "clicks" else "cross_entropy")),
+             "max_steps": None if opts.get("max_steps") is None else int(opts["max_steps"]),
+             "precision": str(opts.get("precision", DEFAULT_PRECISION))}
+        for key in ("min_intensity", "freivalds_reps", "n"):
+            if opts.get(key) is not None and not float(opts[key]) >= (1 if key != "min_intensity" else 0):
+                raise VeilError(f"{key} must be >= {1 if key != 'min_intensity' else 0}, got {opts[key]!r}")
+    except (TypeError, ValueError) as e:
+        raise VeilError(f"bad training settings: {e}") from None
+    return TrainConfig.from_dict(d)
 
 
 def run_owner(ch: Channel, request: dict[str, Any], timeout: float = 600.0,

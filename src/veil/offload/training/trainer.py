@@ -10,6 +10,7 @@ a resumed run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from veil.offload.runtime import EnclaveRuntime
 from veil.offload.training.checkpoint import load_checkpoint, save_checkpoint
 from veil.offload.training.layers import LOSSES, TrainGraph
 from veil.offload.training.optimizers import Optimizer, make_optimizer
+from veil.offload.training.precision import DEFAULT_PRECISION, PRECISIONS, PrecisionMatmul
 from veil.offload.training.protocol import MatmulEngine, PlainMatmul
 
 __all__ = ["TrainConfig", "Trainer", "epoch_order", "TrainingDataError"]
@@ -48,24 +50,54 @@ class TrainConfig:
     seed: int = 0
     loss: str = "cross_entropy"
     max_steps: int | None = None  #: stop after this many steps in total (None: all epochs)
+    #: secure field products per product: "single" (one) or "double" (three, ~eps^2 error; see
+    #: :mod:`veil.offload.training.precision`)
+    precision: str = DEFAULT_PRECISION
 
     def as_dict(self) -> dict[str, Any]:
         return {"optimizer": dict(self.optimizer), "epochs": self.epochs, "batch_size": self.batch_size,
-                "seed": self.seed, "loss": self.loss, "max_steps": self.max_steps}
+                "seed": self.seed, "loss": self.loss, "max_steps": self.max_steps, "precision": self.precision}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         try:
             cfg = cls(optimizer=dict(d["optimizer"]), epochs=int(d.get("epochs", 1)), batch_size=int(d.get("batch_size", 64)),
                       seed=int(d.get("seed", 0)), loss=str(d.get("loss", "cross_entropy")),
-                      max_steps=None if d.get("max_steps") is None else int(d["max_steps"]))
+                      max_steps=None if d.get("max_steps") is None else int(d["max_steps"]),
+                      precision=str(d.get("precision", DEFAULT_PRECISION)))
         except (KeyError, TypeError, ValueError) as e:
             raise VeilError(f"bad training settings: {type(e).__name__}: {e}") from None
-        if cfg.loss not in LOSSES:
-            raise VeilError(f"unknown loss {cfg.loss!r}; choose {', '.join(LOSSES)}")
-        if cfg.epochs < 1 or cfg.batch_size < 1:
-            raise VeilError("epochs and batch_size must be >= 1")
+        cfg.validate()
         return cfg
+
+    def validate(self) -> None:
+        """Check every setting, the optimizer's included, before anything starts (:class:`VeilError` naming
+        the bad setting and what is accepted)."""
+        if self.loss not in LOSSES:
+            raise VeilError(f"unknown loss {self.loss!r}; choose {', '.join(LOSSES)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise VeilError(f"epochs and batch_size must be >= 1 (got epochs {self.epochs}, batch_size {self.batch_size})")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise VeilError(f"max_steps must be >= 1 or unset (got {self.max_steps})")
+        if self.precision not in PRECISIONS:
+            raise VeilError(f"unknown product precision {self.precision!r}; choose {' or '.join(PRECISIONS)}")
+        for key in ("lr", "momentum", "weight_decay", "eps"):
+            val = self.optimizer.get(key)
+            if val is not None and (not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0):
+                raise VeilError(f"optimizer setting {key} must be a finite number >= 0, got {val!r}")
+        make_optimizer(self.optimizer)  # unknown name, unknown keys or lr <= 0: VeilError
+
+
+class _ShapeRecorder(PlainMatmul):
+    """Float64 products that remember their shapes (for :meth:`Trainer.product_plan`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, int, int]] = []
+
+    def matmul(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        self.shapes.append((u.shape[0], u.shape[1], v.shape[1]))
+        return super().matmul(u, v)
 
 
 class Trainer:
@@ -95,6 +127,15 @@ class Trainer:
         self.epoch, self.pos, self.step_count = 0, 0, 0
         self.history: list[float] = []
         self.timing = {"enclave_s": 0.0, "products_s": 0.0}
+        self._wrapped: tuple[MatmulEngine, MatmulEngine] | None = None
+
+    def engine(self, engine: MatmulEngine) -> MatmulEngine:
+        """``engine`` at the configured product precision (a :class:`PrecisionMatmul` around it, made once)."""
+        if isinstance(engine, (PlainMatmul, PrecisionMatmul)):
+            return engine
+        if self._wrapped is None or self._wrapped[0] is not engine:
+            self._wrapped = (engine, PrecisionMatmul(engine, self.config.precision))
+        return self._wrapped[1]
 
     # --- identity ---------------------------------------------------------------------------------
     @property
@@ -130,6 +171,7 @@ class Trainer:
         """One optimizer step on the next batch; returns its loss."""
         t0 = time.perf_counter()
         before = engine.counters["enclave_s"] + engine.counters.get("wait_s", 0.0)
+        engine = self.engine(engine)
         feeds, y = self.batch()
         out, cache = self.net.forward(feeds, engine)
         loss, dout = self.loss_fn(out, y)
@@ -159,6 +201,18 @@ class Trainer:
             if on_step:
                 on_step(self, loss)
         return self.history
+
+    def product_plan(self, min_intensity: float) -> list[tuple[tuple[int, int, int], bool]]:
+        """The products ``(n, k, m)`` of one training step on the next batch (forward and backward, in
+        order) and whether each goes to the accelerators (``True``) or stays in the enclave because its
+        arithmetic intensity ``nkm / (nk + km + nm)`` is below ``min_intensity`` (the rule of
+        :class:`~veil.offload.training.protocol.SecureMatmul`). Computed in float64 here; nothing changes."""
+        rec = _ShapeRecorder()
+        feeds, y = self.batch()
+        out, cache = self.net.forward(feeds, rec)
+        _, dout = self.loss_fn(out, y)
+        self.net.backward(dout, cache, rec)
+        return [((n, k, m), n * k * m / max(n * k + k * m + n * m, 1) >= min_intensity) for n, k, m in rec.shapes]
 
     # --- evaluation and export --------------------------------------------------------------------
     def predict(self, feeds: dict[str, np.ndarray], batch: int = 500) -> np.ndarray:

@@ -1,0 +1,203 @@
+"""Product precision of offload training: one field product per product ("single") or three ("double").
+
+A secure product in F_p, p = 2^31 - 1 (:mod:`veil.offload.training.protocol`) quantises both factors
+so that ``|(U_q V_q)_ij| <= ||U_q row i|| ||V_q col j|| < p/2`` (Cauchy-Schwarz): the two operands share
+about 30 bits, so over an inner dimension ``k`` each entry keeps roughly ``15 - log2(sqrt k)`` bits,
+and one scale per matrix costs rows of small norm further bits. The error relative to the largest
+output is ~1e-3 for network C (docs/offload.md), far from float32 (6e-8).
+
+``precision="double"`` (:class:`PrecisionMatmul`) computes every product from three secure products
+in the same accelerator round, each through the unchanged protocol (fresh masks, same checks):
+
+1. **row/column normalisation** (exact): ``U' = diag(2^a) U``, ``V' = V diag(2^b)`` with powers of two
+   that bring every row of ``U`` and column of ``V`` to a 2-norm in [1/2, 1), so every output entry
+   gets the same share of the field's bits whatever the dynamic range across rows;
+2. **split**: ``U'_h`` = ``U'`` rounded to the grid ``2^-gu`` on which the protocol's quantisation of
+   the pair ``(U'_h, V'_h)`` is exact (checked: the scales :func:`~veil.offload.training.protocol.choose_scales`
+   returns for ``(U'_h, V'_h)`` are at least ``(gu, gv)``; otherwise one bit coarser), ``U'_l = U' - U'_h``;
+   the same for ``V'``;
+3. ``U' V' ~ U'_h V'_h + U'_l V'_h + U'_h V'_l``: the first product is exact, the other two carry the
+   protocol's relative error ``eps`` on operands that are themselves ``~eps`` of ``U'``, ``V'``, and the
+   dropped ``U'_l V'_l`` is ``~eps^2``: the error is ``~eps^2`` relative to ``||U_i|| ||V_j||``;
+4. undo the normalisation: ``(U V)_ij = 2^-(a_i + b_j) (U' V')_ij`` (exact).
+
+Security: each of the three products is a product of two secret matrices sent through the same
+protocol with fresh uniform masks, so what every accelerator receives is uniform and independent of
+data, weights and gradients exactly as for one product; the split, the exponents and the scales stay
+in the enclave. The accelerators see three products of the same shape instead of one (the precision
+setting is visible, as the architecture is). Cost: 3x the accelerator work and bytes and ~3x the
+enclave's protocol work per product; products the engine keeps inside the enclave (``min_intensity``)
+are computed once in float64 and not split.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from veil.errors import VeilError
+from veil.offload.backend import NumpyBackend
+from veil.offload.field import centered
+from veil.offload.training.protocol import (
+    MatmulEngine,
+    PlainMatmul,
+    _intensity,
+    choose_scales,
+    field_matmul,
+    quantise_pair,
+)
+
+__all__ = ["PRECISIONS", "DEFAULT_PRECISION", "PrecisionMatmul", "FieldArithmeticMatmul", "split_pair",
+           "normalise_exponents", "check_precision"]
+
+PRECISIONS = ("single", "double")  #: one secure field product per product, or three (see module docstring)
+DEFAULT_PRECISION = "double"
+_EXP_LIMIT = 200  #: bound on the normalisation exponents (keeps 2^a finite for any float64 input)
+
+
+def check_precision(precision: object) -> str:
+    """The precision name, or a :class:`~veil.errors.VeilError` naming the accepted ones."""
+    if precision not in PRECISIONS:
+        raise VeilError(f"unknown product precision {precision!r}; choose {' or '.join(PRECISIONS)}")
+    return str(precision)
+
+
+def normalise_exponents(x: np.ndarray, axis: int) -> np.ndarray:
+    """Integer exponents ``e`` such that ``2^e`` times each row (``axis=1``) or column (``axis=0``) of ``x``
+    has a 2-norm in [1/2, 1) (0 for an all-zero row)."""
+    sq = np.einsum("ij,ij->i", x, x) if axis == 1 else np.einsum("ij,ij->j", x, x)
+    _, e = np.frexp(np.sqrt(sq))
+    return np.clip(-e, -_EXP_LIMIT, _EXP_LIMIT).astype(np.int64)
+
+
+def _on_grid(x: np.ndarray, f: int) -> np.ndarray:
+    return np.ldexp(np.rint(np.ldexp(x, f)), -f)
+
+
+def split_pair(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(U_h, U_l, V_h, V_l)`` with ``U = U_h + U_l``, ``V = V_h + V_l`` and ``U_h``, ``V_h`` on grids that
+    the protocol's quantisation of the pair ``(U_h, V_h)`` reproduces exactly (step 2 of the module
+    docstring)."""
+    fu, fv = choose_scales(u, v)
+    uh, vh = u, v
+    for drop in range(4):
+        gu, gv = fu - drop, fv - drop
+        uh, vh = _on_grid(u, gu), _on_grid(v, gv)
+        cu, cv = choose_scales(uh, vh)
+        if cu >= gu and cv >= gv:
+            break
+    return uh, u - uh, vh, v - vh
+
+
+class PrecisionMatmul(MatmulEngine):
+    """Wraps an engine (normally :class:`~veil.offload.training.protocol.SecureMatmul`): ``single`` passes
+    products through, ``double`` turns each into three secure products in the same round (module
+    docstring). Shares the wrapped engine's ``counters``: ``products`` counts the secure products sent, and
+    ``split_products`` the model's products that became three of them."""
+
+    name = "precision"
+
+    def __init__(self, inner: MatmulEngine, precision: str = DEFAULT_PRECISION):
+        super().__init__()
+        self.inner = inner
+        self.precision = check_precision(precision)
+        self.counters = inner.counters
+        self.counters.setdefault("split_products", 0)
+
+    def matmul(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return self.matmuls([(u, v)])[0]
+
+    def _splits(self, u: np.ndarray, v: np.ndarray) -> bool:
+        if self.precision == "single" or isinstance(self.inner, PlainMatmul) or not u.size or not v.size:
+            return False
+        return _intensity(u, v) >= float(getattr(self.inner, "min_intensity", 0.0))
+
+    def matmuls(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        split = [self._splits(u, v) for u, v in pairs]
+        if not any(split):
+            return self.inner.matmuls(pairs)
+        t0 = time.perf_counter()
+        sent: list[tuple[np.ndarray, np.ndarray]] = []
+        exps: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for (u, v), sp in zip(pairs, split, strict=True):
+            if not sp:
+                sent.append((u, v))
+                exps.append(None)
+                continue
+            u = np.asarray(u, dtype=np.float64)
+            v = np.asarray(v, dtype=np.float64)
+            a, b = normalise_exponents(u, 1), normalise_exponents(v, 0)
+            uh, ul, vh, vl = split_pair(np.ldexp(u, a[:, None]), np.ldexp(v, b[None, :]))
+            sent += [(uh, vh), (ul, vh), (uh, vl)]
+            exps.append((a, b))
+        self.counters["split_products"] += sum(split)
+        self.counters["enclave_s"] += time.perf_counter() - t0
+        outs = iter(self.inner.matmuls(sent))  # counters["products"]: secure products (3 per split one)
+        t1 = time.perf_counter()
+        res = []
+        for e in exps:
+            if e is None:
+                res.append(next(outs))
+                continue
+            hh, lh, hl = next(outs), next(outs), next(outs)
+            res.append(np.ldexp(hh + (lh + hl), -(e[0][:, None] + e[1][None, :])))
+        self.counters["enclave_s"] += time.perf_counter() - t1
+        return res
+
+    # convolutions: at single precision the wrapped engine's own path (the secure engine masks the tensors and
+    # the accelerators do im2col); at double the base path (im2col in the enclave, then three secure products
+    # per product through :meth:`matmuls`)
+    def conv_forward(self, x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
+                     pads: tuple[int, int, int, int]) -> tuple[np.ndarray, Any]:
+        if self.precision == "single" or isinstance(self.inner, PlainMatmul):
+            return self.inner.conv_forward(x, w, strides, pads)
+        return super().conv_forward(x, w, strides, pads)
+
+    def conv_backward(self, x: np.ndarray, w: np.ndarray, g: np.ndarray, strides: tuple[int, int],
+                      pads: tuple[int, int, int, int], ctx: Any, need_dx: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        if self.precision == "single" or isinstance(self.inner, PlainMatmul):
+            return self.inner.conv_backward(x, w, g, strides, pads, ctx, need_dx)
+        return super().conv_backward(x, w, g, strides, pads, ctx, need_dx)
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
+
+
+class FieldArithmeticMatmul(MatmulEngine):
+    """The secure engine's arithmetic without masks, accelerators or checks (benchmarks of accuracy only).
+
+    :class:`~veil.offload.training.protocol.SecureMatmul` returns ``centered(U_q V_q mod p) 2^-(fu+fv)``
+    with ``U_q, V_q`` from :func:`~veil.offload.training.protocol.quantise_pair`; the masks cancel exactly
+    and the Cauchy-Schwarz scales rule out wrap-around, so that is the exact integer product ``U_q V_q``
+    scaled. This engine computes the same value directly (one exact field product, float64 limbs), so a
+    training run through it is bit-for-bit the run through the protocol at a fraction of the cost
+    (tested: ``test_the_arithmetic_engine_reproduces_the_protocol_bit_for_bit``) -- at precision
+    ``double``, and for products at ``single``; the secure engine's single-precision convolutions are
+    masked as tensors with their own scale rule, which this engine (im2col products) does not reproduce.
+    It protects nothing and is never used by ``veil offload train`` or a deployment."""
+
+    name = "field-arithmetic"
+
+    def __init__(self, min_intensity: float = 0.0):
+        super().__init__()
+        self.min_intensity = float(min_intensity)
+        self.local = PlainMatmul()
+        self._np = NumpyBackend()
+
+    def matmul(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        if self.min_intensity > 0 and _intensity(u, v) < self.min_intensity:
+            self.counters["local_products"] = self.counters.get("local_products", 0) + 1
+            out = self.local.matmul(u, v)
+        else:
+            fu, fv, uq, vq = quantise_pair(u, v)
+            out = centered(field_matmul(self._np, uq, vq)).astype(np.float64) * 2.0 ** -(fu + fv)
+            self.counters["products"] += 1
+            self.counters["macs"] += u.shape[0] * u.shape[1] * v.shape[1]
+        self.counters["enclave_s"] += time.perf_counter() - t0
+        return out
