@@ -123,3 +123,21 @@ def test_cli_generate_with_five_processes(tmp_path):
     bad_run = subprocess.run([sys.executable, "-m", "veil.cli.main", "mpc", "generate", "--llama2c", str(bad), "--steps", "2"],
                              capture_output=True, text=True, timeout=120)
     assert bad_run.returncode == 2 and "llama2.c header" in bad_run.stderr and "Traceback" not in bad_run.stderr
+
+
+def test_cli_encode_refuses_a_deployment_that_is_not_an_encode_one(tmp_path):
+    """A deployment without ``encode`` (or with another model) is one error line, before connecting anywhere."""
+    from veil.errors import DeploymentError
+    from veil.models.secure import encode_options
+    from veil.mpc.roles import PARTIES
+    from veil.net import write_deployment
+
+    with pytest.raises(DeploymentError, match="option encode = None: expected one of"):
+        encode_options({"model": "C.onnx"})
+    parties = {p: f"127.0.0.1:{7000 + i}" for i, p in enumerate(PARTIES)}
+    dep = write_deployment(tmp_path / "mpc.toml", "not-encode", "mpc", parties, options={"encode": "bert-large"})
+    r = subprocess.run([sys.executable, "-m", "veil.cli.main", "mpc", "encode", "--deployment", str(dep.path), "--text", "hi"],
+                       capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr + r.stdout, (r.stdout, r.stderr)
+    assert "'bert-large'" in errors[0] and "all-MiniLM-L6-v2" in errors[0], errors[0]

@@ -192,4 +192,4 @@ def generate_deployment(deployment: str | Path, steps: int, prompt: Sequence[int
     finally:
         ch.close()
     return {"ids": [int(t) for t in res["ids"]], "plain_ids": plain, "report": res["report"].as_dict(),
-            "wall_s": time.perf_counter() - t0, "model": str(dep.options.get("llama2c", "llama2c"))}
+            "wall_s": time.perf_counter() - t0, "model": Path(str(dep.options.get("llama2c", "llama2c"))).name}
