@@ -117,15 +117,18 @@ def _conv_case(i: int):
     return g.normal(size=xs), g.normal(0, 0.5, size=ws), st, pads, g
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch-cpu"])
 @pytest.mark.parametrize("case", range(len(CONVS)))
-def test_offloaded_convolutions_match_float_and_the_matrix_path(case):
+def test_offloaded_convolutions_match_float_and_the_matrix_path(case, backend):
     """Forward, dX and dW through the convolution path equal float64 im2col products up to the fixed-point
     error; with stride 1 the forward and dW results equal the matrix path's (same scales) bit for bit."""
     from veil.offload.training import PlainMatmul
     from veil.offload.training.conv_field import ConvSpec, cols
 
+    if backend.startswith("torch"):
+        pytest.importorskip("torch", reason="the torch backend needs torch")
     x, w, st, pads, g = _conv_case(case)
-    eng = DirectSecureMatmul.make(runtime(), {a: TrainAccelerator("numpy") for a in TRAIN_ACCELERATORS})
+    eng = DirectSecureMatmul.make(runtime(), {a: TrainAccelerator(backend) for a in TRAIN_ACCELERATORS})
     plain = PlainMatmul()
     y, ctx = eng.conv_forward(x, w, st, pads)
     yp, ctxp = plain.conv_forward(x, w, st, pads)

@@ -48,11 +48,11 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from veil.errors import ChannelError, IntegrityError
 from veil.net.channel import Channel
-from veil.offload.backend import Backend, NumpyBackend
+from veil.offload.backend import Backend, Im2col, NumpyBackend
 from veil.offload.errors import AcceleratorProtocolError, AcceleratorUnavailableError, FieldRangeError
 from veil.offload.field import HALF, MAX_INNER_FULL, P, uniform_field
 from veil.offload.runtime import EnclaveRuntime
-from veil.offload.training.conv_field import ConvSpec, check_conv, col2im_field, cols, conv_norms
+from veil.offload.training.conv_field import ConvSpec, check_conv, cols, conv_norms
 
 __all__ = ["TRAIN_ACCELERATORS", "field_matmul", "expand_masks", "choose_scales", "MatmulEngine", "field_matvec", "quantise_pair",
            "PlainMatmul", "SecureMatmul", "ProductRecord", "masks_u32", "exact_matvec"]
@@ -238,32 +238,13 @@ def _conv_intensity(spec: ConvSpec, u: np.ndarray, v: np.ndarray, o: int) -> flo
     return n * k * m / max(u.size + v.size + out, 1)
 
 
-def _transforms(spec: ConvSpec | None) -> tuple[Any, Any, Any]:
-    """(on U, on V, on the result) for an item: ``cols`` for the operand that is a tensor, ``col2im``
-    for a data gradient's result, identity otherwise."""
-    def ident(a: Any) -> Any:
-        return a
-
-    if spec is None:
-        return ident, ident, ident
-    sp = spec
-
-    def im2col(a: Any) -> Any:
-        return cols(a, sp)
-
-    def back(z: Any) -> Any:
-        return col2im_field(z, sp)
-
-    return (im2col if sp.op == "fwd" else ident, im2col if sp.op == "dw" else ident, back if sp.op == "dx" else ident)
-
-
 def expected_answer(backend: Backend, role: int, e: np.ndarray | None, f: np.ndarray | None, seeds: tuple[bytes, ...],
                     spec: ConvSpec | None, shape: tuple[int, int, int] | None = None) -> np.ndarray:
     """What accelerator ``role`` owes for one item (uint32): role 0 ``T(E (F + B0) + A0 F)``, role 1
     ``T(E B1 + A1 F)``, role 2 ``T(A B)`` (``e``, ``f`` unused), where ``E``, ``F``, ``A_j``, ``B_j`` go through
-    ``cols`` as the item's convolution says and ``T`` is ``col2im`` for a data gradient. ``seeds``: the
-    role's own seed first for roles 0 and 1; both for role 2."""
-    tu, tv, to = _transforms(spec)
+    ``cols`` as the item's convolution says and ``T`` is ``col2im`` for a data gradient; the backend builds
+    ``cols`` and ``col2im`` on its device from the tensors (:class:`veil.offload.backend.Im2col`).
+    ``seeds``: the role's own seed first for roles 0 and 1; both for role 2."""
     if role == 2:
         su, sv = _raw_shapes(spec, shape)
     elif e is None or f is None:
@@ -271,24 +252,27 @@ def expected_answer(backend: Backend, role: int, e: np.ndarray | None, f: np.nda
     else:
         su, sv = e.shape, f.shape
     nu = math.prod(su)
+    sp = spec
+
+    def on_u(x: Any) -> Any:  # a tensor's cols() for a forward convolution
+        return Im2col(x, sp) if sp is not None and sp.op == "fwd" else x
+
+    def on_v(x: Any) -> Any:  # ... for a weight gradient
+        return Im2col(x, sp) if sp is not None and sp.op == "dw" else x
 
     def masks(seed: bytes) -> tuple[np.ndarray, np.ndarray]:
         r = masks_u32(seed, nu + math.prod(sv))
         return r[:nu].reshape(su), r[nu:].reshape(sv)
 
+    back = sp if sp is not None and sp.op == "dx" else None
     if role == 2:
         (a0, b0), (a1, b1) = masks(seeds[0]), masks(seeds[1])
-        a0 += a1  # uint32: below 2p < 2^32
-        a0 %= np.uint32(P)
-        b0 += b1
-        b0 %= np.uint32(P)
-        z = backend.field_matmul(tu(a0), tv(b0), dtype=np.uint32)  # cols() of the tensor's sum, not of each mask
+        z = backend.field_matmul(on_u((a0, a1)), on_v((b0, b1)), dtype=np.uint32, col2im=back)  # A = A0 + A1 ...
     else:
         a_j, b_j = masks(seeds[role] if len(seeds) > 1 else seeds[0])
-        te, tf = tu(e), tv(f)
-        pairs = [(te, (tf, tv(b_j)) if role == 0 else tv(b_j)), (tu(a_j), tf)]
-        z = backend.field_matmul_sum(pairs, dtype=np.uint32)
-    return np.asarray(to(z)).astype(np.uint32, copy=False)
+        pairs = [(on_u(e), on_v((f, b_j)) if role == 0 else on_v(b_j)), (on_u(a_j), on_v(f))]
+        z = backend.field_matmul_sum(pairs, dtype=np.uint32, col2im=back)
+    return np.asarray(z).astype(np.uint32, copy=False)
 
 
 def _raw_shapes(spec: ConvSpec | None, shape: tuple[int, int, int] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
