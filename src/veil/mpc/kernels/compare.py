@@ -40,7 +40,7 @@ import numpy as np
 from veil.mpc.dealer import GROUPS, TREE, packed_len
 from veil.mpc.kernels.arith import trunc_from_open
 from veil.mpc.kernels.base import Cost, Ctx, arr, lst
-from veil.mpc.sharing import bitslice, unslice_row
+from veil.mpc.sharing import bitslice
 
 __all__ = ["minterms", "and_bb", "monomials_bb", "group_borrows", "select_a", "select_a_cost", "relu_a", "msb_bits"]
 
@@ -142,13 +142,17 @@ def group_borrows(ctx: Ctx, cb: np.ndarray, mat: dict[str, Any], m: np.ndarray |
     gt = mat["tables"]  # (16 values, 16 groups, nb): shares of G_u = [u < r_k]
     if m is None:
         m = _minterms(cb)
+    shape = gt.shape[1:]
+    k = gt.shape[-1] // m.shape[-1]  # K thresholds against one opening: m is shared by the K blocks
+    if k > 1:
+        gt, m = gt.reshape(16, shape[0], k, -1), m[:, :, None, :]
     g = np.bitwise_xor.reduce(gt & m, axis=0)  # select the actual nibble, locally
     # P = [u == r_k] = G_{u-1} ^ G_u selected by m_u: g ^ XOR_u (G_{u-1} & m_u), with G_{-1} = 1 (public)
     p = np.bitwise_xor.reduce(gt[:-1] & m[1:], axis=0)
     p ^= g
     if ctx.party == 0:
         p ^= m[0]
-    return g, p
+    return g.reshape(shape), p.reshape(shape)
 
 
 def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None,
@@ -170,7 +174,7 @@ def msb_bits(ctx: Ctx, c: np.ndarray, mat: dict[str, Any], extra: Any = None,
             p = terms[3]
     s = mat["r63"] ^ g[0]
     if ctx.party == 0:
-        s ^= cb[63]
+        s ^= cb[-1]  # bit 63 (the last row)
     return s, got
 
 
@@ -178,7 +182,8 @@ def select_a(ctx: Ctx, x: np.ndarray | None, ys: np.ndarray | None, mat: dict[st
              opened: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``ys * [x >= 0]`` element-wise. ``x``: shares (n,); ``ys``: shares (width, n), or ``None`` with
     ``trunc=True`` to select ``trunc(x)`` (then returns (1, n)). 4 rounds. ``opened``: ``(c, bitslice(c),
-    minterms)`` of an opening already made (then ``x`` is not used and round 1 is skipped)."""
+    minterms)`` of an opening already made (then ``x`` is not used and round 1 is skipped); with K thresholds
+    against one opening, ``c`` and the top row of ``bitslice(c)`` tiled K times, the minterms not."""
     if "fA" in mat:  # material of the 3-round variant (small layers)
         from veil.mpc.kernels.select3 import select3_a
 
@@ -188,19 +193,20 @@ def select_a(ctx: Ctx, x: np.ndarray | None, ys: np.ndarray | None, mat: dict[st
         c = ctx.open(x + mat["r"])  # round 1
     else:
         c = opened[0]
-    n = c.shape[0]
     if trunc:
         ys = trunc_from_open(ctx.party, c + _OFF, mat["tt"], mat["tu"], ctx.fp.frac_bits)[None, :]
     assert ys is not None
-    d_mine = ys - mat["u"]
-    s, d_theirs = msb_bits(ctx, c, mat, extra=d_mine, pre=None if opened is None else (opened[1], opened[2]))  # rounds 2-3
-    d = d_mine + d_theirs
+    n = ys.shape[1]
+    d = ys - mat["u"]
+    s, d_theirs = msb_bits(ctx, c, mat, extra=d, pre=None if opened is None else (opened[1], opened[2]))  # rounds 2-3
+    d += d_theirs
     b = s ^ mat["t"]
     if ctx.party == 0:
         b = ~b  # b = NOT msb
-    e = unslice_row(ctx.open_bits(b), n).astype(bool)  # round 4
-    yt = d * mat["tA"][None, :] + mat["w"]
-    return np.where(e[None, :], ys - yt, yt)
+    e = np.unpackbits(ctx.open_bits(b), count=n, bitorder="little").view(bool)  # round 4
+    d *= mat["tA"][None, :]
+    d += mat["w"]  # shares of y t
+    return np.subtract(ys, d, out=d, where=e[None, :])  # y b = y t if e = 0 else y - y t
 
 
 def relu_a(ctx: Ctx, x: np.ndarray, mat: dict[str, Any], trunc: bool = False) -> np.ndarray:

@@ -188,6 +188,8 @@ def _poly_rows(run: Runner, coef: np.ndarray, pw: dict[int, np.ndarray], n: int)
     out[:] = coef[:, :1] if run.party == 0 else np.uint64(0)
     tmp = np.empty_like(out)
     for k in range(1, coef.shape[1]):
+        if not coef[:, k].any():  # e.g. GELU's zero segment
+            continue
         np.multiply(coef[:, k : k + 1], pw[k][None, :], out=tmp)
         out += tmp
     return out

@@ -263,7 +263,7 @@ class Runner:
         pad = c0.size - n
         cb0 = bitslice(c0)
         m0 = compare.minterms(cb0)
-        opened = (np.tile(c0, k), np.tile(cb0, (1, k)), np.tile(m0, (1, 1, k)))
+        opened = (np.tile(c0, k), np.tile(cb0[63:], (1, k)), m0)  # the minterms broadcast over the K blocks
         y3 = ys.reshape(-1, k, n)  # (width, K, n)
         ysp = np.concatenate([y3, np.zeros(y3.shape[:2] + (pad,), np.uint64)], axis=2).reshape(y3.shape[0], -1)
         out = compare.select_a(self.ctx, None, ysp, mat, opened=opened)
