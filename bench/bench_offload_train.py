@@ -8,12 +8,20 @@ Parts (``--parts``):
 
 * ``step``: per training step, best of ``--reps`` steps after a warm-up, one BLAS thread per party:
   plaintext torch float32 (forward, backward, optimizer) on the CPU; enclave-only (veil's training
-  layers with every product in float64 inside the enclave process); offload (enclave + three
-  accelerator threads over in-memory channels, wire encoding included; on this CPU-only machine all
-  four share the same two cores). Enclave share = enclave work (layers, loss, optimizer, masking,
-  Freivalds, reconstruction) / offload step time. Bytes = payload enclave <-> accelerators per step.
-  Product error = max |offload product - float64 product| / max |float64 product| over the products
-  of one step (forward, dX, dW).
+  layers with every product in float64 inside the enclave process); offload (the enclave in this
+  process, the three accelerators as separate processes over mutual TLS on loopback, set up as
+  ``veil offload train`` does: a deployment with free loopback ports, its keys, ``serve_train_accelerator``
+  in each process; ``--transport threads`` runs them as threads of this process over in-memory
+  channels instead, where they share one interpreter lock with the enclave). ``--backend`` is what
+  the accelerator processes compute with (``torch-cuda``: every accelerator process on the GPU).
+  Enclave share = enclave work (layers, loss, optimizer, masking, Freivalds, reconstruction) /
+  offload step time. Accel compute = the three accelerators' time inside their product requests
+  during the timed steps, summed. Bytes = payload enclave <-> accelerators per step (without TLS
+  framing). Product error = max |offload product - float64 product| / max |float64 product| over
+  the products of one more step (forward, dX, dW), every product offloaded. ``--nets`` picks the
+  networks (C, DeepCrossing); ``--step-precision`` the secure products per product (single: one,
+  double: three, rows for each). The host (cores,
+  CPU, GPU, torch) is printed above the table and stored in the JSON (``host``).
 * side-by-side parts also train torch in float64 (same everything): how far precision alone moves
   the held-out figures, the scale against which veil's difference is read;
 * ``mnist``: network C trained on images 0..N-1 (``--mnist-train``, default 8000) of the shared MNIST
@@ -24,8 +32,8 @@ Parts (``--parts``):
 Both training parts write one PNG (``--png``) with the loss curves of veil offload and torch.
 
 Usage: ``python bench/bench_offload_train.py [--parts step,mnist,clicks] [--batch 128] [--backend numpy]
-[--mnist-train 8000] [--epochs 1] [--train-batch 64] [--click-n 8000] [--click-epochs 3] [--reps 3]
-[--png docs/offload_train_curves.png] [--json out.json]``. ``--backend torch-cuda`` runs the
+[--transport processes|threads] [--nets C,DeepCrossing] [--step-precision single,double] [--mnist-train 8000]
+[--epochs 1] [--train-batch 64] [--click-n 8000] [--click-epochs 3] [--reps 3] [--png docs/offload_train_curves.png] [--json out.json]``. ``--backend torch-cuda`` runs the
 accelerators on a GPU when one is present.
 """
 
@@ -47,9 +55,11 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from veil.net.local import run_local  # noqa: E402
 from veil.offload import SimulatedEnclaveRuntime  # noqa: E402
 from veil.offload.examples import mnist_module  # noqa: E402
 from veil.offload.training import (  # noqa: E402
+    TRAIN_ACCELERATORS,
     PlainMatmul,
     SecureMatmul,
     TrainAccelerator,
@@ -57,10 +67,12 @@ from veil.offload.training import (  # noqa: E402
     Trainer,
     epoch_order,
     load_mnist,
+    serve_train_accelerator,
     synthetic_clicks,
     train_offload_local,
 )
 from veil.offload.training.models import click_inputs, deep_crossing, torch_to_graph  # noqa: E402
+from veil.offload.training.precision import FieldArithmeticMatmul, PrecisionMatmul  # noqa: E402
 
 console = Console(width=220)
 torch.set_num_threads(1)
@@ -102,24 +114,144 @@ def torch_forward(mod, feeds: dict, names: list[str]):
 
 
 # --- part 1: per-step cost ---------------------------------------------------------------------------
-class ErrorProbe(SecureMatmul):
-    """Also computes each product in float64 to record the fixed-point error (bench only)."""
+class RecordingAccelerator(TrainAccelerator):
+    """Logs (wall-clock start, seconds) of every request it computes, so the benchmark can add up the
+    accelerator work of exactly the timed steps (also across processes: same host clock)."""
 
-    errors: list[tuple[str, float]] = []
+    def __init__(self, backend: str):
+        super().__init__(backend)
+        self.log: list[tuple[float, float]] = []
+
+    def handle(self, msg):
+        t0, c0 = time.time(), self.compute_s
+        out = super().handle(msg)
+        if self.compute_s != c0:
+            self.log.append((t0, self.compute_s - c0))
+        return out
+
+
+def _accelerator_process(dep_path: str, name: str, backend: str, timeout: float, q) -> None:
+    """Entry point of one accelerator process (``--transport processes``): mutual TLS to the enclave, as
+    ``veil party`` runs it; sends its request log back through ``q``."""
+    from veil.net import connect_tls, load_deployment
+
+    try:
+        acc = RecordingAccelerator(backend)
+        dep = load_deployment(dep_path)
+        ch = connect_tls(dep, name, ["enclave"])
+        s = serve_train_accelerator(ch, "enclave", accelerator=acc, idle_timeout=timeout)
+        q.put({"name": name, "backend": s["backend"], "log": acc.log})
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        q.put({"name": name, "error": f"{type(e).__name__}: {e}"})
+
+
+def run_with_accelerators(session, backend: str, transport: str, timeout: float = 600.0):
+    """``session(channel)`` as the enclave, with the three accelerators as threads of this process over
+    in-memory channels (``threads``) or as three processes over mutual TLS on loopback (``processes``).
+    Returns (session's result, {accelerator: (backend name, request log)})."""
+    if transport == "threads":
+        accs = {a: RecordingAccelerator(backend) for a in TRAIN_ACCELERATORS}
+
+        def acc_body(name):
+            return lambda ch: serve_train_accelerator(ch, "enclave", accelerator=accs[name], idle_timeout=timeout)
+
+        res, _ = run_local({"enclave": session, **{a: acc_body(a) for a in TRAIN_ACCELERATORS}}, timeout=timeout)
+        return res["enclave"], {a: (accs[a].backend.name, accs[a].log) for a in TRAIN_ACCELERATORS}
+    if transport != "processes":
+        raise SystemExit(f"--transport must be threads or processes, not {transport!r}")
+    import multiprocessing as mp
+    import queue
+    import tempfile
+
+    from veil.net import connect_tls, create_keys, write_deployment
+    from veil.net.ports import free_ports
+    from veil.offload.backend import select_backend
+
+    select_backend(backend)  # an unknown backend, or torch-cuda without a GPU, fails here at once (same host)
+    with tempfile.TemporaryDirectory(prefix="veil-bench-train-") as wd:
+        names = ("enclave", *TRAIN_ACCELERATORS)
+        dep = write_deployment(os.path.join(wd, "deployment.toml"), "bench-offload-train", "offload",
+                               {p: f"127.0.0.1:{port}" for p, port in zip(names, free_ports(len(names)), strict=True)},
+                               timeout=timeout)
+        create_keys(dep)
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_accelerator_process, args=(str(dep.path), a, backend, timeout, q), daemon=True)
+                 for a in TRAIN_ACCELERATORS]
+        for pr in procs:
+            pr.start()
+        try:
+            ch = connect_tls(dep, "enclave", TRAIN_ACCELERATORS, connect_timeout=180)
+            try:
+                with ch.aborting():
+                    result = session(ch)
+            finally:
+                ch.close()
+            reports = {}
+            for _ in procs:
+                try:
+                    r = q.get(timeout=60)
+                except queue.Empty:
+                    raise SystemExit("an accelerator process sent no report within 60 s") from None
+                if "error" in r:
+                    raise SystemExit(f"accelerator process {r['name']} failed: {r['error']}")
+                reports[r["name"]] = (r["backend"], r["log"])
+        finally:
+            for pr in procs:  # the processes this function started, and only those
+                pr.join(15)
+                if pr.is_alive():
+                    pr.kill()
+                    pr.join(5)
+    return result, reports
+
+
+class ErrorProbe(PrecisionMatmul):
+    """Also computes each product (and each convolution's forward and backward) in float64 to record the
+    fixed-point error (bench only)."""
+
+    def __init__(self, inner, precision: str):
+        super().__init__(inner, precision)
+        self.errors: list[tuple[str, float]] = []
+        self._ref = PlainMatmul()
+        self._in_conv = False  # products inside a convolution are measured as the convolution's result
+
+    def _record(self, label: str, got: np.ndarray, ref: np.ndarray) -> None:
+        self.errors.append((label, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))))
 
     def matmuls(self, pairs):
         outs = super().matmuls(pairs)
-        for (u, v), o in zip(pairs, outs, strict=True):
-            ref = u @ v
-            ErrorProbe.errors.append((f"{u.shape[0]}x{u.shape[1]}x{v.shape[1]}",
-                                      float(np.abs(o - ref).max() / max(np.abs(ref).max(), 1e-30))))
+        if not self._in_conv:
+            for (u, v), o in zip(pairs, outs, strict=True):
+                self._record(f"{u.shape[0]}x{u.shape[1]}x{v.shape[1]}", o, u @ v)
         return outs
+
+    def conv_forward(self, x, w, strides, pads):
+        self._in_conv = True
+        try:
+            y, ctx = super().conv_forward(x, w, strides, pads)
+        finally:
+            self._in_conv = False
+        self._record(f"conv {x.shape} * {w.shape}", y, self._ref.conv_forward(x, w, strides, pads)[0])
+        return y, ctx
+
+    def conv_backward(self, x, w, g, strides, pads, ctx, need_dx):
+        self._in_conv = True
+        try:
+            dx, dw = super().conv_backward(x, w, g, strides, pads, ctx, need_dx)
+        finally:
+            self._in_conv = False
+        rdx, rdw = self._ref.conv_backward(x, w, g, strides, pads, self._ref.conv_forward(x, w, strides, pads)[1], need_dx)
+        self._record(f"conv dW {w.shape}", dw, rdw)
+        if dx is not None:
+            self._record(f"conv dX {x.shape}", dx, rdx)
+        return dx, dw
 
 
 def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, reps: int, backend: str,
-               min_intensity: float) -> dict:
+               min_intensity: float, transport: str, precision: str) -> dict:
     n = len(y)
-    cfg = TrainConfig(optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9}, batch_size=n, seed=0, loss=loss, epochs=100)
+    cfg = TrainConfig(optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9}, batch_size=n, seed=0, loss=loss, epochs=100,
+                      precision=precision)
     names = [s.name for s in graph.inputs]
     # plaintext torch
     tm = copy.deepcopy(mod).float()
@@ -147,73 +279,88 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
         if i:
             ts.append(time.perf_counter() - t0)
     t_enc = min(ts)
-    # offload: warm-up step, then reps steps, each timed
+    # offload: one session of the enclave with the accelerators: a warm-up step, reps timed steps, then one
+    # step with every product offloaded and compared with float64 (the fixed-point error)
     tr = Trainer(graph, feeds, y, cfg)
     rt = runtime()
-    accs: list[TrainAccelerator] = []
 
-    def factory(_: str) -> TrainAccelerator:
-        a = TrainAccelerator(backend)
-        accs.append(a)
-        return a
-
-    train_offload_local(tr, rt, steps=1, accelerator_factory=factory, backend=backend, timeout=600,
-                        min_intensity=min_intensity)
-    steps: list[dict] = []
-    e0 = dict(tr.timing)
-
-    def on_step(t, _loss, mark=[time.perf_counter()]):  # noqa: B006 - per-call timer
-        now = time.perf_counter()
-        steps.append({"t": now - mark[0]})
-        mark[0] = now
-
-    accs.clear()
-    t0 = time.perf_counter()
-    run = train_offload_local(tr, rt, steps=reps, accelerator_factory=factory, backend=backend, timeout=600,
-                              on_step=on_step, min_intensity=min_intensity)
-    wall = time.perf_counter() - t0
-    c = run.counters
-    enclave_work = (tr.timing["enclave_s"] - e0["enclave_s"]) + c["enclave_s"]
-    st = run.stats["enclave"]
-    # fixed-point error of one more step's products
-    ErrorProbe.errors = []
-    from veil.net.local import run_local
-    from veil.offload.training import TRAIN_ACCELERATORS, serve_train_accelerator
-
-    def enclave(ch):
-        e = ErrorProbe(ch, rt, timeout=600)  # every product offloaded, to measure each one's error
+    def session(ch):
+        eng = SecureMatmul(ch, rt, timeout=600, min_intensity=min_intensity)
+        tr.step(eng)  # warm-up (first use of the device, allocations)
+        c0, e0, s0 = dict(eng.counters), dict(tr.timing), (ch.stats.bytes_sent, ch.stats.bytes_recv)
+        t_start, times = time.time(), []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            tr.step(eng)
+            times.append(time.perf_counter() - t0)
+        t_end = time.time()
+        c = {k: v - c0.get(k, 0) for k, v in eng.counters.items()}
+        enclave_work = (tr.timing["enclave_s"] - e0["enclave_s"]) + c["enclave_s"]
+        sent, recv = ch.stats.bytes_sent - s0[0], ch.stats.bytes_recv - s0[1]
+        probe = ErrorProbe(SecureMatmul(ch, rt, timeout=600), precision)  # every product offloaded
         try:
-            tr.step(e)
+            tr.step(probe)
         finally:
-            e.close()
+            probe.close()
+        return {"times": times, "window": (t_start, t_end), "counters": c, "enclave_work": enclave_work,
+                "bytes": (sent, recv), "errors": probe.errors}
 
-    run_local({"enclave": enclave, **{a: (lambda ch: serve_train_accelerator(ch, backend=backend))
-                                      for a in TRAIN_ACCELERATORS}}, timeout=600)
+    r, accs = run_with_accelerators(session, backend, transport)
+    lo, hi = r["window"]
+    accel = sum(dt for _, log in accs.values() for t, dt in log if lo <= t <= hi)
+    c, wall = r["counters"], sum(r["times"])
+    errs = [e for _, e in r["errors"]]
     return {"net": name, "min_intensity": min_intensity, "local_products": c.get("local_products", 0) / reps,
-            "batch": n, "torch_ms": t_torch * 1e3, "enclave_only_ms": t_enc * 1e3,
-            "offload_ms": min(s["t"] for s in steps) * 1e3, "offload_mean_ms": wall / reps * 1e3,
-            "enclave_share": enclave_work / wall, "accel_compute_ms": sum(a.compute_s for a in accs) / reps * 1e3,
-            "bytes_to_acc": st.bytes_sent / reps, "bytes_from_acc": st.bytes_recv / reps,
+            "batch": n, "transport": transport, "precision": precision,
+            "torch_ms": t_torch * 1e3, "enclave_only_ms": t_enc * 1e3,
+            "offload_ms": min(r["times"]) * 1e3, "offload_mean_ms": wall / reps * 1e3,
+            "enclave_share": r["enclave_work"] / wall, "accel_compute_ms": accel / reps * 1e3,
+            "bytes_to_acc": r["bytes"][0] / reps, "bytes_from_acc": r["bytes"][1] / reps,
             "products": c["products"] / reps, "rounds": c["rounds"] / reps, "macs": c["macs"] / reps,
-            "max_rel_product_error": max(e for _, e in ErrorProbe.errors),
-            "median_rel_product_error": float(np.median([e for _, e in ErrorProbe.errors])),
-            "backend": accs[0].backend.name if accs else backend}
+            "max_rel_product_error": max(errs), "median_rel_product_error": float(np.median(errs)),
+            "backend": next(iter(accs.values()))[0]}
+
+
+def host_info() -> dict:
+    """What the figures were measured on (printed above the table and stored in the JSON)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:  # Linux: the CPU model name
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "gpu": gpu,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
 
 
 # --- parts 2/3: side-by-side training ----------------------------------------------------------------
 def side_by_side(mod, graph, feeds, y, cfg: TrainConfig, backend: str, evaluate, label: str,
-                 min_intensity: float) -> dict:
+                 min_intensity: float, engine: str = "protocol") -> dict:
     names = [s.name for s in graph.inputs]
     # plaintext torch: same initial weights (the module the graph came from), same order, same optimizer;
     # in float32 (the reference) and float64 (how far precision alone moves the result)
     n = len(y)
     runs = {}
+    # held-out figures after every epoch (the last one is the final result): one run gives 1, 2, ... epochs
+    per_epoch: list[dict] = [{"epoch": e + 1} for e in range(cfg.epochs)]
     for dt in (torch.float32, torch.float64):
         tm = copy.deepcopy(mod).to(dt)
         opt = torch_opt(tm, cfg.optimizer)
         losses = []
         t0 = time.perf_counter()
+        t_eval = 0.0
         for ep in range(cfg.epochs):
+            if ep:
+                te = time.perf_counter()
+                with torch.no_grad():
+                    per_epoch[ep - 1]["torch" if dt == torch.float32 else "torch64"] = evaluate(
+                        lambda f, tm=tm, dt=dt: torch_forward(tm, {k: v.astype(np.float32 if dt == torch.float32 else np.float64)
+                                                                   for k, v in f.items()}, names).numpy().astype(np.float64))
+                t_eval += time.perf_counter() - te
             order = epoch_order(cfg.seed, ep, n)
             for i in range(0, n, cfg.batch_size):
                 idx = order[i:i + cfg.batch_size]
@@ -223,35 +370,53 @@ def side_by_side(mod, graph, feeds, y, cfg: TrainConfig, backend: str, evaluate,
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-        runs[dt] = (tm.eval(), losses, time.perf_counter() - t0)
+        runs[dt] = (tm.eval(), losses, time.perf_counter() - t0 - t_eval)
     tm, t_losses, t_torch = runs[torch.float32]
     tm64 = runs[torch.float64][0]
     # veil offload
+    from veil.graph import load_model
+    from veil.plain import run_plain
+
     tr = Trainer(graph, feeds, y, cfg)
     done = [0]
     t0 = time.perf_counter()
+    t_eval = [0.0]
 
     def progress(t, loss):
         done[0] += 1
         if done[0] % 10 == 0 or t.done:
             console.print(f"  [{label}] offload step {t.step_count}/{t.total_steps} loss {loss:.4f} "
-                          f"({(time.perf_counter() - t0) / done[0]:.2f} s/step)")
+                          f"({(time.perf_counter() - t0 - t_eval[0]) / done[0]:.2f} s/step)")
+        if t.pos == 0 and not t.done:  # an epoch ended: the owner's model of this moment, plain executor
+            te = time.perf_counter()
+            g_ep = load_model(t.onnx_bytes())
+            row = per_epoch[t.epoch - 1]
+            row["veil"] = evaluate(lambda f: next(iter(run_plain(g_ep, f).values())).astype(np.float64))
+            console.print(f"  [{label}] after epoch {t.epoch}: " + ", ".join(
+                f"{k} torch f32 {row['torch'][k]:.4f} torch f64 {row['torch64'][k]:.4f} veil {row['veil'][k]:.4f}"
+                for k in row["veil"]))
+            t_eval[0] += time.perf_counter() - te
 
-    run = train_offload_local(tr, runtime(), backend=backend, timeout=600, on_step=progress, min_intensity=min_intensity)
-    t_off = time.perf_counter() - t0
+    if engine == "field":  # the protocol's arithmetic without masks or accelerators: bit-identical parameters
+        eng = FieldArithmeticMatmul(min_intensity)
+        tr.train(eng, on_step=progress)
+        counters, nbytes = eng.counters, None
+    else:
+        run = train_offload_local(tr, runtime(), backend=backend, timeout=600, on_step=progress,
+                                  min_intensity=min_intensity)
+        counters, nbytes = run.counters, run.stats["enclave"].bytes_sent + run.stats["enclave"].bytes_recv
+    t_off = time.perf_counter() - t0 - t_eval[0]
     with torch.no_grad():
         ev_t = evaluate(lambda f: torch_forward(tm, f, names).numpy().astype(np.float64))
         ev_t64 = evaluate(lambda f: torch_forward(tm64, {k: v.astype(np.float64) for k, v in f.items()}, names).numpy())
-    from veil.graph import load_model
-    from veil.plain import run_plain
-
     g2 = load_model(tr.onnx_bytes())  # what the owner receives, run by the plain executor
     ev_v = evaluate(lambda f: next(iter(run_plain(g2, f).values())).astype(np.float64))
-    st = run.stats["enclave"]
+    per_epoch[-1].update({"torch": ev_t, "torch64": ev_t64, "veil": ev_v})
     return {"torch_losses": t_losses, "veil_losses": list(tr.history), "torch": ev_t, "veil": ev_v, "torch64": ev_t64,
+            "per_epoch": per_epoch, "precision": cfg.precision, "engine": engine,
             "torch_s": t_torch, "offload_s": t_off, "steps": tr.step_count,
-            "bytes_per_step": (st.bytes_sent + st.bytes_recv) / max(tr.step_count, 1),
-            "enclave_share": (tr.timing["enclave_s"] + run.counters["enclave_s"]) / t_off}
+            "bytes_per_step": None if nbytes is None else nbytes / max(tr.step_count, 1),
+            "enclave_share": None if engine == "field" else (tr.timing["enclave_s"] + counters["enclave_s"]) / t_off}
 
 
 def auc(score: np.ndarray, y: np.ndarray) -> float:
@@ -271,7 +436,9 @@ def plot(curves: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
     for ax, (title, r) in zip(axes[0], curves.items(), strict=True):
         ax.plot(r["torch_losses"], label="plaintext torch (float32)", lw=1.0, alpha=0.8)
-        ax.plot(r["veil_losses"], label="veil offload (enclave + 3 accelerators)", lw=1.0, alpha=0.8, ls="--")
+        how = "enclave + 3 accelerators" if r.get("engine", "protocol") == "protocol" else "its field arithmetic"
+        ax.plot(r["veil_losses"], label=f"veil offload, precision {r.get('precision', 'single')} ({how})", lw=1.0,
+                alpha=0.8, ls="--")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (batch)")
@@ -288,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=128, help="batch of the per-step part")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default="numpy", help="accelerators: numpy, torch-cpu, torch-cuda, auto")
+    ap.add_argument("--transport", default="processes", choices=["processes", "threads"],
+                    help="step part: accelerators as 3 processes over mutual TLS on loopback, or as threads of this process")
+    ap.add_argument("--nets", default="C,DeepCrossing", help="step part: networks to measure (C, DeepCrossing)")
+    ap.add_argument("--step-precision", default="single,double",
+                    help="step part: product precisions to measure, comma-separated (single, double)")
     ap.add_argument("--mnist-train", type=int, default=8000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-batch", type=int, default=64)
@@ -300,32 +472,52 @@ def main(argv: list[str] | None = None) -> int:
                     help="products below this arithmetic intensity stay in the enclave (the step part also runs 0)")
     ap.add_argument("--train-min-intensity", type=float, default=0.0,
                     help="the same for the side-by-side trainings (default 0: every product through the accelerators)")
+    ap.add_argument("--precision", default="double", choices=["single", "double"],
+                    help="secure products per product in the side-by-side trainings (see veil.offload.training.precision)")
+    ap.add_argument("--train-engine", default="protocol", choices=["protocol", "field"],
+                    help="side-by-side trainings: protocol (enclave + 3 accelerators, masks, checks) or field (the "
+                         "protocol's exact field arithmetic alone, bit-identical parameters, no security: accuracy only)")
     ap.add_argument("--png", default="docs/offload_train_curves.png")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     parts = a.parts.split(",")
-    results: dict = {"config": vars(a)}
-    console.print(f"accelerator backend {a.backend}; torch threads {torch.get_num_threads()}; "
-                  f"cuda available: {torch.cuda.is_available()}")
+    host = host_info()
+    results: dict = {"config": vars(a), "host": host}
+    host_line = (f"host: {host['usable_cores']}/{host['cores']} cores ({host['cpu']}), "
+                 f"GPU: {host['gpu'] or 'none'}, torch {host['torch']}")
+    console.print(f"{host_line}; accelerator backend {a.backend}, transport {a.transport}; "
+                  f"torch threads {torch.get_num_threads()}")
 
     if "step" in parts:
         rows = []
-        xs, ys = load_mnist("train")
-        mod, graph = model_c(a.seed)
-        for mi in sorted({0.0, a.min_intensity}):
-            rows.append(step_costs("C", mod, graph, {"x": xs[: a.batch]}, ys[: a.batch], "cross_entropy", a.reps,
-                                   a.backend, mi))
-        cd = synthetic_clicks(max(a.batch, 256), seed=1)
-        mod, graph = model_dc(cd.vocab, cd.dense.shape[1], a.seed)
-        for mi in sorted({0.0, a.min_intensity}):
-            rows.append(step_costs("DeepCrossing", mod, graph, cd.feeds(slice(0, 256)), cd.y[:256], "bce", a.reps,
-                                   a.backend, mi))
-        t = Table(title="offload training, per step (best of reps; offload mean in brackets)")
-        for c in ("net", "batch", "min intensity (local products)", "torch f32 ms", "enclave-only ms", "offload ms", "x enclave-only", "enclave share",
+        nets = a.nets.split(",")
+        unknown = set(nets) - {"C", "DeepCrossing"}
+        if unknown:
+            raise SystemExit(f"--nets: unknown network(s) {sorted(unknown)}; choose C, DeepCrossing")
+        precs = a.step_precision.split(",")
+        if set(precs) - {"single", "double"}:
+            raise SystemExit(f"--step-precision: choose single and/or double, not {a.step_precision!r}")
+        if "C" in nets:
+            xs, ys = load_mnist("train")
+            mod, graph = model_c(a.seed)
+            for prec in precs:
+                for mi in sorted({0.0, a.min_intensity}):
+                    rows.append(step_costs("C", mod, graph, {"x": xs[: a.batch]}, ys[: a.batch], "cross_entropy", a.reps,
+                                           a.backend, mi, a.transport, prec))
+        if "DeepCrossing" in nets:
+            cd = synthetic_clicks(max(a.batch, 256), seed=1)
+            mod, graph = model_dc(cd.vocab, cd.dense.shape[1], a.seed)
+            for prec in precs:
+                for mi in sorted({0.0, a.min_intensity}):
+                    rows.append(step_costs("DeepCrossing", mod, graph, cd.feeds(slice(0, 256)), cd.y[:256], "bce", a.reps,
+                                           a.backend, mi, a.transport, prec))
+        t = Table(title=f"offload training, per step (best of reps; offload mean in brackets); {host_line}; "
+                        f"accelerators: {rows[0]['backend'] if rows else a.backend}, {a.transport}")
+        for c in ("net", "batch", "precision", "min intensity (local products)", "torch f32 ms", "enclave-only ms", "offload ms", "x enclave-only", "enclave share",
                   "accel compute ms", "bytes to acc", "bytes from acc", "products", "rounds", "max rel. product err"):
             t.add_column(c)
         for r in rows:
-            t.add_row(r["net"], str(r["batch"]), f"{r['min_intensity']:g} ({r['local_products']:.0f})", f"{r['torch_ms']:.1f}", f"{r['enclave_only_ms']:.1f}",
+            t.add_row(r["net"], str(r["batch"]), r["precision"], f"{r['min_intensity']:g} ({r['local_products']:.0f})", f"{r['torch_ms']:.1f}", f"{r['enclave_only_ms']:.1f}",
                       f"{r['offload_ms']:.0f} ({r['offload_mean_ms']:.0f})", f"{r['offload_ms'] / r['enclave_only_ms']:.1f}",
                       f"{r['enclave_share']:.0%}", f"{r['accel_compute_ms']:.0f}", f"{r['bytes_to_acc']:,.0f}",
                       f"{r['bytes_from_acc']:,.0f}", f"{r['products']:.0f}", f"{r['rounds']:.0f}",
@@ -340,13 +532,13 @@ def main(argv: list[str] | None = None) -> int:
         xh, yh = load_mnist("heldout")
         mod, graph = model_c(a.seed)
         opt = {"name": a.optimizer, "lr": a.lr, **({"momentum": 0.9} if a.optimizer == "sgd" else {})}
-        cfg = TrainConfig(optimizer=opt, epochs=a.epochs, batch_size=a.train_batch, seed=a.seed)
+        cfg = TrainConfig(optimizer=opt, epochs=a.epochs, batch_size=a.train_batch, seed=a.seed, precision=a.precision)
 
         def ev_mnist(fwd):
             logits = np.concatenate([fwd({"x": xh[i:i + 500]}) for i in range(0, len(yh), 500)])
             return {"accuracy": float((logits.argmax(-1) == yh).mean())}
 
-        r = side_by_side(mod, graph, {"x": x}, y, cfg, a.backend, ev_mnist, "C", a.train_min_intensity)
+        r = side_by_side(mod, graph, {"x": x}, y, cfg, a.backend, ev_mnist, "C", a.train_min_intensity, a.train_engine)
         r["config"] = cfg.as_dict() | {"train_images": len(y)}
         curves[f"C / MNIST 0..{len(y) - 1}"] = r
         results["mnist"] = r
@@ -355,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         tr_idx, ho_idx = slice(0, a.click_n), slice(a.click_n, a.click_n + 2000)
         mod, graph = model_dc(data.vocab, data.dense.shape[1], a.seed)
         cfg = TrainConfig(optimizer={"name": "adam", "lr": 3e-3}, epochs=a.click_epochs, batch_size=128, seed=a.seed,
-                          loss="bce")
+                          loss="bce", precision=a.precision)
         yh = data.y[ho_idx]
         fh = data.feeds(ho_idx)
 
@@ -365,20 +557,27 @@ def main(argv: list[str] | None = None) -> int:
                     "accuracy": float(((p > 0.5) == yh).mean()), "auc": auc(p, yh)}
 
         r = side_by_side(mod, graph, data.feeds(tr_idx), data.y[tr_idx], cfg, a.backend, ev_clicks, "clicks",
-                         a.train_min_intensity)
+                         a.train_min_intensity, a.train_engine)
         r["config"] = cfg.as_dict() | {"train_samples": a.click_n}
         curves[f"DeepCrossing / clicks ({a.click_n})"] = r
         results["clicks"] = r
     if curves:
         t = Table(title="side by side: veil offload vs plaintext torch (same init, order, optimizer)")
-        for c in ("model", "steps", "metric (held-out)", "torch", "torch f64", "veil offload", "difference", "torch s", "offload s",
-                  "bytes/step", "enclave share"):
+        for c in ("model", "precision (engine)", "epochs (steps)", "metric (held-out)", "torch", "torch f64", "veil offload",
+                  "veil - torch", "veil - torch f64", "torch s", "offload s", "bytes/step", "enclave share"):
             t.add_column(c)
         for title, r in curves.items():
-            for k in r["torch"]:
-                t.add_row(title, str(r["steps"]), k, f"{r['torch'][k]:.4f}", f"{r['torch64'][k]:.4f}", f"{r['veil'][k]:.4f}",
-                          f"{r['veil'][k] - r['torch'][k]:+.4f}", f"{r['torch_s']:.0f}", f"{r['offload_s']:.0f}",
-                          f"{r['bytes_per_step']:,.0f}", f"{r['enclave_share']:.0%}")
+            for row in r["per_epoch"]:
+                last = row["epoch"] == len(r["per_epoch"])
+                steps = f"{row['epoch']} ({r['steps'] * row['epoch'] // len(r['per_epoch'])})"
+                for k in row["veil"]:
+                    t.add_row(title, f"{r['precision']} ({r['engine']})", steps, k, f"{row['torch'][k]:.4f}", f"{row['torch64'][k]:.4f}",
+                              f"{row['veil'][k]:.4f}", f"{row['veil'][k] - row['torch'][k]:+.4f}",
+                              f"{row['veil'][k] - row['torch64'][k]:+.4f}",
+                              *((f"{r['torch_s']:.0f}", f"{r['offload_s']:.0f}",
+                                 "-" if r["bytes_per_step"] is None else f"{r['bytes_per_step']:,.0f}",
+                                 "-" if r["enclave_share"] is None else f"{r['enclave_share']:.0%}")
+                                if last else ("", "", "", "")))
         console.print(t)
         plot(curves, a.png)
         console.print(f"loss curves written to {a.png}")
