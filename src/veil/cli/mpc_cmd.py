@@ -132,11 +132,14 @@ def plan(model: str = typer.Argument(..., help="ONNX file or shipped network A-D
 
 @app.command()
 def encode(text: list[str] = typer.Option(..., "--text", "-t", help="a sentence to embed (repeat for several)"),
-           seq_len: int = typer.Option(16, "--seq-len", help="tokens per sentence (padded/truncated; public)"),
+           seq_len: int = typer.Option(None, "--seq-len", help="tokens per sentence (padded/truncated; public); default "
+                                       "16, or the deployment's seq_len option"),
            out: Path = typer.Option(None, "--out", help="write the embeddings to a .npy or .json file"),
            frac_bits: int = typer.Option(16, help="fractional bits of the fixed-point format"),
            deployment: Path = typer.Option(None, "--deployment", "-d", help="be the user of this deployment (its other "
                                            "four parties run `veil party`); its options set seq_len and batch_size"),
+           compare: bool = typer.Option(True, "--compare/--no-compare", help="also run the public model in plaintext "
+                                        "here and print each embedding's cosine with it"),
            timeout: float = typer.Option(900, help="seconds before every party is stopped")) -> None:
     """MiniLM (all-MiniLM-L6-v2) sentence embeddings under mpc: five local processes over mutual TLS, or
     the user of a deployment (--deployment)."""
@@ -146,14 +149,15 @@ def encode(text: list[str] = typer.Option(..., "--text", "-t", help="a sentence 
     from veil.models.secure import encode_deployment, encode_local
     from veil.options import check_int
 
-    seq_len = check_int(seq_len, "--seq-len", 2, 512)
+    if seq_len is not None:
+        seq_len = check_int(seq_len, "--seq-len", 2, 512)
     if out is not None and out.suffix not in (".npy", ".json"):
         raise InputError(f"--out {out.name!r}: expected a .npy or .json file")
     if deployment is not None:
-        res = encode_deployment(deployment, text, timeout=timeout)
+        res = encode_deployment(deployment, text, timeout=timeout, compare=compare, seq_len=seq_len)
     else:
         with tempfile.TemporaryDirectory(prefix="veil-mpc-encode-") as tmp:
-            res = encode_local(text, tmp, seq_len=seq_len, frac_bits=frac_bits, timeout=timeout)
+            res = encode_local(text, tmp, seq_len=seq_len or 16, frac_bits=frac_bits, timeout=timeout, compare=compare)
     rep, emb, cos = res["report"], res["embedding"], res["cosine"]
     t = Table(title=f"all-MiniLM-L6-v2 under mpc: {len(text)} sentence(s), sequence length {res['seq_len']}")
     for c in ("sentence", "tokens", "embedding[:3]", "cosine vs plaintext"):

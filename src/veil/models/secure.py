@@ -103,7 +103,7 @@ def plain_embeddings(texts: Sequence[str], seq_len: int) -> np.ndarray | None:
 
 
 def encode_local(texts: Sequence[str], workdir: str | Path, seq_len: int = 16, frac_bits: int = 16,
-                 timeout: float = 600.0, batch: int | None = None) -> dict[str, Any]:
+                 timeout: float = 600.0, batch: int | None = None, compare: bool = True) -> dict[str, Any]:
     """MiniLM sentence embeddings under mpc with five local processes (see the module docstring);
     ``batch`` sentences per query (default: all in one query)."""
     from veil.mpc.demo import run_local_deployment
@@ -115,22 +115,29 @@ def encode_local(texts: Sequence[str], workdir: str | Path, seq_len: int = 16, f
     wd = Path(workdir)
     res = run_local_deployment(wd, np.zeros(1), wd, frac_bits=frac_bits, timeout=timeout, options=opts)
     secure = np.asarray(res["outputs"]["embedding"], np.float32)
-    plain = plain_embeddings(texts, seq_len)
+    plain = plain_embeddings(texts, seq_len) if compare else None
     tokens = res["outputs"].get("tokens")
     return {"texts": texts, "tokens": [int(t) for t in np.asarray(tokens).reshape(-1)], "seq_len": seq_len,
             "embedding": secure, "plain": plain, "cosine": None if plain is None else cosine(secure, plain),
             "report": res["report"], "wall_s": res["wall_s"]}
 
 
-def encode_deployment(deployment: str | Path, texts: Sequence[str], timeout: float | None = None) -> dict[str, Any]:
-    """Be the user of a running encode deployment (the other four parties started with ``veil party``)."""
+def encode_deployment(deployment: str | Path, texts: Sequence[str], timeout: float | None = None,
+                      compare: bool = True, seq_len: int | None = None) -> dict[str, Any]:
+    """Be the user of a running encode deployment (the other four parties started with ``veil party``);
+    ``compare``: also run the public model in plaintext here (``plain``, ``cosine``; None otherwise);
+    ``seq_len``, if given, must be the deployment's."""
     import time
 
     from veil.mpc.party import blas_single_thread, peers_of
     from veil.net import connect_tls, load_deployment
 
     dep = load_deployment(deployment)
+    want = seq_len
     seq_len, batch = encode_options(dep.options)
+    if want is not None and want != seq_len:
+        raise InputError(f"--seq-len {want} differs from the deployment's seq_len = {seq_len} (the owner's model is built "
+                         "for that length)")
     texts = _texts(texts)
     t0 = time.perf_counter()
     ch = connect_tls(dep, "user", peers_of(dep, "user"), timeout=timeout)
@@ -139,7 +146,7 @@ def encode_deployment(deployment: str | Path, texts: Sequence[str], timeout: flo
             res = encode_user(ch, texts, seq_len, batch)
     finally:
         ch.close()
-    plain = plain_embeddings(texts, seq_len)
+    plain = plain_embeddings(texts, seq_len) if compare else None
     return {**res, "seq_len": seq_len, "plain": plain, "report": res["report"].as_dict(),
             "cosine": None if plain is None else cosine(res["embedding"], plain), "wall_s": time.perf_counter() - t0}
 
