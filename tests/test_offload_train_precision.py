@@ -284,3 +284,14 @@ def test_cli_default_data_is_the_training_slice_when_the_shared_file_is_there(no
         pytest.skip(f"the shared MNIST file {mnist_path()} is not on this machine")
     r = CliRunner().invoke(app, ["offload", "train", "B", "--hazmat-allow-simulation"])
     assert "data: mnist (images 0..7999" in r.output, r.output
+
+
+def test_cli_and_config_share_the_default_precision():
+    from typer.main import get_command
+
+    from veil.cli.main import app
+    from veil.offload.training.precision import DEFAULT_PRECISION
+
+    params = {p.name: p for p in get_command(app).commands["offload"].commands["train"].params}  # type: ignore[attr-defined]
+    assert params["precision"].default == DEFAULT_PRECISION == TrainConfig(optimizer={"name": "sgd"}).precision
+    assert params["data"].default == "auto" and params["min_intensity"].default == 16.0
