@@ -317,18 +317,30 @@ class _Pending:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_ZEROS = np.zeros(0, np.uint8)  #: read-only key-stream input, grown on demand (shared by threads)
+
+
 def masks_u32(seed: bytes, count: int) -> np.ndarray:
     """The same ``count`` field elements as :func:`veil.offload.field.uniform_field` (same seed, same
-    AES-256-CTR stream, same rejection of ``p``), as uint32 (half the memory traffic of int64)."""
+    AES-256-CTR stream, same rejection of ``p``), as uint32 (half the memory traffic of int64), written
+    in place into one array."""
+    global _ZEROS
     if len(seed) != 32:
         raise ValueError("seed must be 32 bytes")
     enc = Cipher(algorithms.AES(seed), modes.CTR(b"\x00" * 16)).encryptor()
-    out = np.frombuffer(enc.update(bytes(4 * count)), dtype="<u4") & np.uint32(0x7FFFFFFF)
-    bad = np.flatnonzero(out == P)
-    while bad.size:  # probability 2^-31 per element
-        fresh = np.frombuffer(enc.update(bytes(4 * bad.size)), dtype="<u4") & np.uint32(0x7FFFFFFF)
-        out[bad] = fresh
-        bad = bad[fresh == P]
+    zeros = _ZEROS
+    if zeros.size < 4 * count:
+        zeros = _ZEROS = np.zeros(max(4 * count, 2 * zeros.size), np.uint8)
+    buf = np.empty(count + 4, np.uint32)  # update_into wants room for one more block
+    enc.update_into(memoryview(zeros)[:4 * count], memoryview(buf).cast("B"))
+    out = buf[:count]
+    np.bitwise_and(out, np.uint32(0x7FFFFFFF), out=out)
+    if count and int(out.max()) == P:  # probability ~count 2^-31
+        bad = np.flatnonzero(out == P)
+        while bad.size:
+            fresh = np.frombuffer(enc.update(bytes(4 * bad.size)), dtype="<u4") & np.uint32(0x7FFFFFFF)
+            out[bad] = fresh
+            bad = bad[fresh == P]
     return out
 
 
