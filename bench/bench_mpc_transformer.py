@@ -3,12 +3,12 @@
     python bench/bench_mpc_transformer.py              # veil only
     python bench/bench_mpc_transformer.py --peers      # + CrypTen / SPU on the same encoder layer (bench/peers)
 
-Rows (all five parties as threads in one process, in-memory channels, one BLAS thread each):
+Rows (all five parties as threads in one process, in-memory channels, one BLAS/torch thread each):
 * the encoder layer of ``bench/encoder_layer.py`` (hidden 384, 12 heads, FFN 1536, erf GELU, post-LN,
   sequence 16; the same ONNX file and input the peers run): online and offline time, max |error| vs
   its float64 reference, rounds, bytes. Targets: online <= 0.1 s, max error <= 1e-2.
-* all-MiniLM-L6-v2, sequence 32 (when its weights are present): online <= 1 s target; cosine with the
-  sentence-transformers embedding.
+* all-MiniLM-L6-v2, sequence 32, one and two sentences (when its weights are present): online <= 1 s
+  target; cosine with the sentence-transformers embedding.
 * stories260K: greedy generation of ``--steps`` tokens with the key/value cache on the servers: time
   per token, ids equal to the plain decoder's.
 """
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import encoder_layer as E  # noqa: E402
 import veil.mpc as M  # noqa: E402
+from mpc_online_breakdown import one_torch_thread  # noqa: E402
 from veil.graph import load_model  # noqa: E402
 
 
@@ -53,11 +54,11 @@ def encoder_layer(seq: int, queries: int) -> dict[str, str]:
     return _row(f"encoder layer 384/12/1536, seq {seq}", best, f"max {err:.1e}", "targets 0.1 s, 1e-2")
 
 
-def minilm(seq: int) -> dict[str, str] | None:
+def minilm(seq: int, batch: int) -> dict[str, str] | None:
     try:
         from veil.models import minilm as ML
 
-        texts = ["A man is playing a guitar on the street.", "The weather is lovely today."]
+        texts = ["A man is playing a guitar on the street.", "The weather is lovely today."][:batch]
         ids, mask = ML.tokenize(texts, seq)
         g = ML.minilm_graph(mask)
         ref = ML.reference_embeddings(texts, seq)
@@ -94,11 +95,12 @@ def main() -> None:
     a = ap.parse_args()
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(1):
+    with threadpool_limits(1), one_torch_thread():
         rows = [encoder_layer(a.seq, a.queries)]
-        r = minilm(a.minilm_seq)
-        if r is not None:
-            rows.append(r)
+        for batch in (1, 2):
+            r = minilm(a.minilm_seq, batch)
+            if r is not None:
+                rows.append(r)
         rows.append(stories(a.steps))
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")

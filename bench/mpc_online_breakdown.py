@@ -1,7 +1,7 @@
 """server0's online time per kind of node for all-MiniLM-L6-v2 under mpc (one in-process run: five
 parties as threads, in-memory channels, one BLAS thread each). Prints one line.
 
-    python bench/mpc_online_breakdown.py [--seq 32]
+    python bench/mpc_online_breakdown.py [--seq 32] [--batch 2]
 
 Before/after a change, on the same load: run it alternately on two checkouts, e.g.
 ``PYTHONPATH=<old checkout>/src python bench/mpc_online_breakdown.py`` then without PYTHONPATH.
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,18 +22,37 @@ import veil.mpc as M
 import veil.mpc.program as P
 
 _TIMES: collections.Counter[str] = collections.Counter()
-_RUN = P.Program.run
 
 
-def _timed_run(self: P.Program, st: Any, inputs: dict[str, np.ndarray], store: Any) -> dict[str, np.ndarray]:
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch (the ring's int64 products, when installed) on one thread, like the BLAS (threadpoolctl
+    does not reach torch's pool in the party threads)."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+_RUN = P.Program.run_range
+
+
+def _timed_run(self: P.Program, st: Any, env: dict[str, np.ndarray], store: Any, lo: int = 0,
+               hi: int | None = None) -> None:
     if st.ctx.party != 0:
-        return _RUN(self, st, inputs, store)
-    env = dict(inputs)
-    for ins in self.instrs:
+        return _RUN(self, st, env, store, lo, hi)
+    for ins in self.instrs[lo:hi]:
         t = time.perf_counter()
         ins.run(st, env, store)
         _TIMES[ins.name] += time.perf_counter() - t
-    return {o: env[t] for o, t in self.final.items()}
+    return None
 
 
 def _kind(name: str) -> str:
@@ -45,21 +66,22 @@ def _kind(name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=2, help="sentences (1 or 2)")
     a = ap.parse_args()
     from threadpoolctl import threadpool_limits
 
     from veil.models import minilm as ML
 
-    texts = ["A man is playing a guitar on the street.", "The weather is lovely today."]
+    texts = ["A man is playing a guitar on the street.", "The weather is lovely today."][: a.batch]
     ids, mask = ML.tokenize(texts, a.seq)
     g = ML.minilm_graph(mask)
     ref = ML.reference_embeddings(texts, a.seq)
-    P.Program.run = _timed_run  # type: ignore[method-assign]
+    P.Program.run_range = _timed_run  # type: ignore[method-assign]
     try:
-        with threadpool_limits(1):
+        with threadpool_limits(1), one_torch_thread():
             out, rep = M.run(g, ids, compare=False)
     finally:
-        P.Program.run = _RUN  # type: ignore[method-assign]
+        P.Program.run_range = _RUN  # type: ignore[method-assign]
     emb = np.asarray(out)
     cos = (emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
     kinds: collections.Counter[str] = collections.Counter()
