@@ -332,7 +332,7 @@ def masks_u32(seed: bytes, count: int) -> np.ndarray:
     if zeros.size < 4 * count:
         zeros = _ZEROS = np.zeros(max(4 * count, 2 * zeros.size), np.uint8)
     buf = np.empty(count + 4, np.uint32)  # update_into wants room for one more block
-    enc.update_into(memoryview(zeros)[:4 * count], memoryview(buf).cast("B"))
+    enc.update_into(zeros.data[:4 * count], buf.data.cast("B"))
     out = buf[:count]
     np.bitwise_and(out, np.uint32(0x7FFFFFFF), out=out)
     if count and int(out.max()) == P:  # probability ~count 2^-31
