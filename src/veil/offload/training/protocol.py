@@ -424,7 +424,8 @@ class SecureMatmul(MatmulEngine):
 
     @property
     def soundness_error(self) -> float:
-        """Probability that a wrong result row passes the check (per row, per product)."""
+        """Probability that a wrong result row passes the check (per row, per product); a wrong
+        convolution result passes its tensor-product check with probability at most ``(4/p)^reps``."""
         return float(P) ** -self.reps
 
     def matmul(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
