@@ -11,7 +11,9 @@ integers whose partial sums stay below 2^53, so every backend returns bit-identi
 matrices (both factors uniform in [0, p), as in offload training). On a GPU, operands travel to the
 device as 4-byte words (uint32 field elements viewed as int32: every element is < 2^31), are widened,
 split into limbs, multiplied and reduced on the device, and the result comes back as one 4-byte copy;
-nothing in between synchronises with the host.
+nothing in between synchronises with the host. For convolutions offloaded as convolutions, an
+:class:`Im2col` operand moves the tensor (not its im2col matrix) and builds the matrix on the device,
+and ``col2im=`` folds a data gradient there before it comes back.
 """
 
 from __future__ import annotations
