@@ -1,5 +1,6 @@
 """server0's online time per kind of node for all-MiniLM-L6-v2 under mpc (one in-process run: five
-parties as threads, in-memory channels, one BLAS thread each). Prints one line.
+parties as threads, in-memory channels, one BLAS/torch thread each), and each server's thread CPU time
+during its online phase (less sensitive than wall time to the other jobs of a shared host). Prints one line.
 
     python bench/mpc_online_breakdown.py [--seq 32] [--batch 2]
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -44,15 +46,20 @@ def one_torch_thread() -> Iterator[None]:
 _RUN = P.Program.run_range
 
 
+_CPU: collections.Counter[int] = collections.Counter()  # thread CPU seconds of each server's online phase
+
+
 def _timed_run(self: P.Program, st: Any, env: dict[str, np.ndarray], store: Any, lo: int = 0,
                hi: int | None = None) -> None:
+    c0 = time.thread_time()
     if st.ctx.party != 0:
-        return _RUN(self, st, env, store, lo, hi)
-    for ins in self.instrs[lo:hi]:
-        t = time.perf_counter()
-        ins.run(st, env, store)
-        _TIMES[ins.name] += time.perf_counter() - t
-    return None
+        _RUN(self, st, env, store, lo, hi)
+    else:
+        for ins in self.instrs[lo:hi]:
+            t = time.perf_counter()
+            ins.run(st, env, store)
+            _TIMES[ins.name] += time.perf_counter() - t
+    _CPU[st.ctx.party] += time.thread_time() - c0
 
 
 def _kind(name: str) -> str:
@@ -87,8 +94,10 @@ def main() -> None:
     kinds: collections.Counter[str] = collections.Counter()
     for name, s in _TIMES.items():
         kinds[_kind(name)] += s
-    print(f"{M.__file__.split('/src/')[0].split('/')[-1]}: online {rep.online_s:.2f} s, {rep.online_bytes / 1e6:.0f} MB, "
-          f"{rep.rounds} rounds, cosine min {cos.min():.6f}; server0 by kind: "
+    load = open("/proc/loadavg").read().split()[0] if sys.platform.startswith("linux") else "?"
+    print(f"{M.__file__.split('/src/')[0].split('/')[-1]}: batch {a.batch}, online {rep.online_s:.2f} s, "
+          f"{rep.online_bytes / 1e6:.0f} MB, {rep.rounds} rounds, cosine min {cos.min():.6f}; servers' online CPU "
+          f"{_CPU[0]:.2f} / {_CPU[1]:.2f} s; load {load}; server0 by kind: "
           + ", ".join(f"{k} {v:.2f} s" for k, v in kinds.most_common()))
 
 
