@@ -40,7 +40,7 @@ def main() -> None:
     seg = None if args.segment_mb is None else int(args.segment_mb * 2**20)
     texts = SENTENCES[: args.count]
     print("| seq | sentences | batch | min cosine | mean cosine | online s | offline s | online MB | offline MB | rounds/batch "
-          "| segments/batch | peak RSS GB | wall s |")
+          "| segments/batch | peak RSS GiB | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in args.seq_lens:
         ref = minilm.reference_embeddings(texts, s)
@@ -56,7 +56,7 @@ def main() -> None:
                 cb = cosine(emb, ref[i:i + args.batch])
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 print(f"  seq {s}, sentences {i}..{i + len(part) - 1}: min cosine {cb.min():.6f}, online {rep.online_s:.1f} s, "
-                      f"offline {rep.offline_s:.1f} s, {rep.rounds} rounds, {segs} segments, peak RSS so far {peak:.1f} GB, "
+                      f"offline {rep.offline_s:.1f} s, {rep.rounds} rounds, {segs} segments, peak RSS so far {peak:.1f} GiB, "
                       f"{time.time() - t0:.0f} s since the start of this length", flush=True)
             got.append(emb)
             on, off, on_b, off_b, rounds = on + rep.online_s, off + rep.offline_s, on_b + rep.online_bytes, \
