@@ -5,8 +5,10 @@ NumPy's integer matmul does not use BLAS (about 15-30x slower than float64 here)
 * **int64 GEMM** (when torch is installed): torch's int64 matrix product wraps around mod 2^64 like
   the hardware, so the uint64 operands are viewed as int64 and multiplied directly (about 1.5-2x
   faster than the limbs below on MiniLM's shapes, and a third of their memory for fixed weights).
-  Checked once per process on full-range operands against the limb method
-  (:func:`int64_backend`); if the check fails (or ``VEIL_RING_MATMUL=limbs``), the limbs are used.
+  Used for products of at least ``TORCH_MIN_MACS`` multiply-adds (smaller ones gain nothing and would
+  import torch for small models); torch is imported and checked once per process, at the first such
+  product, on full-range operands against the limb method (:func:`int64_backend`); if the check fails
+  (or ``VEIL_RING_MATMUL=limbs``), the limbs are used.
 * **float64 limbs**: each operand is split into three signed limbs of 22 bits held in float64::
 
     a = a0 + a1 * 2^22 + a2 * 2^44   (mod 2^64),  a0, a1 in [-2^21, 2^21),  a2 in [-2^19, 2^19)
@@ -76,6 +78,13 @@ def int64_backend() -> Any:
     return _BACKEND[0]
 
 
+TORCH_MIN_MACS = 1 << 20  # smaller products stay on the limbs (no gain, and no torch import for small models)
+
+
+def _big(m: int, k: int, n: int) -> bool:
+    return m * k * n >= TORCH_MIN_MACS
+
+
 def _probe_torch() -> Any:
     if os.environ.get("VEIL_RING_MATMUL", "auto") == "limbs":
         return None
@@ -103,25 +112,21 @@ def _torch_matmul(torch: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class Limbs:
-    """A right-hand operand (k, n) prepared once: the uint64 matrix (``ring``) for the int64 product,
-    or ``[b0 | b1 | b2]`` as one (k, 3n) float64 array (``cat``, computed on first use) for the limbs."""
+    """A right-hand operand (k, n) prepared once: the uint64 matrix (``ring``) for the int64 product and,
+    computed on first use by a product that stays on the limbs, ``[b0 | b1 | b2]`` as one (k, 3n) float64
+    array (``cat``)."""
 
     def __init__(self, b: np.ndarray):
         if b.ndim != 2:
             raise ValueError("Limbs expects a matrix")
         self.shape = b.shape
-        self.ring: np.ndarray | None = None
+        self.ring = np.ascontiguousarray(to_ring(b))
         self._cat: np.ndarray | None = None
-        if int64_backend() is not None:
-            self.ring = np.ascontiguousarray(to_ring(b))
-        else:
-            self._cat = np.concatenate(_split(b), axis=1)  # (k, 3n)
 
     @property
     def cat(self) -> np.ndarray:
         if self._cat is None:
-            assert self.ring is not None
-            self._cat = np.concatenate(_split(self.ring), axis=1)
+            self._cat = np.concatenate(_split(self.ring), axis=1)  # (k, 3n)
         return self._cat
 
 
@@ -144,11 +149,9 @@ def matmul(a: np.ndarray, b: np.ndarray | Limbs) -> np.ndarray:
     a = to_ring(a)
     if a.shape[-1] != k:
         raise ValueError(f"matmul shapes {a.shape} and {b.shape} do not align")
-    torch = int64_backend()
+    torch = int64_backend() if _big(a.size // max(k, 1), k, n) else None
     if torch is not None:
-        bm = b.ring if isinstance(b, Limbs) else to_ring(b)
-        if bm is not None:
-            return _torch_matmul(torch, a, bm)
+        return _torch_matmul(torch, a, b.ring if isinstance(b, Limbs) else to_ring(b))
     lb = b if isinstance(b, Limbs) else Limbs(to_ring(b))
     lead = a.shape[:-1]
     return _limb_matmul(a.reshape(-1, k), lb.cat, n).reshape(*lead, n)
@@ -200,7 +203,8 @@ def bmatmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     k = a.shape[-1]
     if b.shape[-2] != k:
         raise ValueError(f"matmul shapes {a.shape} and {b.shape} do not align")
-    torch = int64_backend()
+    m = int(np.prod(np.broadcast_shapes(a.shape[:-1], b.shape[:-2] + (1,)), dtype=np.int64))
+    torch = int64_backend() if _big(m, k, b.shape[-1]) else None
     if torch is not None:
         return _torch_matmul(torch, a, b)
     out: np.ndarray | None = None
