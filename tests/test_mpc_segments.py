@@ -99,10 +99,11 @@ def test_segmented_material_equals_the_whole_query_material_bit_for_bit(layer):
 
 
 def _fixed_seeds(monkeypatch):
-    counter = itertools.count()
-    fake = lambda: bytes([next(counter) % 256]) * 32  # noqa: E731 - deterministic seeds for a bit-exact comparison
-    for mod in (dealer_mod, owner_mod, user_mod):
-        monkeypatch.setattr(mod, "new_seed", fake)
+    """Deterministic seeds for a bit-exact comparison: one counter per role module (the roles run as
+    threads, so a shared counter would hand out seeds in a racy order)."""
+    for tag, mod in enumerate((dealer_mod, owner_mod, user_mod)):
+        counter = itertools.count()
+        monkeypatch.setattr(mod, "new_seed", lambda c=counter, t=tag: bytes([t, next(c)]) * 16)
 
 
 def test_a_segmented_run_computes_exactly_the_unsegmented_run(layer, monkeypatch):
@@ -123,3 +124,19 @@ def test_a_segmented_run_computes_exactly_the_unsegmented_run(layer, monkeypatch
 def test_a_bad_segment_budget_is_an_option_error():
     with pytest.raises(OptionError, match="segment_bytes"):
         M.run_session("checked before the model is read", np.zeros(1), segment_bytes=-1)
+
+
+def test_segments_over_five_tls_processes(tmp_path):
+    from veil.assets import load_slice, model_path
+    from veil.mpc.demo import run_local_deployment
+    from veil.plain import run_plain
+
+    x, _ = load_slice(4)
+    res = run_local_deployment(model_path("C"), x, tmp_path, timeout=180, recv_timeout=60,
+                               options={"segment_bytes": 300_000})
+    ref = run_plain(load_model(str(model_path("C"))), x)["logits"]
+    got = res["outputs"]["logits"]
+    assert np.array_equal(got.argmax(1), ref.argmax(1)) and np.abs(got - ref).max() < 5e-3
+    rep = res["report"]
+    assert rep["per_query"][0]["segments"] > 3
+    assert rep["rounds"] == rep["declared_rounds"] and rep["server_bytes"] == rep["declared_server_bytes"]

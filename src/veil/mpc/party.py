@@ -33,6 +33,7 @@ from veil.mpc.roles import PARTIES, dealer_role, owner_role, server_role, user_r
 from veil.mpc.roles.user import user_generate_role
 from veil.net.channel import Channel
 from veil.net.deployment import Deployment
+from veil.options import check_int
 
 __all__ = ["run_party", "run_user", "peers_of", "load_inputs", "report_path", "blas_single_thread"]
 
@@ -129,7 +130,9 @@ def run_party(deployment: Deployment, name: str, channel: Channel, console: Any 
             return res
         x = load_inputs(_path(deployment, "inputs"))
         bs = opts.get("batch_size")
-        res = user_role(channel, x, int(bs) if bs else None)
+        seg = opts.get("segment_bytes")  # dealer material per program segment (default SEGMENT_BYTES)
+        seg = None if seg is None else check_int(seg, "option segment_bytes", 0, 2**62, why="bytes; 0: one segment")
+        res = user_role(channel, x, int(bs) if bs else None, seg)
         if "outputs" in opts:
             out = _path(deployment, "outputs")
             np.savez(out, **res["outputs"])
