@@ -5,8 +5,8 @@ NumPy's integer matmul does not use BLAS (about 15-30x slower than float64 here)
 * **int64 GEMM** (when torch is installed): torch's int64 matrix product wraps around mod 2^64 like
   the hardware, so the uint64 operands are viewed as int64 and multiplied directly (about 1.5-2x
   faster than the limbs below on MiniLM's shapes, and a third of their memory for fixed weights).
-  Used for products of at least ``TORCH_MIN_MACS`` multiply-adds (smaller ones gain nothing and would
-  import torch for small models); torch is imported and checked once per process, at the first such
+  Used from the first product of at least ``TORCH_MIN_MACS`` multiply-adds on (for every product from
+  then on; small models never import torch); torch is imported and checked once per process, at that
   product, on full-range operands against the limb method (:func:`int64_backend`); if the check fails
   (or ``VEIL_RING_MATMUL=limbs``), the limbs are used.
 * **float64 limbs**: each operand is split into three signed limbs of 22 bits held in float64::
@@ -78,11 +78,12 @@ def int64_backend() -> Any:
     return _BACKEND[0]
 
 
-TORCH_MIN_MACS = 1 << 20  # smaller products stay on the limbs (no gain, and no torch import for small models)
+TORCH_MIN_MACS = 1 << 20  # smaller products stay on the limbs until torch is loaded (no torch import for small models)
 
 
 def _big(m: int, k: int, n: int) -> bool:
-    return m * k * n >= TORCH_MIN_MACS
+    """Use the int64 GEMM: a large product, or any product once torch has been loaded for one."""
+    return bool(_BACKEND) or m * k * n >= TORCH_MIN_MACS
 
 
 def _probe_torch() -> Any:
