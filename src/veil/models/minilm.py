@@ -118,7 +118,9 @@ def minilm_graph(attention_mask: np.ndarray) -> Graph:
     if mask.ndim != 2 or mask.shape[1] < 2 or not np.isin(mask, (0, 1)).all() or (mask.sum(1) == 0).any():
         raise ModelError(f"attention_mask must be (batch, seq_len) of 0/1 with at least one 1 per row, got shape {mask.shape}")
     g = from_onnx(minilm_onnx(*mask.shape), name="all-MiniLM-L6-v2", constants={"attention_mask": mask})
-    g.meta["public_inputs"] = {"attention_mask": mask}
+    # the mask is baked into this graph as a constant (not an input): the servers learn it with the model.
+    # minilm_public_mask_graph takes it as a public input instead (one graph for any padding).
+    g.meta["baked_attention_mask"] = mask
     return g
 
 
