@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.text import Text
 
 from veil.errors import InputError, VeilError
+from veil.options import read_inputs
 
 __all__ = ["upload", "run"]
 
@@ -114,14 +115,7 @@ def _load_inputs(path: Path) -> Any:
     if path.suffix not in (".npy", ".npz"):
         raise InputError(f"--input must be a .npy file (the model's one input, or its first) or a .npz file (inputs "
                          f"by name); got {path.name!r}")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read --input {path}: {getattr(e, 'strerror', None) or e}") from None
-    if isinstance(data, np.lib.npyio.NpzFile):
-        with data:
-            return {name: data[name] for name in data.files}
-    return data
+    return read_inputs(path)
 
 
 def upload(
