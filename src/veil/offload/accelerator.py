@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from veil.net.channel import Channel
 from veil.offload.backend import Backend, select_backend
 from veil.offload.field import P
 
-__all__ = ["Accelerator", "serve_accelerator"]
+__all__ = ["Accelerator", "serve_accelerator", "answer_until_bye"]
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +108,26 @@ def serve_accelerator(channel: Channel, enclave: str = "enclave", backend: str |
                       idle_timeout: float | None = None, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Answer the enclave's requests until it says ``bye`` (or disconnects); return a summary."""
     acc = accelerator or Accelerator(backend)
-    while True:
-        try:
-            msg = channel.recv(enclave, timeout=idle_timeout)
-        except ChannelError:
-            log.info("accelerator %s: enclave went away", channel.me)
-            break
-        reply = acc.handle(msg)
-        if reply is None:
-            break
-        channel.send(enclave, reply)
+    answer_until_bye(channel, enclave, acc.handle, idle_timeout, "accelerator")
     return {"backend": acc.backend.name, "requests": acc.requests, "compute_s": acc.compute_s}
+
+
+def answer_until_bye(channel: Channel, enclave: str, handle: Callable[[Any], dict[str, Any] | None],
+                     idle_timeout: float | None, what: str, close: bool = False) -> None:
+    """An accelerator's loop (inference and training): answer each of the enclave's requests with
+    ``handle(msg)`` until it returns None (``bye``) or the enclave goes away; close the channel at the end
+    when ``close``, whatever stopped the loop."""
+    try:
+        while True:
+            try:
+                msg = channel.recv(enclave, timeout=idle_timeout)
+            except ChannelError:
+                log.info("%s %s: enclave went away", what, channel.me)
+                break
+            reply = handle(msg)
+            if reply is None:
+                break
+            channel.send(enclave, reply)
+    finally:
+        if close:
+            channel.close()

@@ -14,22 +14,19 @@ Malformed requests get an ``error`` reply. The accelerator decides nothing about
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
 import numpy as np
 
-from veil.errors import ChannelError
 from veil.net.channel import Channel
+from veil.offload.accelerator import answer_until_bye
 from veil.offload.backend import Backend, select_backend
 from veil.offload.field import P
 from veil.offload.training.conv_field import ConvSpec
 from veil.offload.training.protocol import expected_answer
 
 __all__ = ["TrainAccelerator", "serve_train_accelerator"]
-
-log = logging.getLogger(__name__)
 
 
 def _field(a: Any, what: str) -> np.ndarray:
@@ -125,17 +122,6 @@ def serve_train_accelerator(channel: Channel, enclave: str = "enclave", backend:
     """Answer the enclave's training requests until it says ``bye`` (or disconnects), then close the channel;
     return a summary."""
     acc = accelerator or TrainAccelerator(backend)
-    try:
-        while True:
-            try:
-                msg = channel.recv(enclave, timeout=idle_timeout)
-            except ChannelError:
-                log.info("training accelerator %s: enclave went away", channel.me)
-                break
-            reply = acc.handle(msg)
-            if reply is None:
-                break
-            channel.send(enclave, reply)
-    finally:
-        channel.close()  # the enclave notices at once if this accelerator stops for any reason
+    # close=True: the enclave notices at once if this accelerator stops for any reason
+    answer_until_bye(channel, enclave, acc.handle, idle_timeout, "training accelerator", close=True)
     return {"backend": acc.backend.name, "requests": acc.requests, "compute_s": acc.compute_s}
