@@ -113,13 +113,17 @@ def test_at_double_precision_every_accelerator_view_is_uniform_and_uncorrelated(
     logs: dict[str, list] = {a: [] for a in TRAIN_ACCELERATORS}
     inner = DirectSecureMatmul.make(runtime(), {a: Recorder(logs[a]) for a in TRAIN_ACCELERATORS})
     truth: list[tuple[np.ndarray, np.ndarray]] = []
-    sent = inner.matmuls
+    sent, sent_conv = inner.matmuls, inner.conv_products
 
     def spy(pairs):
         truth.extend((u.copy(), v.copy()) for u, v in pairs)
         return sent(pairs)
 
-    inner.matmuls = spy
+    def spy_conv(items):  # convolutions at double: tensor items (U, V, ConvSpec), what is masked is U and V
+        truth.extend((u.copy(), v.copy()) for u, v, _ in items)
+        return sent_conv(items)
+
+    inner.matmuls, inner.conv_products = spy, spy_conv
     g = np.random.default_rng(4)
     x, y = g.normal(size=(16, 1, 8, 8)).astype(np.float32), g.integers(0, 5, 16)
     tr = Trainer(small_cnn(5), {"x": x}, y, TrainConfig(optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9},

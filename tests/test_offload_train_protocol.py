@@ -88,6 +88,12 @@ class Truth(SecureMatmul):
             self.truth[(self.round + 1, i)] = (u.copy(), v.copy())
         return super().conv_backward(x, w, g, strides, pads, ctx, need_dx)
 
+    # at precision "double" convolutions arrive here as tensor items, three per convolution product
+    def conv_products(self, items):
+        for i, (u, v, _) in enumerate(items):
+            self.truth[(self.round + 1, i)] = (u.copy(), v.copy())
+        return super().conv_products(items)
+
 
 @pytest.fixture(scope="module")
 def views():

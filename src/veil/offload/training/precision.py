@@ -40,10 +40,15 @@ import numpy as np
 from veil.errors import VeilError
 from veil.offload.backend import NumpyBackend
 from veil.offload.field import centered
+from veil.offload.training.conv_field import ConvSpec, _box_max, col2im_field, cols
 from veil.offload.training.protocol import (
     MatmulEngine,
     PlainMatmul,
+    _conv_intensity,
+    _conv_spec,
     _intensity,
+    _quantise,
+    choose_conv_scales,
     choose_scales,
     field_matmul,
     quantise_pair,
@@ -72,20 +77,42 @@ def normalise_exponents(x: np.ndarray, axis: int) -> np.ndarray:
     return np.clip(-e, -_EXP_LIMIT, _EXP_LIMIT).astype(np.int64)
 
 
+def _exponents(sq: np.ndarray) -> np.ndarray:
+    """Exponents ``e`` with ``2^e sqrt(sq)`` in [1/2, 1) (0 where ``sq`` is 0), as :func:`normalise_exponents`."""
+    _, e = np.frexp(np.sqrt(sq))
+    return np.clip(-e, -_EXP_LIMIT, _EXP_LIMIT).astype(np.int64)
+
+
+def _balance(su: np.ndarray, sv: np.ndarray) -> np.ndarray:
+    """Exponents ``t`` along an inner dimension such that ``2^t sqrt(su)`` and ``2^-t sqrt(sv)`` are within a
+    factor 2 (0 where either is 0): scaling ``U`` by ``2^t`` and ``V`` by ``2^-t`` there leaves ``U V`` exactly
+    unchanged and brings both factors' norms to the same size."""
+    _, eu = np.frexp(np.sqrt(su))
+    _, ev = np.frexp(np.sqrt(sv))
+    t = np.where((su > 0) & (sv > 0), (ev - eu) // 2, 0)
+    return np.clip(t, -_EXP_LIMIT, _EXP_LIMIT).astype(np.int64)
+
+
 def _on_grid(x: np.ndarray, f: int) -> np.ndarray:
     return np.ldexp(np.rint(np.ldexp(x, f)), -f)
 
 
-def split_pair(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def split_pair(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(U_h, U_l, V_h, V_l)`` with ``U = U_h + U_l``, ``V = V_h + V_l`` and ``U_h``, ``V_h`` on grids that
     the protocol's quantisation of the pair ``(U_h, V_h)`` reproduces exactly (step 2 of the module
-    docstring)."""
-    fu, fv = choose_scales(u, v)
+    docstring); for a convolution item (``spec``; ``u``, ``v`` as sent, tensors for ``cols``) with the
+    engine's convolution scale rule :func:`~veil.offload.training.protocol.choose_conv_scales`."""
+
+    def scales(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+        return choose_scales(a, b) if spec is None else choose_conv_scales(spec, a, b)
+
+    fu, fv = scales(u, v)
     uh, vh = u, v
     for drop in range(4):
         gu, gv = fu - drop, fv - drop
         uh, vh = _on_grid(u, gu), _on_grid(v, gv)
-        cu, cv = choose_scales(uh, vh)
+        cu, cv = scales(uh, vh)
         if cu >= gu and cv >= gv:
             break
     return uh, u - uh, vh, v - vh
@@ -146,20 +173,104 @@ class PrecisionMatmul(MatmulEngine):
         self.counters["enclave_s"] += time.perf_counter() - t1
         return res
 
-    # convolutions: at single precision the wrapped engine's own path (the secure engine masks the tensors and
-    # the accelerators do im2col); at double the base path (im2col in the enclave, then three secure products
-    # per product through :meth:`matmuls`)
+    # --- convolutions ------------------------------------------------------------------------------
+    # single: the wrapped engine's own path (the secure engine masks the tensors, the accelerators do im2col).
+    # double, wrapped engine with a tensor path (``conv_products``): each convolution product becomes three
+    # tensor items (X_h W_h, X_l W_h, X_h W_l) in one round, normalised by powers of two along the axes
+    # that stay whole in the output (module docstring, "Convolutions"); no im2col in the enclave.
+    # double, other engines: the base path (im2col here, three products each through :meth:`matmuls`).
+    def _tensor_path(self) -> bool:
+        return hasattr(self.inner, "conv_products")
+
+    def _low(self, spec: ConvSpec, u: np.ndarray, v: np.ndarray, o: int) -> bool:
+        return _conv_intensity(spec, u, v, o) < float(getattr(self.inner, "min_intensity", 0.0))
+
+    def _split_convs(self, items: list[tuple[np.ndarray, np.ndarray, ConvSpec]]) -> list[np.ndarray]:
+        """Three tensor items per convolution item, one round; ``U V ~ U_h V_h + U_l V_h + U_h V_l``."""
+        t0 = time.perf_counter()
+        sent: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]] = []
+        for u, v, spec in items:
+            uh, ul, vh, vl = split_pair(u, v, spec)
+            sent += [(uh, vh, spec), (ul, vh, spec), (uh, vl, spec)]
+        self.counters["split_products"] += len(items)
+        self.counters["enclave_s"] += time.perf_counter() - t0
+        outs = self.inner.conv_products(sent)  # type: ignore[attr-defined]
+        t1 = time.perf_counter()
+        res = [outs[3 * i] + (outs[3 * i + 1] + outs[3 * i + 2]) for i in range(len(items))]
+        self.counters["enclave_s"] += time.perf_counter() - t1
+        return res
+
     def conv_forward(self, x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
                      pads: tuple[int, int, int, int]) -> tuple[np.ndarray, Any]:
         if self.precision == "single" or isinstance(self.inner, PlainMatmul):
             return self.inner.conv_forward(x, w, strides, pads)
-        return super().conv_forward(x, w, strides, pads)
+        spec = _conv_spec("fwd", x, w, strides, pads)
+        o = w.shape[0]
+        wt = np.ascontiguousarray(np.asarray(w, dtype=np.float64).reshape(o, -1).T)
+        if not self._tensor_path() or self._low(spec, x, wt, o):
+            return super().conv_forward(x, w, strides, pads)
+        t0 = time.perf_counter()
+        x = np.asarray(x, dtype=np.float64)
+        (kh, kw), (sh, sw), (oh, ow) = spec.kernel, spec.strides, spec.out_hw
+        c, taps = x.shape[1], kh * kw
+        # inner dimension (c, i, j): X's channel c times 2^-t_c, W's input channel c times 2^t_c
+        t = _balance(np.einsum("ocx,ocx->c", wt.T.reshape(o, c, taps), wt.T.reshape(o, c, taps)),
+                     np.einsum("nchw,nchw->c", x, x))
+        x = np.ldexp(x, -t[None, :, None, None])
+        wt = np.ldexp(wt, np.repeat(t, taps)[:, None])
+        # per sample: the largest window (row of cols(X)) norm; per output channel: the column of W^T
+        a = _exponents(_box_max(np.einsum("nchw,nchw->nhw", x, x), kh, kw, sh, sw, oh, ow, spec.pads)
+                       .reshape(x.shape[0], -1).max(1))
+        b = normalise_exponents(wt, 0)
+        self.counters["enclave_s"] += time.perf_counter() - t0
+        (y2,) = self._split_convs([(np.ldexp(x, a[:, None, None, None]), np.ldexp(wt, b[None, :]), spec)])
+        t1 = time.perf_counter()
+        y = np.ldexp(y2.reshape(x.shape[0], oh, ow, o), -(a[:, None, None, None] + b[None, None, None, :]))
+        y = np.ascontiguousarray(y.transpose(0, 3, 1, 2))
+        self.counters["enclave_s"] += time.perf_counter() - t1
+        return y, None
 
     def conv_backward(self, x: np.ndarray, w: np.ndarray, g: np.ndarray, strides: tuple[int, int],
                       pads: tuple[int, int, int, int], ctx: Any, need_dx: bool) -> tuple[np.ndarray | None, np.ndarray]:
         if self.precision == "single" or isinstance(self.inner, PlainMatmul):
             return self.inner.conv_backward(x, w, g, strides, pads, ctx, need_dx)
-        return super().conv_backward(x, w, g, strides, pads, ctx, need_dx)
+        o = w.shape[0]
+        x = np.asarray(x, dtype=np.float64)
+        g2 = np.ascontiguousarray(np.asarray(g, dtype=np.float64).transpose(0, 2, 3, 1).reshape(-1, o))
+        g2t = np.ascontiguousarray(g2.T)
+        wm = np.asarray(w, dtype=np.float64).reshape(o, -1)
+        sdw, sdx = _conv_spec("dw", x, w, strides, pads), _conv_spec("dx", x, w, strides, pads)
+        if not self._tensor_path() or self._low(sdw, g2t, x, o) or (need_dx and self._low(sdx, g2, wm, o)):
+            return super().conv_backward(x, w, g, strides, pads, cols(x, sdw) if ctx is None else ctx, need_dx)
+        t0 = time.perf_counter()
+        n, c = x.shape[0], x.shape[1]
+        taps = w.shape[2] * w.shape[3]
+        rows = g2.shape[0] // n
+        # dW = dY^T cols(X): inner dimension (n, oh, ow): dY's sample n times 2^t_n, X's times 2^-t_n; then
+        # per output channel (rows of dY^T) and per input channel c of X (columns (c, i, j) of cols(X))
+        t = _balance(np.einsum("ij,ij->i", g2, g2).reshape(n, -1).sum(1), np.einsum("nchw,nchw->n", x, x))
+        uw = np.ldexp(g2t, np.repeat(t, rows)[None, :])
+        xw = np.ldexp(x, -t[:, None, None, None])
+        a_w = normalise_exponents(uw, 1)
+        b_w = _exponents(np.einsum("nchw,nchw->c", xw, xw))
+        items = [(np.ldexp(uw, a_w[:, None]), np.ldexp(xw, b_w[None, :, None, None]), sdw)]
+        if need_dx:  # dX = col2im(dY W): inner dimension o balanced; per sample of dY, per input channel c of W
+            t = _balance(np.einsum("ij,ij->j", g2, g2), np.einsum("ij,ij->i", wm, wm))
+            ux = np.ldexp(g2, t[None, :])
+            w3 = np.ldexp(wm, -t[:, None]).reshape(o, c, taps)
+            a_x = _exponents(np.einsum("ij,ij->i", ux, ux).reshape(n, -1).max(1))
+            b_x = _exponents(np.einsum("ocx,ocx->c", w3, w3))
+            items.append((np.ldexp(ux, np.repeat(a_x, rows)[:, None]), np.ldexp(w3, b_x[None, :, None]).reshape(o, -1),
+                          sdx))
+        self.counters["enclave_s"] += time.perf_counter() - t0
+        outs = self._split_convs(items)
+        t1 = time.perf_counter()
+        dw = np.ldexp(outs[0].reshape(o, c, taps), -(a_w[:, None, None] + b_w[None, :, None])).reshape(w.shape)
+        dx = None
+        if need_dx:
+            dx = np.ascontiguousarray(np.ldexp(outs[1], -(a_x[:, None, None, None] + b_x[None, :, None, None])))
+        self.counters["enclave_s"] += time.perf_counter() - t1
+        return dx, dw
 
     def close(self) -> None:
         close = getattr(self.inner, "close", None)
@@ -201,3 +312,29 @@ class FieldArithmeticMatmul(MatmulEngine):
             self.counters["macs"] += u.shape[0] * u.shape[1] * v.shape[1]
         self.counters["enclave_s"] += time.perf_counter() - t0
         return out
+
+    def conv_products(self, items: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]]) -> list[np.ndarray]:
+        """The secure engine's tensor items (:meth:`~veil.offload.training.protocol.SecureMatmul.conv_products`)
+        computed directly: the same scales (:func:`~veil.offload.training.protocol.choose_conv_scales`), the
+        exact integer product (im2col here, ``col2im`` mod p for ``dx``), so the same values bit for bit."""
+        res = []
+        for u, v, spec in items:
+            if spec is None:
+                res.append(self.matmul(u, v))
+                continue
+            t0 = time.perf_counter()
+            fu, fv = choose_conv_scales(spec, u, v)
+            uq, vq = _quantise(u, fu), _quantise(v, fv)
+            if spec.op == "fwd":
+                z = field_matmul(self._np, cols(uq, spec), vq)
+            elif spec.op == "dw":
+                z = field_matmul(self._np, uq, cols(vq, spec))
+            else:
+                z = col2im_field(field_matmul(self._np, uq, vq), spec)
+            res.append(centered(z).astype(np.float64) * 2.0 ** -(fu + fv))
+            self.counters["products"] += 1
+            n, k, m = spec.matrix_shape(v.shape[1] if spec.op == "fwd" else u.shape[0] if spec.op == "dw"
+                                        else u.shape[1])
+            self.counters["macs"] += n * k * m
+            self.counters["enclave_s"] += time.perf_counter() - t0
+        return res

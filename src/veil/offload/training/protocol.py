@@ -54,8 +54,8 @@ from veil.offload.field import HALF, MAX_INNER_FULL, P, uniform_field
 from veil.offload.runtime import EnclaveRuntime
 from veil.offload.training.conv_field import ConvSpec, check_conv, cols, conv_norms
 
-__all__ = ["TRAIN_ACCELERATORS", "field_matmul", "expand_masks", "choose_scales", "MatmulEngine", "field_matvec", "quantise_pair",
-           "PlainMatmul", "SecureMatmul", "ProductRecord", "masks_u32", "exact_matvec"]
+__all__ = ["TRAIN_ACCELERATORS", "field_matmul", "expand_masks", "choose_scales", "choose_conv_scales", "MatmulEngine",
+           "field_matvec", "quantise_pair", "PlainMatmul", "SecureMatmul", "ProductRecord", "masks_u32", "exact_matvec"]
 
 #: party names: two share holders and the triple helper
 TRAIN_ACCELERATORS = ("accelerator0", "accelerator1", "accelerator2")
@@ -110,6 +110,14 @@ def choose_scales(u: np.ndarray, v: np.ndarray) -> tuple[int, int]:
     """Fractional bits ``(fu, fv)`` for one product (see :func:`quantise_pair`)."""
     fu, fv, _, _ = _scales(u, v)
     return fu, fv
+
+
+def choose_conv_scales(spec: ConvSpec, u: np.ndarray, v: np.ndarray) -> tuple[int, int]:
+    """Fractional bits ``(fu, fv)`` the secure engine uses for the convolution item ``(u, v, spec)`` (``u``,
+    ``v`` as sent: the tensor for ``cols``): the rule of :func:`quantise_pair` on the norms of
+    :func:`~veil.offload.training.conv_field.conv_norms`."""
+    ru, cv, length = conv_norms(spec, u, v)
+    return _scale_rule(ru, cv, _maxabs(u), _maxabs(v), length)
 
 
 def quantise_pair(u: np.ndarray, v: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray]:
@@ -488,6 +496,14 @@ class SecureMatmul(MatmulEngine):
                     d6[:, :, :, :, i, j].transpose(0, 3, 1, 2)
         return np.ascontiguousarray(dx[:, :, t:t + x.shape[2], left:left + x.shape[3]]), dw
 
+    def conv_products(self, items: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]]) -> list[np.ndarray]:
+        """Several items in one accelerator round: ``(U, V, ConvSpec)`` convolution items through the tensor
+        path (``U``/``V`` as :class:`~veil.offload.training.conv_field.ConvSpec` says; results n x m, or
+        ``x_shape`` for ``dx``; no intensity rule: the caller chose to offload them) and ``(U, V, None)`` plain
+        products (intensity rule). Used by :class:`~veil.offload.training.precision.PrecisionMatmul` at
+        ``double``, which sends three items per convolution product."""
+        return self._products(list(items))
+
     def _products(self, items: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]]) -> list[np.ndarray]:
         """Plain products through :meth:`matmuls` (intensity rule), convolution items offloaded, one round."""
         plain = [(u, v) for u, v, sp in items if sp is None]
@@ -551,9 +567,8 @@ class SecureMatmul(MatmulEngine):
             if spec is None:
                 fu, fv, au, av = _scales(u, v)
             else:
-                ru, cv, length = conv_norms(spec, u, v)
                 au, av = _maxabs(u), _maxabs(v)
-                fu, fv = _scale_rule(ru, cv, au, av, length)
+                fu, fv = choose_conv_scales(spec, u, v)
             uq, vq = _rint_scaled(u, fu), _rint_scaled(v, fv)  # exact integers, |.| < p/2 (Cauchy-Schwarz)
             r0, r1 = masks_u32(s0, u.size + v.size), masks_u32(s1, u.size + v.size)  # (A_j, B_j) as in expand_masks
             e = _masked(uq, r0[:u.size].reshape(u.shape), r1[:u.size].reshape(u.shape))
