@@ -21,6 +21,25 @@ in the same accelerator round, each through the unchanged protocol (fresh masks,
    dropped ``U'_l V'_l`` is ``~eps^2``: the error is ``~eps^2`` relative to ``||U_i|| ||V_j||``;
 4. undo the normalisation: ``(U V)_ij = 2^-(a_i + b_j) (U' V')_ij`` (exact).
 
+Convolutions (engines with a tensor path, ``conv_products``: the secure engine and
+:class:`FieldArithmeticMatmul`): a convolution is bilinear, so ``conv(X, W) ~ conv(X_h, W_h) +
+conv(X_l, W_h) + conv(X_h, W_l)`` with the split of step 2 on the *tensors* as sent (the forward's ``X``,
+the weight gradient's ``X``), checked against the engine's convolution scale rule
+(:func:`~veil.offload.training.protocol.choose_conv_scales`), so ``conv(X_h, W_h)`` is exact. Forward, dX
+and dW become three tensor items each (a backward's six in one round); the enclave builds no im2col
+matrix. Row/column normalisation of ``cols(X)`` is not available on a tensor; instead, all exact powers
+of two: (a) the inner dimension is balanced (forward: X's channel ``c`` times ``2^-t_c``, W's input channel
+``c`` times ``2^t_c``; dW: sample ``n`` of dY and X; dX: output channel ``o`` of dY and W), which leaves the
+product unchanged and brings both factors' norms to the same size along it; (b) the output's axes are
+normalised where they stay whole: forward per sample of X (its largest window norm) and per output
+channel of W; dX per sample of dY and per input channel of W; dW per output channel of dY and per input
+channel of X. The bound is therefore step 3's ``~eps^2`` relative to ``||U_i|| ||V_j||`` with ``U_i``,
+``V_j`` the balanced, normalised im2col rows/columns, where the normalisation is per block (sample,
+channel) rather than per row: rows of one sample (columns of one channel) whose norms lie far below
+that block's largest get correspondingly fewer bits. Measured (tests/test_offload_train_precision_conv.py,
+Gaussian operands and 10 decades across samples and channels): max error / max |reference| within each
+(sample or output channel, channel) block <= 4e-7; asserted < 1e-5.
+
 Security: each of the three products is a product of two secret matrices sent through the same
 protocol with fresh uniform masks, so what every accelerator receives is uniform and independent of
 data, weights and gradients exactly as for one product; the split, the exponents and the scales stay
@@ -288,8 +307,9 @@ class FieldArithmeticMatmul(MatmulEngine):
     scaled. This engine computes the same value directly (one exact field product, float64 limbs), so a
     training run through it is bit-for-bit the run through the protocol at a fraction of the cost
     (tested: ``test_the_arithmetic_engine_reproduces_the_protocol_bit_for_bit``) -- at precision
-    ``double``, and for products at ``single``; the secure engine's single-precision convolutions are
-    masked as tensors with their own scale rule, which this engine (im2col products) does not reproduce.
+    ``double`` (convolutions too, through :meth:`conv_products` with the engine's convolution scale rule),
+    and for products at ``single``; at ``single`` a convolution here is the base im2col path (matrix scale
+    rule), which does not reproduce the secure engine's tensor items.
     It protects nothing and is never used by ``veil offload train`` or a deployment."""
 
     name = "field-arithmetic"
