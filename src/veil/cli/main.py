@@ -18,8 +18,8 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
+from veil.cli.error_line import error_line
 from veil.errors import VeilError
 
 app = typer.Typer(name="veil", help="Confidential machine-learning inference.", no_args_is_help=True,
@@ -177,12 +177,11 @@ def main() -> None:
     try:
         app()
     except VeilError as e:
-        # the message is text, not rich markup: a path like "x[/a].npy" must print as it is
-        err_console.print(Text.assemble(("error:", "bold red"), f" {e}"))
+        err_console.print(error_line(str(e)))
         sys.exit(2)
     except OSError as e:  # a file the user named cannot be read or written (e.g. --out in a missing folder)
         where = f": {e.filename}" if e.filename else ""
-        err_console.print(Text.assemble(("error:", "bold red"), f" {e.strerror or e}{where}"))
+        err_console.print(error_line(f"{e.strerror or e}{where}"))
         sys.exit(2)
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
+from veil.cli.error_line import error_line
 from veil.errors import VeilError
 
 __all__ = ["app"]
@@ -34,8 +34,7 @@ def _clear_errors(fn):
         try:
             return fn(*args, **kwargs)
         except VeilError as exc:
-            # as `veil` prints every VeilError (veil.cli.main): one line, never wrapped, not read as rich markup
-            err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), soft_wrap=True)
+            err_console.print(error_line(str(exc)), soft_wrap=True)  # as veil.cli.main prints it, never wrapped
             raise typer.Exit(2) from None
 
     return wrapper
