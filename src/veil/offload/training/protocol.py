@@ -228,16 +228,19 @@ class MatmulEngine:
             (dw,) = self.matmuls([(g2.T, ctx)])
             return None, dw.reshape(w.shape)
         dcols, dw = self.matmuls([(g2, w.reshape(o, -1)), (g2.T, ctx)])
-        spec = _conv_spec("dx", x, w, strides, pads)
-        (oh, ow), n, c = spec.out_hw, x.shape[0], x.shape[1]
-        d6 = dcols.reshape(n, oh, ow, c, w.shape[2], w.shape[3])
-        t, left, b, r = pads
-        dx = np.zeros((n, c, x.shape[2] + t + b, x.shape[3] + left + r))
-        for i in range(w.shape[2]):
-            for j in range(w.shape[3]):
-                dx[:, :, i:i + strides[0] * oh:strides[0], j:j + strides[1] * ow:strides[1]] += \
-                    d6[:, :, :, :, i, j].transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(dx[:, :, t:t + x.shape[2], left:left + x.shape[3]]), dw.reshape(w.shape)
+        return _col2im(dcols, x, w, strides, pads), dw.reshape(w.shape)
+
+
+def _col2im(dcols: np.ndarray, x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
+            pads: tuple[int, int, int, int]) -> np.ndarray:
+    """dX of a convolution from the float product ``dcols = dY W`` ((N OH OW) x (C kh kw)), by
+    :func:`veil.offload.training.layers.col2im`."""
+    from veil.offload.training.layers import col2im  # layers imports this module
+
+    n, c, kh, kw = x.shape[0], x.shape[1], w.shape[2], w.shape[3]
+    oh, ow = _conv_spec("dx", x, w, strides, pads).out_hw
+    d5 = dcols.reshape(n, oh, ow, c, kh * kw).transpose(0, 3, 1, 2, 4)
+    return np.ascontiguousarray(col2im(d5, x.shape, (kh, kw), strides, pads))
 
 
 def _conv_intensity(spec: ConvSpec, u: np.ndarray, v: np.ndarray, o: int) -> float:
@@ -485,16 +488,7 @@ class SecureMatmul(MatmulEngine):
             return None, dw
         if items[0][2] is not None:
             return outs[0], dw
-        # dX stayed a plain product (low intensity): col2im here
-        d6 = outs[0].reshape(x.shape[0], *sdw.out_hw, x.shape[1], w.shape[2], w.shape[3])
-        t, left, b, r = pads
-        oh, ow = sdw.out_hw
-        dx = np.zeros((x.shape[0], x.shape[1], x.shape[2] + t + b, x.shape[3] + left + r))
-        for i in range(w.shape[2]):
-            for j in range(w.shape[3]):
-                dx[:, :, i:i + strides[0] * oh:strides[0], j:j + strides[1] * ow:strides[1]] += \
-                    d6[:, :, :, :, i, j].transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(dx[:, :, t:t + x.shape[2], left:left + x.shape[3]]), dw
+        return _col2im(outs[0], x, w, strides, pads), dw  # dX stayed a plain product (low intensity)
 
     def conv_products(self, items: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]]) -> list[np.ndarray]:
         """Several items in one accelerator round: ``(U, V, ConvSpec)`` convolution items through the tensor
