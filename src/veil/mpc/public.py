@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from veil.graph.ir import Graph, Node, TensorSpec
+from veil.mpc.compilers.public import public_inputs
 
 __all__ = ["SECRET_PARAMS", "to_public", "from_public", "secret_params"]
 
@@ -44,7 +45,7 @@ def to_public(graph: Graph) -> dict[str, Any]:
     return {"name": graph.name, "nodes": nodes, "outputs": list(graph.outputs),
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in graph.inputs],
             "state": dict(graph.meta.get("state", {}) or {}),
-            "public_inputs": {k: float(v) for k, v in (graph.meta.get("public_inputs") or {}).items()}}
+            "public_inputs": public_inputs(graph)}
 
 
 def from_public(desc: dict[str, Any]) -> Graph:
