@@ -68,7 +68,8 @@ def _node_shares(shares: dict[str, np.ndarray], name: str) -> dict[str, np.ndarr
 
 def _public_values(graph: Any, batch: int, got: dict[str, Any], i: int) -> dict[str, np.ndarray]:
     """The user's public inputs of a query (in the clear), checked against the graph's declaration."""
-    want = {s.name: s.concrete(batch) for s in graph.inputs if s.name in public_inputs(graph)}
+    declared = public_inputs(graph)
+    want = {s.name: s.concrete(batch) for s in graph.inputs if s.name in declared}
     if set(got) != set(want):
         raise ProtocolError(f"server{i}: the query's public inputs are {sorted(got)}, the model declares {sorted(want)}")
     out = {k: np.asarray(v, np.float64) for k, v in got.items()}
