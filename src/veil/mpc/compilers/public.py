@@ -35,10 +35,6 @@ def public_inputs(graph: Graph) -> dict[str, float]:
     return {str(k): float(v) for k, v in pub.items()}
 
 
-def _clear(node: Node, st: Any, *vs: np.ndarray) -> np.ndarray:
-    return np.asarray(run_node(node, [np.asarray(v, np.float64) for v in vs]), np.float64)
-
-
 def _add_public(scale: int, sign_x: int, sign_p: int, st: Any, x: np.ndarray, p: np.ndarray) -> np.ndarray:
     xs = x if sign_x > 0 else np.uint64(0) - x
     c = st.ctx.fp.encode(sign_p * np.asarray(p, np.float64), scale=scale, what="public input")
@@ -75,4 +71,4 @@ def compile_public(b: Builder, node: Node, src: list[str], public: set[str]) -> 
 
 
 def _run_clear(node: Node, ins: tuple[str, ...], st: Any, env: dict[str, np.ndarray], store: Any) -> None:
-    env[node.output] = _clear(node, st, *[env[i] for i in ins])
+    env[node.output] = np.asarray(run_node(node, [np.asarray(env[i], np.float64) for i in ins]), np.float64)
