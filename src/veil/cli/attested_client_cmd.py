@@ -21,10 +21,11 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from veil.cli.error_line import error_line
 from veil.errors import InputError, VeilError
 from veil.options import read_inputs
 
-__all__ = ["upload", "run"]
+__all__ = ["upload", "run", "fail"]
 
 console = Console()
 err = Console(stderr=True)
@@ -41,9 +42,9 @@ _SIGNER = typer.Option(None, "--simulation-signer", "--pin",
 _SIMULATION = typer.Option(False, "--hazmat-allow-simulation", help="accept SIMULATED evidence (development only)")
 
 
-def _fail(e: VeilError) -> NoReturn:
-    # the attested group's error line (veil.cli.attested_cmd): one line, not read as rich markup
-    err.print(Text.assemble(("error:", "red"), f" {type(e).__name__}: {e}"), soft_wrap=True)
+def fail(e: VeilError) -> NoReturn:
+    """The attested group's error (every ``veil attested`` command): one line naming the error's class, exit 2."""
+    err.print(error_line(f"{type(e).__name__}: {e}", "red"), soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -157,7 +158,7 @@ def upload(
                 _write_secret(run_credential_out, conn.create_run_credential(mid, credential=up.owner_credential),
                               "--run-credential-out")
     except VeilError as e:
-        _fail(e)
+        fail(e)
     console.print(f"uploaded {up.model_id}: {up.size:,} bytes, sha256 {up.sha256}", soft_wrap=True)
     console.print(f"owner credential written to {owner_out}"
                   + (f", run credential to {run_credential_out}" if run_credential_out is not None else ""))
@@ -188,7 +189,7 @@ def run(
             err.print(f"model {model_id!r} attested: sha256 {sha[:16]}...; running")
             result = conn.run_model(model_id, feed)
     except VeilError as e:
-        _fail(e)
+        fail(e)
     for name, value in result.items():
         flat = value.reshape(-1)
         console.print(f"{name}: {value.dtype} {tuple(value.shape)} " + np.array2string(flat[:8], precision=4)

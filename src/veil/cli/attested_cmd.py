@@ -10,8 +10,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
+from veil.cli.attested_client_cmd import fail as _fail
 from veil.cli.attested_client_cmd import run as _run_model
 from veil.cli.attested_client_cmd import upload as _upload_model
 from veil.cli.attested_verify_cmd import verify as _verify_evidence_file
@@ -26,12 +26,6 @@ app.command(name="upload")(_upload_model)
 app.command(name="run")(_run_model)
 console = Console()
 err = Console(stderr=True)
-
-
-def _fail(e: VeilError) -> None:
-    # one line, never wrapped, and the message is not read as rich markup
-    err.print(Text.assemble(("error:", "red"), f" {type(e).__name__}: {e}"), soft_wrap=True)
-    raise typer.Exit(2)
 
 
 @app.command()
