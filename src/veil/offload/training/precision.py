@@ -91,9 +91,7 @@ def check_precision(precision: object) -> str:
 def normalise_exponents(x: np.ndarray, axis: int) -> np.ndarray:
     """Integer exponents ``e`` such that ``2^e`` times each row (``axis=1``) or column (``axis=0``) of ``x``
     has a 2-norm in [1/2, 1) (0 for an all-zero row)."""
-    sq = np.einsum("ij,ij->i", x, x) if axis == 1 else np.einsum("ij,ij->j", x, x)
-    _, e = np.frexp(np.sqrt(sq))
-    return np.clip(-e, -_EXP_LIMIT, _EXP_LIMIT).astype(np.int64)
+    return _exponents(np.einsum("ij,ij->i", x, x) if axis == 1 else np.einsum("ij,ij->j", x, x))
 
 
 def _exponents(sq: np.ndarray) -> np.ndarray:
