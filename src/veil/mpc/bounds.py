@@ -183,22 +183,14 @@ def lower_bounds(graph: Graph) -> dict[str, float]:
     return lo
 
 
-_LOWER: dict[int, tuple[Graph, dict[str, float]]] = {}
-
-
-def kernel_low_bits(graph: Graph, node: Node, f: int) -> int:
+def kernel_low_bits(graph: Graph, node: Node, f: int, lower: dict[str, float] | None = None) -> int:
     """``lo`` of the ``reciprocal``/``rsqrt``/``sqrt`` kernel range ``[2^lo, 2^hi)`` for ``node``: from the
     proven lower bound of its input, at least ``-f``. Raises :class:`~veil.errors.UnsupportedOpError`
-    (naming the node, the op and the bound) when the input is not proven inside the range."""
+    (naming the node, the op and the bound) when the input is not proven inside the range. ``lower``:
+    :func:`lower_bounds` of ``graph`` if the caller has it (the compiler computes it once per graph)."""
     from veil.mpc.compilers.base import refuse
 
-    hit = _LOWER.get(id(graph))
-    if hit is None or hit[0] is not graph:
-        if len(_LOWER) > 64:
-            _LOWER.clear()
-        hit = (graph, lower_bounds(graph))
-        _LOWER[id(graph)] = hit
-    low = hit[1].get(node.inputs[0])
+    low = (lower_bounds(graph) if lower is None else lower).get(node.inputs[0])
     bits = max(FLOOR_BOTTOMS[node.op], -f)
     floor = 2.0**bits
     if node.op == "sqrt":

@@ -130,6 +130,15 @@ class Builder:
         self.alias: dict[str, str] = {}
         self.direct: dict[str, Any] | None = None
         self.done: set[str] = set()  # nodes compiled ahead of their turn (with a sibling)
+        self._lower: dict[str, float] | None = None  # veil.mpc.bounds.lower_bounds(graph), on first use
+
+    def lower_bounds(self) -> dict[str, float]:
+        """The graph's proven lower bounds (:func:`veil.mpc.bounds.lower_bounds`), computed once."""
+        if self._lower is None:
+            from veil.mpc.bounds import lower_bounds
+
+            self._lower = lower_bounds(self.graph)
+        return self._lower
 
     # --- sizes and comparison protocol choice -------------------------------------------------
     def n_of(self, t: str) -> int:

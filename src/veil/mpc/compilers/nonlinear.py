@@ -61,7 +61,7 @@ def compile_elementwise(b: Builder, node: Node, src: list[str]) -> None:
     if node.op in _SPECIAL:  # range [2^lo, 2^hi) from the input's proven lower bound, or refused (bounds.py)
         from veil.mpc.bounds import FLOOR_TOPS, kernel_low_bits
 
-        fn: Callable[..., np.ndarray] = partial(_SPECIAL[node.op], lo=kernel_low_bits(b.graph, node, b.f),
+        fn: Callable[..., np.ndarray] = partial(_SPECIAL[node.op], lo=kernel_low_bits(b.graph, node, b.f, b.lower_bounds()),
                                                 hi=FLOOR_TOPS[node.op])
     else:
         fn = partial(_piecewise, NL.FUNCTIONS[node.op])
