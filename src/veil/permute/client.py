@@ -33,7 +33,7 @@ from veil.errors import DeploymentError, InputError, VeilError
 from veil.permute.bundle import UserBundle
 from veil.permute.cloud import CloudRuntime
 from veil.permute.errors import CloudAuthError, CloudError, KeyBundleError, SequenceTooLongError, reason_of
-from veil.permute.sentence import pool
+from veil.permute.sentence import mean_pool, pool
 from veil.permute.wire import decode_array, encode_array
 
 __all__ = ["Transport", "LocalTransport", "HttpTransport", "PermuteClient", "UnencryptedTrafficWarning", "mean_pool"]
@@ -232,12 +232,6 @@ def _raise_remote(status: int, data: Any) -> None:
     if kind in ("InputError", "InputShapeError", "InputDtypeError"):
         raise InputError(f"cloud rejected the input: {detail}")
     raise CloudError(f"cloud answered {status}: {detail or kind or 'error'}")
-
-
-def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """Sentence-transformers mean pooling over the positions the mask keeps."""
-    m = attention_mask.astype(np.float32)[..., None]
-    return (hidden * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None)
 
 
 class PermuteClient:

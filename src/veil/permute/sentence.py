@@ -19,7 +19,7 @@ import numpy as np
 
 from veil.errors import ModelFormatError
 
-__all__ = ["POOLING_MODES", "read_sentence_config", "pool"]
+__all__ = ["POOLING_MODES", "read_sentence_config", "pool", "mean_pool"]
 
 # sentence-transformers' Pooling concatenates the enabled modes in this order
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len")
@@ -66,6 +66,12 @@ def read_sentence_config(model_dir: str | Path) -> dict[str, Any] | None:
             "pooling": pooling or ["mean"], "normalize": normalize}
 
 
+def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Sentence-transformers mean pooling over the positions the mask keeps."""
+    m = attention_mask.astype(np.float32)[..., None]
+    return (hidden * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None)
+
+
 def pool(hidden: np.ndarray, attention_mask: np.ndarray, modes: list[str] | tuple[str, ...] = ("mean",)
          ) -> np.ndarray:
     """Sentence vectors from ``hidden`` (batch, seq, d) over the positions ``attention_mask`` keeps,
@@ -85,7 +91,7 @@ def pool(hidden: np.ndarray, attention_mask: np.ndarray, modes: list[str] | tupl
         elif mode == "max":
             parts.append(np.where(m > 0, hidden, np.float32(-1e9)).max(axis=1))
         elif mode == "mean":
-            parts.append((hidden * m).sum(axis=1) / counts)
+            parts.append(mean_pool(hidden, attention_mask))
         else:
             parts.append((hidden * m).sum(axis=1) / np.sqrt(counts))
     return np.concatenate(parts, axis=-1).astype(hidden.dtype, copy=False)
