@@ -98,7 +98,7 @@ def _probe_torch() -> Any:
     b = rng.integers(0, 2**64, (2 * CHUNK + 5, 4), dtype=np.uint64)
     a[0], b[:, 0] = np.uint64(2**64 - 1), np.uint64(2**63)  # extremes
     try:
-        ok = np.array_equal(_torch_matmul(torch, a, b), _limb_matmul(a, np.concatenate(_split(b), axis=1), 4))
+        ok = np.array_equal(_torch_matmul(torch, a, b), _limb_matmul(a, Limbs(b).cat, 4))
     except Exception:  # noqa: BLE001
         return None
     return torch if ok else None
