@@ -25,7 +25,7 @@ from veil.offload.runtime import EnclaveRuntime
 from veil.offload.training.checkpoint import load_checkpoint, save_checkpoint
 from veil.offload.training.layers import LOSSES, TrainGraph
 from veil.offload.training.optimizers import Optimizer, make_optimizer
-from veil.offload.training.precision import DEFAULT_PRECISION, PRECISIONS, PrecisionMatmul
+from veil.offload.training.precision import DEFAULT_PRECISION, PrecisionMatmul, check_precision
 from veil.offload.training.protocol import MatmulEngine, PlainMatmul
 
 __all__ = ["TrainConfig", "Trainer", "epoch_order", "TrainingDataError"]
@@ -79,8 +79,7 @@ class TrainConfig:
             raise VeilError(f"epochs and batch_size must be >= 1 (got epochs {self.epochs}, batch_size {self.batch_size})")
         if self.max_steps is not None and self.max_steps < 1:
             raise VeilError(f"max_steps must be >= 1 or unset (got {self.max_steps})")
-        if self.precision not in PRECISIONS:
-            raise VeilError(f"unknown product precision {self.precision!r}; choose {' or '.join(PRECISIONS)}")
+        check_precision(self.precision)
         for key in ("lr", "momentum", "weight_decay", "eps"):
             val = self.optimizer.get(key)
             if val is not None and (not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0):
