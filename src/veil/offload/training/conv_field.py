@@ -83,6 +83,10 @@ class ConvSpec:
             return o, self.rows, self.k
         return self.rows, o, self.k
 
+    def item_shape(self, u_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(n, k, m) of the product whose operands as sent (see :meth:`raw_shapes`) have these shapes."""
+        return self.matrix_shape(v_shape[1] if self.op == "fwd" else u_shape[0] if self.op == "dw" else u_shape[1])
+
     def out_shape(self, n: int, m: int) -> tuple[int, ...]:
         return self.x_shape if self.op == "dx" else (n, m)
 

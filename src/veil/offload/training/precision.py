@@ -351,8 +351,7 @@ class FieldArithmeticMatmul(MatmulEngine):
                 z = col2im_field(field_matmul(self._np, uq, vq), spec)
             res.append(centered(z).astype(np.float64) * 2.0 ** -(fu + fv))
             self.counters["products"] += 1
-            n, k, m = spec.matrix_shape(v.shape[1] if spec.op == "fwd" else u.shape[0] if spec.op == "dw"
-                                        else u.shape[1])
+            n, k, m = spec.item_shape(u.shape, v.shape)
             self.counters["macs"] += n * k * m
             self.counters["enclave_s"] += time.perf_counter() - t0
         return res

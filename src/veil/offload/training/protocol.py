@@ -541,8 +541,7 @@ class SecureMatmul(MatmulEngine):
                 if k != k2:
                     raise ValueError(f"product shapes do not match: {u.shape} @ {v.shape}")
             else:
-                n, k, m = spec.matrix_shape(v.shape[1] if spec.op == "fwd" else u.shape[0] if spec.op == "dw"
-                                            else u.shape[1])
+                n, k, m = spec.item_shape(u.shape, v.shape)
             if k >= MAX_INNER_FULL:
                 raise FieldRangeError(f"inner dimension {k} too large for exact field products (< {MAX_INNER_FULL})")
             items.append((u, v, spec, (n, k, m)))
