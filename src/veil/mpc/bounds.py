@@ -45,6 +45,7 @@ from collections.abc import Callable
 import numpy as np
 
 from veil.graph.ir import Graph, Node
+from veil.mpc.compilers.public import public_inputs
 from veil.mpc.fixedpoint import FixedPoint
 from veil.mpc.kernels.nonlinear import NORM_SQUARE_DROP, coef_scale
 
@@ -225,7 +226,7 @@ def _bounds(graph: Graph, x: float, shapes: dict[str, tuple[int, ...]]) -> dict[
     state = dict(graph.meta.get("state", {}) or {})
     fed: dict[str, Bound] = {i: (0.0, 0.0) for i in state}
     smax = {n.output for n in graph.nodes if n.op == "softmax" and n.attrs["axis"] in (-1, len(shapes[n.output]) - 1)}
-    public = graph.meta.get("public_inputs") or {}
+    public = public_inputs(graph)
 
     def one_pass() -> dict[str, Bound]:
         b: dict[str, Bound] = {}
@@ -234,7 +235,7 @@ def _bounds(graph: Graph, x: float, shapes: dict[str, tuple[int, ...]]) -> dict[
             if s.name in fed:
                 b[s.name] = fed[s.name]
             elif s.name in public:  # sent in the clear, within the bound the model declares (the user checks)
-                v = float(public[s.name])
+                v = public[s.name]
                 b[s.name] = (v, v * root)
             else:
                 v = 0.0 if s.dtype.startswith("int") else x
