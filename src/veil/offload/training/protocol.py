@@ -40,7 +40,7 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -325,7 +325,7 @@ class _Pending:
     fu: int
     fv: int
     shape: tuple[int, int, int] = (0, 0, 0)
-    extra: dict[str, Any] = field(default_factory=dict)
+    spec: ConvSpec | None = None  # a convolution item's geometry (None: a plain product)
 
 
 _ZEROS = np.zeros(0, np.uint8)  #: read-only key-stream input, grown on demand (shared by threads)
@@ -573,7 +573,7 @@ class SecureMatmul(MatmulEngine):
                     item["conv"] = spec.as_msg()
                 msgs[j].append(item)
             pend.append(_Pending(uq, vq, math.ldexp(au, fu) + 1.0, math.ldexp(av, fv) + 1.0, (s0, s1), e, f, fu, fv,
-                                 (n, k, m), {"spec": spec}))
+                                 (n, k, m), spec))
             self.records.append(ProductRecord((n, k, m), fu, fv))
             self.counters["products"] += 1
             self.counters["macs"] += n * k * m
@@ -585,7 +585,7 @@ class SecureMatmul(MatmulEngine):
         t_back = time.perf_counter()
         outs = []
         for i, p in enumerate(pend):
-            spec = p.extra["spec"]
+            spec = p.spec
             want = spec.out_shape(p.shape[0], p.shape[2]) if spec is not None else (p.shape[0], p.shape[2])
             zs = [self._result(j, replies[j], i, want) for j in range(3)]
             z = _lift(zs)
