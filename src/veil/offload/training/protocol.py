@@ -55,7 +55,8 @@ from veil.offload.runtime import EnclaveRuntime
 from veil.offload.training.conv_field import ConvSpec, check_conv, cols, conv_norms
 
 __all__ = ["TRAIN_ACCELERATORS", "field_matmul", "expand_masks", "choose_scales", "choose_conv_scales", "MatmulEngine",
-           "field_matvec", "quantise_pair", "PlainMatmul", "SecureMatmul", "ProductRecord", "masks_u32", "exact_matvec"]
+           "field_matvec", "quantise_pair", "PlainMatmul", "SecureMatmul", "ProductRecord", "masks_u32", "exact_matvec",
+           "product_intensity"]
 
 #: party names: two share holders and the triple helper
 TRAIN_ACCELERATORS = ("accelerator0", "accelerator1", "accelerator2")
@@ -178,8 +179,12 @@ def _quantise(x: np.ndarray, f: int) -> np.ndarray:
 
 
 def _intensity(u: np.ndarray, v: np.ndarray) -> float:
-    n, k = u.shape
-    m = v.shape[1]
+    return product_intensity(u.shape[0], u.shape[1], v.shape[1])
+
+
+def product_intensity(n: int, k: int, m: int) -> float:
+    """Arithmetic intensity ``nkm / (nk + km + nm)`` of an n x k x m product: the engines keep products below
+    their ``min_intensity`` in the enclave."""
     return n * k * m / max(n * k + k * m + n * m, 1)
 
 

@@ -26,7 +26,7 @@ from veil.offload.training.checkpoint import load_checkpoint, save_checkpoint
 from veil.offload.training.layers import LOSSES, TrainGraph
 from veil.offload.training.optimizers import Optimizer, make_optimizer
 from veil.offload.training.precision import DEFAULT_PRECISION, PrecisionMatmul, check_precision
-from veil.offload.training.protocol import MatmulEngine, PlainMatmul
+from veil.offload.training.protocol import MatmulEngine, PlainMatmul, product_intensity
 
 __all__ = ["TrainConfig", "Trainer", "epoch_order", "TrainingDataError"]
 
@@ -211,7 +211,7 @@ class Trainer:
         out, cache = self.net.forward(feeds, rec)
         _, dout = self.loss_fn(out, y)
         self.net.backward(dout, cache, rec)
-        return [((n, k, m), n * k * m / max(n * k + k * m + n * m, 1) >= min_intensity) for n, k, m in rec.shapes]
+        return [((n, k, m), product_intensity(n, k, m) >= min_intensity) for n, k, m in rec.shapes]
 
     # --- evaluation and export --------------------------------------------------------------------
     def predict(self, feeds: dict[str, np.ndarray], batch: int = 500) -> np.ndarray:
