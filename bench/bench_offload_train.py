@@ -15,8 +15,12 @@ Parts (``--parts``):
   channels instead, where they share one interpreter lock with the enclave). ``--backend`` is what
   the accelerator processes compute with (``torch-cuda``: every accelerator process on the GPU).
   Enclave share = enclave work (layers, loss, optimizer, masking, Freivalds, reconstruction) /
-  offload step time. Accel compute = the three accelerators' time inside their product requests
-  during the timed steps, summed. Bytes = payload enclave <-> accelerators per step (without TLS
+  offload step time. Enclave work ms = that work per step; enclave-only (layers) = the enclave-only
+  step and, in brackets, its part outside the products. Ceiling x = enclave-only / enclave work: the
+  speed-up over enclave-only that offload reaches at best, with accelerators and a network that take no
+  time (the enclave's own work remains); enclave-only / layers is the same bound with a free protocol too.
+  Accel compute = the three accelerators' time inside their product requests during the timed steps,
+  summed (in brackets per step: the triple helper accelerator2 / the slower share holder). Bytes = payload enclave <-> accelerators per step (without TLS
   framing). Product error = max |offload product - float64 product| / max |float64 product| over
   the products of one more step (forward, dX, dW), every product offloaded. ``--nets`` picks the
   networks (C, DeepCrossing); ``--step-precision`` the secure products per product (single: one,
@@ -272,13 +276,16 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
     # enclave-only
     tr = Trainer(graph, feeds, y, cfg)
     eng = PlainMatmul()
-    ts = []
+    ts, prods = [], []
     for i in range(reps + 1):
+        p0 = eng.counters["enclave_s"]
         t0 = time.perf_counter()
         tr.step(eng)
         if i:
             ts.append(time.perf_counter() - t0)
-    t_enc = min(ts)
+            prods.append(eng.counters["enclave_s"] - p0)
+    best = int(np.argmin(ts))
+    t_enc, t_enc_layers = ts[best], ts[best] - prods[best]  # the same step: its layers = all but the products
     # offload: one session of the enclave with the accelerators: a warm-up step, reps timed steps, then one
     # step with every product offloaded and compared with float64 (the fixed-point error)
     tr = Trainer(graph, feeds, y, cfg)
@@ -307,7 +314,8 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
 
     r, accs = run_with_accelerators(session, backend, transport)
     lo, hi = r["window"]
-    accel = sum(dt for _, log in accs.values() for t, dt in log if lo <= t <= hi)
+    per_acc = {a: sum(dt for t, dt in log if lo <= t <= hi) / reps for a, (_, log) in accs.items()}
+    accel = sum(per_acc.values()) * reps
     c, wall = r["counters"], sum(r["times"])
     errs = [e for _, e in r["errors"]]
     return {"net": name, "min_intensity": min_intensity, "local_products": c.get("local_products", 0) / reps,
@@ -315,6 +323,14 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
             "torch_ms": t_torch * 1e3, "enclave_only_ms": t_enc * 1e3,
             "offload_ms": min(r["times"]) * 1e3, "offload_mean_ms": wall / reps * 1e3,
             "enclave_share": r["enclave_work"] / wall, "accel_compute_ms": accel / reps * 1e3,
+            # the enclave's own work per step (layers, loss, optimizer, masking, checks, reconstruction), and
+            # the enclave-only step's layers (everything but its products): the ceiling of offload's speed-up
+            # over enclave-only with accelerators and network that take no time is enclave-only / enclave work;
+            # with a free protocol too it is enclave-only / layers
+            "enclave_work_ms": r["enclave_work"] / reps * 1e3, "enclave_only_layers_ms": t_enc_layers * 1e3,
+            "ceiling_x": t_enc / max(r["enclave_work"] / reps, 1e-12),
+            # per accelerator: the triple helper (accelerator2) vs the two share holders
+            "accel_ms": {a: v * 1e3 for a, v in per_acc.items()},
             "bytes_to_acc": r["bytes"][0] / reps, "bytes_from_acc": r["bytes"][1] / reps,
             "products": c["products"] / reps, "rounds": c["rounds"] / reps, "macs": c["macs"] / reps,
             "max_rel_product_error": max(errs), "median_rel_product_error": float(np.median(errs)),
@@ -513,13 +529,20 @@ def main(argv: list[str] | None = None) -> int:
                                            a.backend, mi, a.transport, prec))
         t = Table(title=f"offload training, per step (best of reps; offload mean in brackets); {host_line}; "
                         f"accelerators: {rows[0]['backend'] if rows else a.backend}, {a.transport}")
-        for c in ("net", "batch", "precision", "min intensity (local products)", "torch f32 ms", "enclave-only ms", "offload ms", "x enclave-only", "enclave share",
-                  "accel compute ms", "bytes to acc", "bytes from acc", "products", "rounds", "max rel. product err"):
+        for c in ("net", "batch", "precision", "min intensity (local products)", "torch f32 ms",
+                  "enclave-only ms (layers)", "offload ms", "x enclave-only", "enclave share", "enclave work ms",
+                  "ceiling x", "accel compute ms (helper / holders)", "bytes to acc", "bytes from acc", "products",
+                  "rounds", "max rel. product err"):
             t.add_column(c)
         for r in rows:
-            t.add_row(r["net"], str(r["batch"]), r["precision"], f"{r['min_intensity']:g} ({r['local_products']:.0f})", f"{r['torch_ms']:.1f}", f"{r['enclave_only_ms']:.1f}",
+            acc = r["accel_ms"]
+            holders = max(acc.get(a, 0.0) for a in TRAIN_ACCELERATORS[:2])
+            t.add_row(r["net"], str(r["batch"]), r["precision"], f"{r['min_intensity']:g} ({r['local_products']:.0f})", f"{r['torch_ms']:.1f}",
+                      f"{r['enclave_only_ms']:.1f} ({r['enclave_only_layers_ms']:.0f})",
                       f"{r['offload_ms']:.0f} ({r['offload_mean_ms']:.0f})", f"{r['offload_ms'] / r['enclave_only_ms']:.1f}",
-                      f"{r['enclave_share']:.0%}", f"{r['accel_compute_ms']:.0f}", f"{r['bytes_to_acc']:,.0f}",
+                      f"{r['enclave_share']:.0%}", f"{r['enclave_work_ms']:.0f}", f"{r['ceiling_x']:.2f}",
+                      f"{r['accel_compute_ms']:.0f} ({acc.get(TRAIN_ACCELERATORS[2], 0.0):.0f} / {holders:.0f})",
+                      f"{r['bytes_to_acc']:,.0f}",
                       f"{r['bytes_from_acc']:,.0f}", f"{r['products']:.0f}", f"{r['rounds']:.0f}",
                       f"{r['max_rel_product_error']:.1e}")
         console.print(t)
