@@ -19,6 +19,9 @@ Parts (``--parts``):
   step and, in brackets, its part outside the products. Ceiling x = enclave-only / enclave work: the
   speed-up over enclave-only that offload reaches at best, with accelerators and a network that take no
   time (the enclave's own work remains); enclave-only / layers is the same bound with a free protocol too.
+  Mask floor = the time of the two AES-CTR mask streams over the operand elements sent (bytes to acc / 8),
+  at the rate measured in the same run: any masking protocol pays at least that; floor x = enclave-only /
+  (layers + mask floor), the ceiling if the protocol did nothing else.
   Accel compute = the three accelerators' time inside their product requests during the timed steps,
   summed (in brackets per step: the triple helper accelerator2 / the slower share holder). Bytes = payload enclave <-> accelerators per step (without TLS
   framing). Product error = max |offload product - float64 product| / max |float64 product| over
@@ -46,6 +49,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -77,6 +81,7 @@ from veil.offload.training import (  # noqa: E402
 )
 from veil.offload.training.models import click_inputs, deep_crossing, torch_to_graph  # noqa: E402
 from veil.offload.training.precision import FieldArithmeticMatmul, PrecisionMatmul  # noqa: E402
+from veil.offload.training.protocol import masks_u32  # noqa: E402
 
 console = Console(width=220)
 torch.set_num_threads(1)
@@ -313,6 +318,7 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
                 "bytes": (sent, recv), "errors": probe.errors}
 
     r, accs = run_with_accelerators(session, backend, transport)
+    aes_ns = mask_ns_per_element()
     lo, hi = r["window"]
     per_acc = {a: sum(dt for t, dt in log if lo <= t <= hi) / reps for a, (_, log) in accs.items()}
     accel = sum(per_acc.values()) * reps
@@ -329,12 +335,30 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
             # with a free protocol too it is enclave-only / layers
             "enclave_work_ms": r["enclave_work"] / reps * 1e3, "enclave_only_layers_ms": t_enc_layers * 1e3,
             "ceiling_x": t_enc / max(r["enclave_work"] / reps, 1e-12),
+            # a floor under any masking protocol: the two AES-CTR mask streams over every operand element sent
+            # (E and F go to both share holders, 4 bytes each: bytes to acc / 8 elements); "floor x" is
+            # enclave-only / (its layers + that floor): the ceiling if the protocol did nothing but expand masks
+            "mask_ns_per_element": aes_ns,
+            "mask_floor_ms": 2 * r["bytes"][0] / reps / 8 * aes_ns * 1e-6,
+            "floor_x": t_enc / max(t_enc_layers + 2 * r["bytes"][0] / reps / 8 * aes_ns * 1e-9, 1e-12),
             # per accelerator: the triple helper (accelerator2) vs the two share holders
             "accel_ms": {a: v * 1e3 for a, v in per_acc.items()},
             "bytes_to_acc": r["bytes"][0] / reps, "bytes_from_acc": r["bytes"][1] / reps,
             "products": c["products"] / reps, "rounds": c["rounds"] / reps, "macs": c["macs"] / reps,
             "max_rel_product_error": max(errs), "median_rel_product_error": float(np.median(errs)),
             "backend": next(iter(accs.values()))[0]}
+
+
+def mask_ns_per_element(count: int = 1 << 21, reps: int = 3) -> float:
+    """Nanoseconds per field element of the enclave's mask expansion (:func:`masks_u32`, AES-256-CTR), best of
+    ``reps`` on ``count`` elements."""
+    best = math.inf
+    for _ in range(reps + 1):
+        seed = os.urandom(32)
+        t0 = time.perf_counter()
+        masks_u32(seed, count)
+        best = min(best, time.perf_counter() - t0)
+    return best / count * 1e9
 
 
 def host_info() -> dict:
@@ -531,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"accelerators: {rows[0]['backend'] if rows else a.backend}, {a.transport}")
         for c in ("net", "batch", "precision", "min intensity (local products)", "torch f32 ms",
                   "enclave-only ms (layers)", "offload ms", "x enclave-only", "enclave share", "enclave work ms",
-                  "ceiling x", "accel compute ms (helper / holders)", "bytes to acc", "bytes from acc", "products",
+                  "ceiling x", "mask floor ms (floor x)", "accel compute ms (helper / holders)", "bytes to acc", "bytes from acc", "products",
                   "rounds", "max rel. product err"):
             t.add_column(c)
         for r in rows:
@@ -541,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['enclave_only_ms']:.1f} ({r['enclave_only_layers_ms']:.0f})",
                       f"{r['offload_ms']:.0f} ({r['offload_mean_ms']:.0f})", f"{r['offload_ms'] / r['enclave_only_ms']:.1f}",
                       f"{r['enclave_share']:.0%}", f"{r['enclave_work_ms']:.0f}", f"{r['ceiling_x']:.2f}",
+                      f"{r['mask_floor_ms']:.0f} ({r['floor_x']:.2f})",
                       f"{r['accel_compute_ms']:.0f} ({acc.get(TRAIN_ACCELERATORS[2], 0.0):.0f} / {holders:.0f})",
                       f"{r['bytes_to_acc']:,.0f}",
                       f"{r['bytes_from_acc']:,.0f}", f"{r['products']:.0f}", f"{r['rounds']:.0f}",
