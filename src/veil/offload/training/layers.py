@@ -8,13 +8,19 @@ Convolutions go to the engine as convolutions (:meth:`MatmulEngine.conv_forward`
 :meth:`MatmulEngine.conv_backward`): enclave-only, by im2col and col2im here; offloaded, the enclave masks
 the tensors and the accelerators do im2col and col2im in the field (:mod:`veil.offload.training.conv_field`).
 
+Pooling works on the kh*kw strided views of the (padded) input, one per window offset, without copying the
+windows: max pooling takes an elementwise maximum over the views and the index of the first view equal to it
+(torch's choice on ties), its backward adds each offset's share into a zero array through the same views, in
+window order. The results are the same bits as ``argmax`` over :func:`patches` and :func:`col2im` of the
+one-hot windows (tested). :func:`col2im` sums in its input's memory layout, a few samples at a time.
+
 Trainable parameters: ``W`` and ``b`` of every ``linear`` and ``conv2d`` node. The constants of
 ``add_const``/``mul_const`` (e.g. folded normalisation) stay fixed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,14 +31,14 @@ from veil.offload.training.protocol import MatmulEngine
 from veil.plain import kernels as K
 
 __all__ = ["TRAIN_OPS", "TrainGraph", "softmax_cross_entropy", "binary_cross_entropy", "LOSSES",
-           "patches", "col2im"]
+           "patches", "col2im", "maxpool_forward", "maxpool_backward"]
 
 TRAIN_OPS = frozenset({"linear", "conv2d", "relu", "sigmoid", "tanh", "maxpool", "avgpool", "global_avgpool",
                        "flatten", "reshape", "add", "add_const", "mul_const", "softmax"})
 
 
 def patches(x: np.ndarray, k: Sequence[int], s: Sequence[int], pads: Sequence[int], fill: float = 0.0) -> np.ndarray:
-    """NCHW ``x`` -> (N, C, OH, OW, kh*kw) windows, padding with ``fill``."""
+    """NCHW ``x`` -> (N, C, OH, OW, kh*kw) windows (a copy), padding with ``fill``."""
     n, c, h, w = x.shape
     oh, ow = K.conv_out_hw(h, w, k, s, pads)
     xp = K.pad2d(x, pads, fill)
@@ -40,17 +46,110 @@ def patches(x: np.ndarray, k: Sequence[int], s: Sequence[int], pads: Sequence[in
     return np.ascontiguousarray(win[:, :, :oh, :ow]).reshape(n, c, oh, ow, k[0] * k[1])
 
 
+def _offsets(k: Sequence[int], s: Sequence[int], oh: int, ow: int) -> list[tuple[slice, slice]]:
+    """Per window offset ``(i, j)`` in window order (``i * kw + j``), the (rows, columns) of the padded input
+    that offset covers across the OH x OW windows."""
+    return [(slice(i, i + s[0] * (oh - 1) + 1, s[0]), slice(j, j + s[1] * (ow - 1) + 1, s[1]))
+            for i in range(k[0]) for j in range(k[1])]
+
+
+def _scatter_windows(parts: Iterable[np.ndarray], shape: Sequence[int], k: Sequence[int], s: Sequence[int],
+                     pads: Sequence[int]) -> np.ndarray:
+    """Sum of per-offset parts (each N x C x OH x OW, in window order) into an NCHW array of ``shape``: the
+    adjoint of taking the window views. Starts from zeros and adds in window order, as :func:`col2im` does."""
+    n, c, h, w = shape
+    t, left, b, r = pads
+    out = np.zeros((n, c, h + t + b, w + left + r))
+    oh, ow = K.conv_out_hw(h, w, k, s, pads)
+    for (rows, cols), part in zip(_offsets(k, s, oh, ow), parts, strict=True):
+        out[:, :, rows, cols] += part
+    return out[:, :, t:t + h, left:left + w]
+
+
+def _maxpool_by_windows(x: np.ndarray, k: Sequence[int], s: Sequence[int],
+                        pads: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    win = patches(x, k, s, pads, -np.inf)
+    arg = win.argmax(-1)
+    return np.take_along_axis(win, arg[..., None], -1)[..., 0], arg
+
+
+def maxpool_forward(x: np.ndarray, k: Sequence[int], s: Sequence[int],
+                    pads: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Max pooling of NCHW ``x`` (padding -inf, ONNX floor mode): ``(y, idx)``, ``idx`` the offset
+    ``i * kw + j`` of each window's first maximum (torch's choice on ties; NumPy ``argmax`` over the window).
+
+    Works on the kh*kw strided views of the input (one per window offset) instead of copying the windows:
+    the maximum is an elementwise ``np.maximum`` over the views, ``idx`` the number of leading views that
+    differ from it. Windows holding a NaN go the window-copy way (``argmax`` semantics); where the input has a
+    negative zero, a zero maximum takes the sign of the first maximum. Same bits as ``argmax`` and
+    ``take_along_axis`` over :func:`patches`."""
+    n, c, h, w = x.shape
+    oh, ow = K.conv_out_hw(h, w, k, s, pads)
+    xp = K.pad2d(x, pads, -np.inf)
+    views = [xp[:, :, rows, cols] for rows, cols in _offsets(k, s, oh, ow)]
+    m = views[0].copy()
+    for v in views[1:]:
+        np.maximum(m, v, out=m)
+    if np.isnan(m).any():
+        return _maxpool_by_windows(x, k, s, pads)
+    idx = np.zeros(m.shape, dtype=np.uint8 if len(views) <= 256 else np.intp)
+    if len(views) > 1:
+        ahead = views[0] != m  # the first maximum is further on
+        idx += ahead
+        diff = np.empty_like(ahead)
+        for v in views[1:-1]:
+            ahead &= np.not_equal(v, m, out=diff)
+            idx += ahead
+    if bool(((x == 0) & np.signbit(x)).any()):
+        zero = m == 0
+        for t, v in enumerate(views):
+            sel = zero & (idx == t)
+            m[sel] = v[sel]
+    return m, idx
+
+
+def maxpool_backward(g: np.ndarray, idx: np.ndarray, shape: Sequence[int], k: Sequence[int], s: Sequence[int],
+                     pads: Sequence[int]) -> np.ndarray:
+    """Gradient of :func:`maxpool_forward`: each window's ``g`` to its first maximum ``idx``, summed over
+    overlapping windows in window order (the same bits as :func:`col2im` of the one-hot windows)."""
+    finite = bool(np.isfinite(g).all())  # g * False is 0 (of either sign, which the sum from +0 drops)
+    parts = ((g * (idx == t) if finite else np.where(idx == t, g, 0.0)) for t in range(k[0] * k[1]))
+    return _scatter_windows(parts, shape, k, s, pads)
+
+
 def col2im(d: np.ndarray, shape: Sequence[int], k: Sequence[int], s: Sequence[int], pads: Sequence[int]) -> np.ndarray:
-    """Adjoint of :func:`patches`: ``d`` (N, C, OH, OW, kh*kw) summed back into an NCHW array of ``shape``."""
+    """Adjoint of :func:`patches`: ``d`` (N, C, OH, OW, kh*kw) summed back into a C-contiguous NCHW array of
+    ``shape``.
+
+    Every output element is summed from zero in window order (``i * kw + j``), whatever the path, so the
+    bits do not depend on it. The sum runs in ``d``'s memory layout (channels last when ``d`` is a view of a
+    ``(N OH OW) x (C kh kw)`` product, as a convolution's data gradient is) and a few samples at a time, so
+    each chunk of ``d`` is read from cache ``kh * kw`` times."""
     n, c, h, w = shape
     t, left, b, r = pads
     oh, ow = d.shape[2], d.shape[3]
-    out = np.zeros((n, c, h + t + b, w + left + r), dtype=d.dtype)
-    d = d.reshape(n, c, oh, ow, k[0], k[1])
-    for i in range(k[0]):
-        for j in range(k[1]):
-            out[:, :, i:i + s[0] * oh:s[0], j:j + s[1] * ow:s[1]] += d[:, :, :, :, i, j]
-    return out[:, :, t:t + h, left:left + w]
+    d6 = d.reshape(n, c, oh, ow, k[0], k[1])
+    channels_last = d6.strides[1] < d6.strides[3]
+    if channels_last:
+        d6 = d6.transpose(0, 2, 3, 1, 4, 5)  # (N, OH, OW, C, kh, kw)
+        out = np.zeros((n, h + t + b, w + left + r, c), dtype=d.dtype)
+    else:
+        out = np.zeros((n, c, h + t + b, w + left + r), dtype=d.dtype)
+    step = max(1, _COL2IM_CHUNK_BYTES // max(d6[:1].nbytes, 1))
+    offsets = _offsets(k, s, oh, ow)
+    for n0 in range(0, n, step):
+        o, dd = out[n0:n0 + step], d6[n0:n0 + step]
+        for (rows, cols), (i, j) in zip(offsets, np.ndindex(k[0], k[1]), strict=True):
+            if channels_last:
+                o[:, rows, cols, :] += dd[:, :, :, :, i, j]
+            else:
+                o[:, :, rows, cols] += dd[:, :, :, :, i, j]
+    if channels_last:
+        return np.ascontiguousarray(out[:, t:t + h, left:left + w, :].transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(out[:, :, t:t + h, left:left + w])
+
+
+_COL2IM_CHUNK_BYTES = 1 << 20  # about an L2 cache
 
 
 def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -140,10 +239,8 @@ class TrainGraph:
         if op == "tanh":
             return np.tanh(x)
         if op == "maxpool":
-            win = patches(x, at["kernel"], at["strides"], at["pads"], -np.inf)
-            arg = win.argmax(-1)
-            cache[nd.name] = arg
-            return np.take_along_axis(win, arg[..., None], -1)[..., 0]
+            y, cache[nd.name] = maxpool_forward(x, at["kernel"], at["strides"], at["pads"])
+            return y
         if op == "avgpool":
             win = patches(x, at["kernel"], at["strides"], at["pads"])
             if at.get("count_include_pad", False):
@@ -214,15 +311,11 @@ class TrainGraph:
         if op == "tanh":
             return [g * (1.0 - y * y)]
         if op == "maxpool":
-            arg = cache[nd.name]
-            k = tuple(at["kernel"])
-            d = np.zeros((*arg.shape, k[0] * k[1]))
-            np.put_along_axis(d, arg[..., None], g[..., None], -1)
-            return [col2im(d, x.shape, k, at["strides"], at["pads"])]
+            return [maxpool_backward(g, cache[nd.name], x.shape, at["kernel"], at["strides"], at["pads"])]
         if op == "avgpool":
             k = tuple(at["kernel"])
-            d = np.repeat((g / cache[nd.name])[..., None], k[0] * k[1], axis=-1)
-            return [col2im(d, x.shape, k, at["strides"], at["pads"])]
+            share = g / cache[nd.name]  # the same share to every offset of the window
+            return [_scatter_windows([share] * (k[0] * k[1]), x.shape, k, at["strides"], at["pads"])]
         if op == "global_avgpool":
             return [np.broadcast_to(g / (x.shape[2] * x.shape[3]), x.shape).copy()]
         if op in ("flatten", "reshape"):
