@@ -100,7 +100,7 @@ def maxpool_forward(x: np.ndarray, k: Sequence[int], s: Sequence[int],
         for v in views[1:-1]:
             ahead &= np.not_equal(v, m, out=diff)
             idx += ahead
-    if bool(((x == 0) & np.signbit(x)).any()):
+    if bool(np.signbit(x).any()) and bool(((x == 0) & np.signbit(x)).any()):  # ReLU outputs skip the second
         zero = m == 0
         for t, v in enumerate(views):
             sel = zero & (idx == t)
@@ -113,7 +113,15 @@ def maxpool_backward(g: np.ndarray, idx: np.ndarray, shape: Sequence[int], k: Se
     """Gradient of :func:`maxpool_forward`: each window's ``g`` to its first maximum ``idx``, summed over
     overlapping windows in window order (the same bits as :func:`col2im` of the one-hot windows)."""
     finite = bool(np.isfinite(g).all())  # g * False is 0 (of either sign, which the sum from +0 drops)
-    parts = ((g * (idx == t) if finite else np.where(idx == t, g, 0.0)) for t in range(k[0] * k[1]))
+    if finite and s[0] >= k[0] and s[1] >= k[1]:  # disjoint windows: one share at most per input element
+        n, c, h, w = shape
+        t, left, b, r = pads
+        out = np.zeros((n, c, h + t + b, w + left + r))
+        for o, (rows, cols) in enumerate(_offsets(k, s, *g.shape[2:])):
+            np.multiply(g, idx == o, out=out[:, :, rows, cols])
+        out += 0.0  # -0.0 to 0.0, as the sum from zero makes it
+        return out[:, :, t:t + h, left:left + w]
+    parts = ((g * (idx == o) if finite else np.where(idx == o, g, 0.0)) for o in range(k[0] * k[1]))
     return _scatter_windows(parts, shape, k, s, pads)
 
 
