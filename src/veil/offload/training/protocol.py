@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from veil.errors import ChannelError, IntegrityError
 from veil.net.channel import Channel
@@ -53,6 +52,11 @@ from veil.offload.errors import AcceleratorProtocolError, AcceleratorUnavailable
 from veil.offload.field import HALF, MAX_INNER_FULL, P, uniform_field
 from veil.offload.runtime import EnclaveRuntime
 from veil.offload.training.conv_field import ConvSpec, check_conv, cols, conv_norms
+from veil.offload.training.field_ops import exact_matvec, masks_u32
+from veil.offload.training.field_ops import lift as _lift
+from veil.offload.training.field_ops import masked as _masked
+from veil.offload.training.field_ops import maxabs as _maxabs
+from veil.offload.training.field_ops import rint_scaled as _rint_scaled
 
 __all__ = ["TRAIN_ACCELERATORS", "field_matmul", "expand_masks", "choose_scales", "choose_conv_scales", "MatmulEngine",
            "field_matvec", "quantise_pair", "PlainMatmul", "SecureMatmul", "ProductRecord", "masks_u32", "exact_matvec",
@@ -140,16 +144,6 @@ def _scales(u: np.ndarray, v: np.ndarray) -> tuple[int, int, float, float]:
     au, av = _maxabs(u), _maxabs(v)
     fu, fv = _scale_rule(ru, cv, au, av, u.shape[1])
     return fu, fv, au, av
-
-
-def _rint_scaled(x: np.ndarray, f: int) -> np.ndarray:
-    """``round(x 2^f)`` (to nearest even, as :func:`numpy.rint`), float64, one temporary."""
-    q = np.multiply(x, 2.0**f, dtype=np.float64)
-    return np.rint(q, out=q)
-
-
-def _maxabs(x: np.ndarray) -> float:
-    return max(float(x.max()), -float(x.min())) if x.size else 0.0
 
 
 def _scale_rule(ru: float, cv: float, au: float, av: float, length: int) -> tuple[int, int]:
@@ -331,88 +325,6 @@ class _Pending:
     fv: int
     shape: tuple[int, int, int] = (0, 0, 0)
     spec: ConvSpec | None = None  # a convolution item's geometry (None: a plain product)
-
-
-_ZEROS = np.zeros(0, np.uint8)  #: read-only key-stream input, grown on demand (shared by threads)
-
-
-def masks_u32(seed: bytes, count: int) -> np.ndarray:
-    """The same ``count`` field elements as :func:`veil.offload.field.uniform_field` (same seed, same
-    AES-256-CTR stream, same rejection of ``p``), as uint32 (half the memory traffic of int64), written
-    in place into one array."""
-    global _ZEROS
-    if len(seed) != 32:
-        raise ValueError("seed must be 32 bytes")
-    enc = Cipher(algorithms.AES(seed), modes.CTR(b"\x00" * 16)).encryptor()
-    zeros = _ZEROS
-    if zeros.size < 4 * count:
-        zeros = _ZEROS = np.zeros(max(4 * count, 2 * zeros.size), np.uint8)
-    buf = np.empty(count + 4, np.uint32)  # update_into wants room for one more block
-    enc.update_into(zeros.data[:4 * count], buf.data.cast("B"))
-    out = buf[:count]
-    np.bitwise_and(out, np.uint32(0x7FFFFFFF), out=out)
-    if count and int(out.max()) == P:  # probability ~count 2^-31
-        bad = np.flatnonzero(out == P)
-        while bad.size:
-            fresh = np.frombuffer(enc.update(bytes(4 * bad.size)), dtype="<u4") & np.uint32(0x7FFFFFFF)
-            out[bad] = fresh
-            bad = bad[fresh == P]
-    return out
-
-
-def _mersenne(x: np.ndarray) -> np.ndarray:
-    """``x mod p`` in place for uint32 ``x`` (any value): ``2^31 = 1 (mod p)`` folds the top bit in,
-    one conditional subtraction makes it canonical."""
-    hi = x >> 31
-    x &= np.uint32(P)
-    x += hi
-    x -= np.uint32(P) * (x >= np.uint32(P))
-    return x
-
-
-def _masked(q: np.ndarray, m0: np.ndarray, m1: np.ndarray) -> np.ndarray:
-    """``(q - m0 - m1) mod p`` as uint32 for exact integers ``q`` (float64, |q| < p/2) and masks in [0, p)."""
-    x = q.astype(np.int64)
-    x -= m0
-    x -= m1
-    x %= P
-    return x.astype(np.uint32)
-
-
-def exact_matvec(a: np.ndarray, amax: float, x: np.ndarray) -> np.ndarray:
-    """``a @ x mod p`` (int64 in [0, p)) for a float64 matrix ``a`` of integers with ``|a| <= amax`` and
-    field elements ``x`` (int64, cols x t), exactly, in one float64 BLAS pass over ``a``.
-
-    ``x`` is cut into ``L`` limbs of ``b`` bits with ``cols * amax * 2^b < 2^53``, so every partial sum of
-    ``a @ limb`` is an integer below 2^53 (exact in float64 in any summation order); the ``L t`` limb
-    columns go through one product, and the limbs are recombined mod p in int64."""
-    rows, cols = a.shape
-    t = x.shape[1]
-    bound = max(cols * max(amax, 1.0), 1.0)
-    b = min(31, math.floor(53 - math.log2(bound) - 1e-9))
-    if b < 1:
-        raise FieldRangeError(f"matrix-vector product too wide for exact float64 limbs ({cols} columns)")
-    nl = -(-31 // b)
-    mask = (1 << b) - 1
-    limbs = np.concatenate([(x >> (b * j)) & mask for j in range(nl)], axis=1).astype(np.float64)
-    y = (a @ limbs).astype(np.int64) % P  # exact integers below 2^53 in magnitude
-    out = np.zeros((rows, t), np.int64)
-    for j in range(nl):
-        out = (out + y[:, j * t:(j + 1) * t] * pow(2, b * j, P)) % P
-    return out
-
-
-def _lift(zs: list[np.ndarray]) -> np.ndarray:
-    """``Z0 + Z1 + C`` (uint32 field elements) as float64 integers in (-p/2, p/2] (the centred residue):
-    the sum is below 3p < 2^33, exact in float64, and ``round(sum / p)`` is never a tie (p is odd)."""
-    z = zs[0].astype(np.float64)
-    for zj in zs[1:]:
-        z += zj
-    k = z * (1.0 / P)
-    np.rint(k, out=k)
-    k *= P
-    z -= k
-    return z
 
 
 class SecureMatmul(MatmulEngine):

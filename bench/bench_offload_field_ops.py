@@ -1,0 +1,150 @@
+"""Per-element cost of the offload-training enclave's field kernels, before and after
+``veil.offload.training.field_ops`` (one CPU thread, network C's operand sizes at batch 128).
+
+Usage: ``OMP_NUM_THREADS=1 python bench/bench_offload_field_ops.py [--reps N]``
+
+"before" is the previous int64/float64 implementation of each kernel (copied below, unchanged); "after"
+is the kernel the protocol now calls. Each row checks that both give identical arrays, then prints the
+best of ``reps`` timings in ns per element and the ratio, all measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # noqa: E402
+
+from veil.offload.field import HALF, P  # noqa: E402
+from veil.offload.training import field_ops as F  # noqa: E402
+
+_Z = np.zeros(0, np.uint8)
+
+
+# --- the previous implementations (reference timings) ------------------------------------------------
+def old_masks_u32(seed: bytes, count: int) -> np.ndarray:
+    global _Z
+    enc = Cipher(algorithms.AES(seed), modes.CTR(b"\x00" * 16)).encryptor()
+    if _Z.size < 4 * count:
+        _Z = np.zeros(max(4 * count, 2 * _Z.size), np.uint8)
+    buf = np.empty(count + 4, np.uint32)
+    enc.update_into(_Z.data[:4 * count], buf.data.cast("B"))
+    out = buf[:count]
+    np.bitwise_and(out, np.uint32(0x7FFFFFFF), out=out)
+    if count and int(out.max()) == P:
+        bad = np.flatnonzero(out == P)
+        while bad.size:
+            fresh = np.frombuffer(enc.update(bytes(4 * bad.size)), dtype="<u4") & np.uint32(0x7FFFFFFF)
+            out[bad] = fresh
+            bad = bad[fresh == P]
+    return out
+
+
+def old_masked(q: np.ndarray, m0: np.ndarray, m1: np.ndarray) -> np.ndarray:
+    x = q.astype(np.int64)
+    x -= m0
+    x -= m1
+    x %= P
+    return x.astype(np.uint32)
+
+
+def old_lift(zs: list[np.ndarray]) -> np.ndarray:
+    z = zs[0].astype(np.float64)
+    for zj in zs[1:]:
+        z += zj
+    k = z * (1.0 / P)
+    np.rint(k, out=k)
+    k *= P
+    z -= k
+    return z
+
+
+def old_rint_scaled(x: np.ndarray, f: int) -> np.ndarray:
+    q = np.multiply(x, 2.0**f, dtype=np.float64)
+    return np.rint(q, out=q)
+
+
+def old_maxabs(x: np.ndarray) -> float:
+    return max(float(x.max()), -float(x.min())) if x.size else 0.0
+
+
+def old_exact_matvec(a: np.ndarray, amax: float, x: np.ndarray) -> np.ndarray:
+    rows, cols = a.shape
+    t = x.shape[1]
+    bound = max(cols * max(amax, 1.0), 1.0)
+    b = min(31, math.floor(53 - math.log2(bound) - 1e-9))
+    nl = -(-31 // b)
+    mask = (1 << b) - 1
+    limbs = np.concatenate([(x >> (b * j)) & mask for j in range(nl)], axis=1).astype(np.float64)
+    y = (a @ limbs).astype(np.int64) % P
+    out = np.zeros((rows, t), np.int64)
+    for j in range(nl):
+        out = (out + y[:, j * t:(j + 1) * t] * pow(2, b * j, P)) % P
+    return out
+
+
+# --- timing --------------------------------------------------------------------------------------------
+def best(fn: Callable[[], Any], reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == np.ascontiguousarray(b).tobytes()
+    return bool(a == b)
+
+
+def kernel_cases(g: np.random.Generator, shape: tuple[int, int]) -> list[tuple[str, Callable[[], Any], Callable[[], Any]]]:
+    """(kernel, previous implementation, fast kernel) on random operands of ``shape``."""
+    n = math.prod(shape)
+    x = g.standard_normal(shape)
+    q = np.rint(x * 2.0**26)
+    m0, m1 = (g.integers(0, P, shape).astype(np.uint32) for _ in range(2))
+    zs = [g.integers(0, P, shape).astype(np.uint32) for _ in range(3)]
+    seed = bytes(range(32))
+    s = g.integers(0, P, (shape[1], 1))
+    return [
+        ("masks_u32", lambda: old_masks_u32(seed, n), lambda: F.masks_u32(seed, n)),
+        ("_masked", lambda: old_masked(q, m0, m1), lambda: F.masked(q, m0, m1)),
+        ("_lift", lambda: old_lift(zs), lambda: F.lift(zs)),
+        ("_rint_scaled", lambda: old_rint_scaled(x, 26), lambda: F.rint_scaled(x, 26)),
+        ("_maxabs", lambda: old_maxabs(x), lambda: F.maxabs(x)),
+        ("exact_matvec (result, HALF)", lambda: old_exact_matvec(q, HALF, s), lambda: F.exact_matvec(q, HALF, s)),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args()
+    g = np.random.default_rng(0)
+    sizes = {"conv1 dW  U (20 x 73728)": (20, 73728), "conv2 X (128x20x12x12)": (128, 2880),
+             "fc1 W (500 x 800)": (500, 800)}
+    rows = []
+    for label, shape in sizes.items():
+        n = math.prod(shape)
+        cases = kernel_cases(g, shape)
+        for name, before, after in cases:
+            if not same(after(), before()):
+                raise SystemExit(f"{name} on {label}: the fast kernel differs from the previous one")
+            tb, ta = best(before, args.reps), best(after, args.reps)
+            rows.append((name, label, tb * 1e9 / n, ta * 1e9 / n, tb / ta))
+    print(f"{'kernel':30s} {'operand':28s} {'before ns/el':>12s} {'after ns/el':>12s} {'speed-up':>9s}")
+    for name, label, b, a, r in rows:
+        print(f"{name:30s} {label:28s} {b:12.2f} {a:12.2f} {r:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Element-wise field kernels of the offload-training enclave (masking, mask streams, lift, scales).
+
+The enclave's per-element protocol work (:mod:`veil.offload.training.protocol`) is a handful of passes over
+every operand and result: quantise, expand two AES-CTR mask streams, ``E = U_q - A0 - A1 mod p``, the sum of
+the three answers and its centred lift, ``max |x|`` for the scales, and the limb recombination of the
+Freivalds matrix-vector products. These kernels compute exactly the values of the straightforward int64
+formulas (``(q - m0 - m1) % p`` and so on), bit for bit, in fewer and cheaper passes:
+
+* **uint32 instead of int64 ``%``.** Field elements are below ``p = 2^31 - 1``, so the sum of two fits in
+  uint32 (``< 2p < 2^32``), and one conditional subtraction is ``min(s, s - p)`` in wrapping uint32
+  arithmetic: when ``s < p``, ``s - p`` wraps to ``s - p + 2^32 > s``; when ``p <= s < 2p``, ``s - p < s``.
+  Likewise ``(a - b) mod p`` for ``a, b`` in ``[0, p)`` is ``min(d, d + p)`` with ``d = a - b`` wrapping:
+  ``a >= b`` gives ``d < p`` and ``d + p < 2^32`` (no wrap, larger); ``a < b`` gives ``d = a - b + 2^32`` and
+  ``d + p`` wraps to ``a - b + p`` in ``[1, p)``, the smaller one. Each step is two cheap SIMD passes
+  instead of an int64 division.
+* **chunks that stay in cache.** Every kernel works on blocks of :data:`CHUNK` elements (512 KiB of
+  float64), so the several passes of one block after the first hit the L2 cache instead of memory.
+* **Mersenne folding in int64** for the wide integers of :func:`exact_matvec`: ``2^31 = 1 (mod p)``, so
+  ``x = (x & p) + (x >> 31) (mod p)`` for ``x >= 0``, which shrinks ``x < 2^62`` to below ``2^32`` and
+  then to ``<= p``; one conditional subtraction makes it canonical.
+
+Every kernel documents its input range and why its result equals the reference's; inputs outside the
+fast path's range (never met by the protocol, where the Cauchy-Schwarz scales keep ``|U_q| < p``) take
+the reference formula, so the result is the same for every input. Tests:
+``tests/test_offload_train_field_ops.py`` (each kernel against the plain int64 formula, edge values
+included); timings: ``bench/bench_offload_field_ops.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from veil.offload.errors import FieldRangeError
+from veil.offload.field import HALF, P
+
+__all__ = ["CHUNK", "masks_u32", "masked", "lift", "rint_scaled", "maxabs", "exact_matvec", "fold_mod_p"]
+
+#: elements per block: 512 KiB of float64, so a block's later passes run from the L2 cache
+CHUNK = 1 << 16
+
+_U = np.uint32
+_PU = np.uint32(P)
+_HALF_U = np.uint32(HALF)
+_MASK31 = np.uint32(0x7FFFFFFF)
+_ZEROS = np.zeros(4 * CHUNK, np.uint8)  #: the key-stream input of one block (read-only, shared by threads)
+_ZEROS.flags.writeable = False
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    """A 1-D C-order view of ``x`` (a copy only if ``x`` is not C-contiguous)."""
+    return np.ascontiguousarray(x).reshape(-1)
+
+
+def _reduce_once(s: np.ndarray, tmp: np.ndarray) -> None:
+    """``s mod p`` in place for uint32 ``s`` in ``[0, 2p)``: ``min(s, s - p)`` (module docstring)."""
+    np.subtract(s, _PU, out=tmp)
+    np.minimum(s, tmp, out=s)
+
+
+def _sub_mod(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
+    """``out = (a - b) mod p`` for uint32 ``a, b`` in ``[0, p)``: ``min(d, d + p)`` with ``d = a - b``
+    wrapping (module docstring). ``out`` may be ``a``."""
+    np.subtract(a, b, out=out)
+    np.add(out, _PU, out=tmp)
+    np.minimum(out, tmp, out=out)
+
+
+def masks_u32(seed: bytes, count: int) -> np.ndarray:
+    """``count`` field elements, uniform in ``[0, p)``, as uint32: the same values as
+    :func:`veil.offload.field.uniform_field` (AES-256-CTR key stream from the 32-byte ``seed``, each
+    little-endian 32-bit word's top bit cleared, the value ``p`` rejected and redrawn from the continuing
+    stream in order).
+
+    The stream is produced block by block into one array (CTR is a stream cipher: consecutive
+    ``update_into`` calls continue the key stream exactly as one call would), and each block is masked to
+    31 bits and its maximum taken while it is in cache. Only when some word equals ``p`` (probability about
+    ``count 2^-31``) are those positions redrawn, in index order, from the stream after the ``4 count``
+    bytes: the reference's order."""
+    if len(seed) != 32:
+        raise ValueError("seed must be 32 bytes")
+    enc = Cipher(algorithms.AES(seed), modes.CTR(b"\x00" * 16)).encryptor()
+    buf = np.empty(count + 4, _U)  # update_into wants room for one more block after its output
+    raw = buf.data.cast("B")
+    zeros = _ZEROS.data
+    top = 0
+    for lo in range(0, count, CHUNK):
+        hi = min(count, lo + CHUNK)
+        enc.update_into(zeros[:4 * (hi - lo)], raw[4 * lo:4 * hi + 16])
+        blk = buf[lo:hi]
+        np.bitwise_and(blk, _MASK31, out=blk)
+        top = max(top, int(blk.max()))
+    out = buf[:count]
+    if top == P:
+        bad = np.flatnonzero(out == _PU)
+        while bad.size:
+            fresh = np.frombuffer(enc.update(bytes(4 * bad.size)), dtype="<u4") & _MASK31
+            out[bad] = fresh
+            bad = bad[fresh == _PU]
+    return out
+
+
+def masked(q: np.ndarray, m0: np.ndarray, m1: np.ndarray) -> np.ndarray:
+    """``(q - m0 - m1) mod p`` as uint32 (C order, ``q``'s shape) for exact integers ``q`` (float64) and
+    masks ``m0, m1`` (uint32 in ``[0, p)``, ``q``'s size).
+
+    Per block: ``s = (m0 + m1) mod p`` (sum below ``2p``, one ``min`` reduction); ``q`` in ``[-p, p)``
+    converts exactly to int32 (it is an integer), whose uint32 bit pattern ``w`` is ``q`` or ``q + 2^32``;
+    ``min(w, w + p)`` wrapping is ``q mod p`` in both cases (``q >= 0``: ``w + p < 2^32`` is larger;
+    ``q < 0``: ``w + p`` wraps to ``q + p`` in ``[0, p)``); then ``(q mod p - s) mod p`` by
+    ``min(d, d + p)``. A block with some ``q`` outside ``[-p, p)`` (or NaN) takes the reference formula
+    ``(int64(q) - m0 - m1) % p``, so every input gives the reference's result."""
+    out = np.empty(q.shape, _U)
+    n = out.size
+    qf, a, b, o = _flat(q), _flat(m0), _flat(m1), out.reshape(-1)
+    if a.size != n or b.size != n:
+        raise ValueError(f"masks of {a.size} and {b.size} elements for {n} values")
+    s_buf, t_buf = np.empty(min(n, CHUNK), _U), np.empty(min(n, CHUNK), _U)
+    for lo in range(0, n, CHUNK):
+        hi = min(n, lo + CHUNK)
+        qc, oc, s, t = qf[lo:hi], o[lo:hi], s_buf[:hi - lo], t_buf[:hi - lo]
+        if not (qc.min() >= -P and qc.max() < P):  # also False for NaN
+            x = qc.astype(np.int64)
+            x -= a[lo:hi]
+            x -= b[lo:hi]
+            x %= P
+            oc[...] = x
+            continue
+        np.add(a[lo:hi], b[lo:hi], out=s)
+        _reduce_once(s, t)
+        np.copyto(oc.view(np.int32), qc, casting="unsafe")  # exact: integers in [-p, p) fit int32
+        np.add(oc, _PU, out=t)
+        np.minimum(oc, t, out=oc)  # q mod p
+        _sub_mod(oc, s, oc, t)
+    return out
+
+
+def lift(zs: list[np.ndarray]) -> np.ndarray:
+    """The sum of field elements ``zs`` (uint32 arrays in ``[0, p)``, one shape) mod p as its centred
+    residue in ``[-(p-1)/2, (p-1)/2]``, float64 (C order): the value ``z - p round(z / p)`` of the float64
+    reference (``z = sum zs < 3p``; ``round`` is never a tie as ``p`` is odd, and the residue is unique).
+
+    Per block in uint32: partial sums reduced with ``min(s, s - p)`` after each addition (each sum is
+    below ``2p``); then ``w = r + (p-1)/2`` (below ``2p``) is reduced once more, and ``w - (p-1)/2`` read
+    as int32 is the centred residue; the int32 to float64 conversion is exact."""
+    if not zs:
+        raise ValueError("nothing to lift")
+    out = np.empty(zs[0].shape, np.float64)
+    n = out.size
+    flats = [_flat(z) for z in zs]
+    if any(f.size != n for f in flats):
+        raise ValueError("the answers to lift differ in size")
+    o = out.reshape(-1)
+    s_buf, t_buf = np.empty(min(n, CHUNK), _U), np.empty(min(n, CHUNK), _U)
+    for lo in range(0, n, CHUNK):
+        hi = min(n, lo + CHUNK)
+        s, t = s_buf[:hi - lo], t_buf[:hi - lo]
+        s[...] = flats[0][lo:hi]
+        for f in flats[1:]:
+            np.add(s, f[lo:hi], out=s)
+            _reduce_once(s, t)
+        np.add(s, _HALF_U, out=s)
+        _reduce_once(s, t)
+        np.subtract(s, _HALF_U, out=s)
+        np.copyto(o[lo:hi], s.view(np.int32))
+    return out
+
+
+def rint_scaled(x: np.ndarray, f: int) -> np.ndarray:
+    """``rint(x 2^f)`` in float64 (round half to even, as :func:`numpy.rint`), C order: the same
+    float64 multiply and ``rint`` as the reference, per block, so the rounding is in cache."""
+    scale = 2.0**f
+    if not x.flags.c_contiguous:
+        q = np.multiply(x, scale, dtype=np.float64, order="C")
+        return np.rint(q, out=q)
+    out = np.empty(x.shape, np.float64)
+    xf, o = x.reshape(-1), out.reshape(-1)
+    for lo in range(0, o.size, CHUNK):
+        oc = o[lo:lo + CHUNK]
+        np.multiply(xf[lo:lo + CHUNK], scale, out=oc, dtype=np.float64)
+        np.rint(oc, out=oc)
+    return out
+
+
+def maxabs(x: np.ndarray) -> float:
+    """``max(max(x), -min(x))`` as a Python float (0.0 for an empty array): the maximum and minimum of
+    each block are taken while it is in cache (one pass over memory instead of two); NaN propagates as in
+    :meth:`numpy.ndarray.max`."""
+    if not x.size:
+        return 0.0
+    if not x.flags.c_contiguous or x.size <= CHUNK:
+        return max(float(x.max()), -float(x.min()))
+    xf = x.reshape(-1)
+    hi = np.array([xf[lo:lo + CHUNK].max() for lo in range(0, xf.size, CHUNK)]).max()
+    lo_ = np.array([xf[lo:lo + CHUNK].min() for lo in range(0, xf.size, CHUNK)]).min()
+    return max(float(hi), -float(lo_))
+
+
+def fold_mod_p(x: np.ndarray) -> np.ndarray:
+    """``x mod p`` in place for int64 ``x`` in ``[0, 2^62)``: two Mersenne folds
+    ``x = (x & p) + (x >> 31)`` (``2^31 = 1 mod p``) bring it below ``2^32`` and then to ``<= p``; one
+    conditional subtraction of ``p`` makes it canonical. Returns ``x``."""
+    for _ in range(2):
+        hi = x >> 31
+        np.bitwise_and(x, P, out=x)
+        x += hi
+    x -= P * (x >= P)
+    return x
+
+
+_OFFSET = P << 23  #: a multiple of p above 2^53: makes every exact float64 integer non-negative
+
+
+def exact_matvec(a: np.ndarray, amax: float, x: np.ndarray) -> np.ndarray:
+    """``a @ x mod p`` (int64 in ``[0, p)``) for a float64 matrix ``a`` of integers with ``|a| <= amax``
+    and field elements ``x`` (int64, cols x t), exactly, in one float64 BLAS pass over ``a``.
+
+    ``x`` is cut into ``L`` limbs of ``b`` bits with ``cols * amax * 2^b < 2^53``, so every partial sum of
+    ``a @ limb`` is an integer below 2^53 in magnitude (exact in float64 in any summation order); the
+    ``L t`` limb columns go through one product. Each product entry ``y`` becomes ``y + 2^23 p`` in int64
+    (non-negative, below ``2^55``), is folded mod p (:func:`fold_mod_p`), weighted by ``2^(b j) mod p``
+    (below ``2^62``), folded again, and the limbs are summed and reduced: the canonical residue of the
+    reference's ``sum_j (a @ limb_j) 2^(b j) mod p``."""
+    rows, cols = a.shape
+    t = x.shape[1]
+    bound = max(cols * max(amax, 1.0), 1.0)
+    b = min(31, math.floor(53 - math.log2(bound) - 1e-9))
+    if b < 1:
+        raise FieldRangeError(f"matrix-vector product too wide for exact float64 limbs ({cols} columns)")
+    nl = -(-31 // b)
+    mask = (1 << b) - 1
+    limbs = np.empty((cols, nl * t), np.float64)
+    for j in range(nl):
+        limbs[:, j * t:(j + 1) * t] = (x >> (b * j)) & mask
+    y = (a @ limbs).astype(np.int64)  # exact integers below 2^53 in magnitude
+    y += _OFFSET
+    fold_mod_p(y)
+    if nl == 1:
+        return y
+    out = y[:, :t].copy()
+    for j in range(1, nl):
+        yj = y[:, j * t:(j + 1) * t]
+        yj *= pow(2, b * j, P)  # < 2^62
+        out += fold_mod_p(yj)  # nl <= 31 terms <= p: no overflow
+    return fold_mod_p(out)
