@@ -79,17 +79,21 @@ def maxpool_forward(x: np.ndarray, k: Sequence[int], s: Sequence[int],
     ``i * kw + j`` of each window's first maximum (torch's choice on ties; NumPy ``argmax`` over the window).
 
     Works on the kh*kw strided views of the input (one per window offset) instead of copying the windows:
-    the maximum is an elementwise ``np.maximum`` over the views, ``idx`` the number of leading views that
-    differ from it. Windows holding a NaN go the window-copy way (``argmax`` semantics); where the input has a
-    negative zero, a zero maximum takes the sign of the first maximum. Same bits as ``argmax`` and
-    ``take_along_axis`` over :func:`patches`."""
+    the maximum is an elementwise ``np.maximum`` over the column offsets then the row offsets, ``idx`` the
+    number of leading views that differ from it. Windows holding a NaN go the window-copy way (``argmax``
+    semantics); where the input has a negative zero, a zero maximum takes the sign of the first maximum. Same
+    bits as ``argmax`` and ``take_along_axis`` over :func:`patches`."""
     n, c, h, w = x.shape
     oh, ow = K.conv_out_hw(h, w, k, s, pads)
     xp = K.pad2d(x, pads, -np.inf)
-    views = [xp[:, :, rows, cols] for rows, cols in _offsets(k, s, oh, ow)]
-    m = views[0].copy()
-    for v in views[1:]:
-        np.maximum(m, v, out=m)
+    offsets = _offsets(k, s, oh, ow)
+    views = [xp[:, :, rows, cols] for rows, cols in offsets]
+    across = xp[:, :, :, offsets[0][1]].copy()  # maximum over the window's columns, then over its rows
+    for _, cols in offsets[1:k[1]]:
+        np.maximum(across, xp[:, :, :, cols], out=across)
+    m = across[:, :, offsets[0][0]].copy()
+    for rows, _ in offsets[k[1]::k[1]]:
+        np.maximum(m, across[:, :, rows], out=m)
     if np.isnan(m).any():
         return _maxpool_by_windows(x, k, s, pads)
     idx = np.zeros(m.shape, dtype=np.uint8 if len(views) <= 256 else np.intp)
