@@ -12,6 +12,7 @@ from veil.offload.errors import FieldRangeError
 from veil.offload.field import HALF, P, uniform_field
 from veil.offload.training import field_ops as F
 from veil.offload.training import protocol
+from veil.offload.training.conv_field import ConvSpec, conv_norms
 from veil.offload.training.protocol import field_matvec
 
 SIZES = [0, 1, 7, F.CHUNK - 1, F.CHUNK, 2 * F.CHUNK + 5]
@@ -215,3 +216,75 @@ def test_the_protocol_calls_these_kernels() -> None:
     assert protocol._masked is F.masked and protocol._lift is F.lift and protocol._maxabs is F.maxabs
     assert protocol._rint_scaled is F.rint_scaled
     assert protocol.masks_u32 is F.masks_u32 and protocol.exact_matvec is F.exact_matvec
+
+
+CONV_CASES = [  # (x shape, kernel, strides, pads): network C's layers and odd geometries
+    ((6, 1, 28, 28), (5, 5), (1, 1), (0, 0, 0, 0)),
+    ((5, 4, 12, 12), (5, 5), (1, 1), (0, 0, 0, 0)),
+    ((3, 3, 9, 7), (3, 2), (2, 1), (1, 0, 2, 1)),
+    ((2, 2, 8, 8), (3, 3), (3, 3), (1, 1, 1, 1)),
+    ((4, 3, 6, 5), (1, 1), (1, 1), (0, 0, 0, 0)),
+]
+
+
+def conv_item(g: np.random.Generator, op: str, shape: tuple[int, int, int, int], kernel: tuple[int, int],
+              strides: tuple[int, int], pads: tuple[int, int, int, int], o: int = 6) -> tuple[ConvSpec, np.ndarray, np.ndarray]:
+    spec = ConvSpec(op, shape, kernel, strides, pads)
+    n, k, m = spec.matrix_shape(o)
+    su, sv = spec.raw_shapes(n, k, m)
+    u = g.standard_normal(su) * np.exp(g.normal(0, 3, su))  # entries over many decades
+    v = g.standard_normal(sv) * np.exp(g.normal(0, 3, sv))
+    if op == "dw":
+        v = np.abs(v)  # ReLU-like activations
+    return spec, u, v
+
+
+def exact_conv_scales(spec: ConvSpec, u: np.ndarray, v: np.ndarray) -> tuple[int, int]:
+    ru, cv, length = conv_norms(spec, u, v)
+    return protocol._scale_rule(ru, cv, F.maxabs(u), F.maxabs(v), length)
+
+
+@pytest.mark.parametrize("op", ["fwd", "dw", "dx"])
+def test_conv_norm_bounds_bracket_conv_norms_and_the_scales_are_the_same(op: str) -> None:
+    g = np.random.default_rng(["fwd", "dw", "dx"].index(op))
+    for shape, kernel, strides, pads in CONV_CASES:
+        for _ in range(3):
+            spec, u, v = conv_item(g, op, shape, kernel, strides, pads)
+            ru, cv, length = conv_norms(spec, u, v)
+            b = F.conv_norm_bounds(spec, u, v)
+            assert b is not None
+            assert b[0] <= ru <= b[1] and b[2] <= cv <= b[3] and b[4] == length
+            assert b[1] - b[0] <= 1e-9 * ru and b[3] - b[2] <= 1e-9 * cv
+            assert protocol.choose_conv_scales(spec, u, v) == exact_conv_scales(spec, u, v)
+
+
+def test_conv_scales_fall_back_to_conv_norms_at_a_boundary_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Operands scaled so that ``HALF / (ru cv)`` sits on a power of two: the brackets straddle the rule's step,
+    ``conv_norms`` decides, and the result is the exact rule's."""
+    g = np.random.default_rng(11)
+    calls = [0]
+    real = protocol.conv_norms
+
+    def counting(*a: object) -> tuple[float, float, int]:
+        calls[0] += 1
+        return real(*a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(protocol, "conv_norms", counting)
+    for op in ("fwd", "dw", "dx"):
+        for shape, kernel, strides, pads in CONV_CASES[:3]:
+            spec, u, v = conv_item(g, op, shape, kernel, strides, pads)
+            ru, cv, _ = real(spec, u, v)
+            for k in (20, 25, 31):
+                lam = HALF / (ru * cv * 2.0**k)
+                uu = u * lam
+                for nudge in (1.0, 1.0 + 2.0**-50, 1.0 - 2.0**-50):
+                    un = uu * nudge
+                    assert protocol.choose_conv_scales(spec, un, v) == exact_conv_scales(spec, un, v)
+    assert calls[0] > 0  # the ambiguous cases took the reference path
+
+
+def test_conv_norm_bounds_give_up_on_non_finite_values() -> None:
+    g = np.random.default_rng(12)
+    spec, u, v = conv_item(g, "dw", *CONV_CASES[1])
+    v[0, 0, 0, 0] = np.inf
+    assert F.conv_norm_bounds(spec, u, v) is None

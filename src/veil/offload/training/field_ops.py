@@ -35,8 +35,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from veil.offload.errors import FieldRangeError
 from veil.offload.field import HALF, P
+from veil.offload.training.conv_field import ConvSpec
 
-__all__ = ["CHUNK", "masks_u32", "masked", "lift", "rint_scaled", "maxabs", "exact_matvec", "fold_mod_p"]
+__all__ = ["CHUNK", "masks_u32", "masked", "lift", "rint_scaled", "maxabs", "exact_matvec", "fold_mod_p",
+           "conv_norm_bounds"]
 
 #: elements per block: 512 KiB of float64, so a block's later passes run from the L2 cache
 CHUNK = 1 << 16
@@ -245,3 +247,90 @@ def exact_matvec(a: np.ndarray, amax: float, x: np.ndarray) -> np.ndarray:
         yj *= pow(2, b * j, P)  # < 2^62
         out += fold_mod_p(yj)  # nl <= 31 terms <= p: no overflow
     return fold_mod_p(out)
+
+
+# --- convolution scales: the norms of conv_norms, bracketed cheaply ------------------------------------------
+_U53 = 2.0**-51  #: four units in the last place of 1.0 (float64): margin per summed term, see conv_norm_bounds
+
+
+def _window_max(a: np.ndarray, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int, pads: tuple[int, ...]) -> float:
+    """The largest sum of ``a`` (N x H x W, non-negative) over the zero-padded convolution windows: row taps
+    first, then column taps (``kh + kw`` passes instead of ``kh kw``; a different summation order from
+    :func:`~veil.offload.training.conv_field._box_max`, the same terms), a few samples at a time so that the
+    temporaries stay small."""
+    t, left, b, r = pads
+    hp = a.shape[1] + t + b
+    step = max(1, CHUNK // (hp * ow))
+    best = 0.0
+    for n0 in range(0, a.shape[0], step):
+        blk = a[n0:n0 + step]
+        ap = np.pad(blk, ((0, 0), (t, b), (left, r))) if any(pads) else blk
+        rows = ap[:, :, 0:sw * ow:sw][:, :, :ow].copy()
+        for j in range(1, kw):
+            rows += ap[:, :, j:j + sw * ow:sw][:, :, :ow]
+        out = rows[:, 0:sh * oh:sh][:, :oh].copy()
+        for i in range(1, kh):
+            out += rows[:, i:i + sh * oh:sh][:, :oh]
+        top = float(out.max())
+        if math.isnan(top):
+            return top  # not finite: conv_norm_bounds gives up
+        best = max(best, top)
+    return best
+
+
+def _bracket(total: float, terms: int) -> tuple[float, float] | None:
+    """``(sqrt(lo), sqrt(hi))`` with ``lo <= S <= hi`` for every float64 value ``S`` that some summation order
+    of the same ``terms`` non-negative numbers can give, when one order gave ``total``: each order is within
+    ``gamma = (terms - 1) 2^-53 / (1 - (terms - 1) 2^-53)`` (relative) of the exact sum, so two orders are
+    within ``(1 + gamma) / (1 - gamma) - 1 < 2.1 (terms - 1) 2^-53`` of each other; the margin
+    ``(terms + 1) 2^-51`` also covers the rounding of the product that applies it. ``math.sqrt`` is correctly
+    rounded, hence monotone. None when ``total`` is not finite."""
+    if not math.isfinite(total) or terms >= 2**40:
+        return None
+    if total == 0.0:  # non-negative terms: every order gives 0 exactly when all are 0
+        return 0.0, 0.0
+    eps = (terms + 1) * _U53
+    return math.sqrt(total * (1.0 - eps)), math.sqrt(total * (1.0 + eps))
+
+
+def conv_norm_bounds(spec: ConvSpec, u: np.ndarray, v: np.ndarray
+                     ) -> tuple[float, float, float, float, int] | None:
+    """``(ru_lo, ru_hi, cv_lo, cv_hi, length)``: intervals that contain the ``ru`` and ``cv`` that
+    :func:`~veil.offload.training.conv_field.conv_norms` returns for the same item, and its ``length``, at a
+    fraction of its cost (None if a sum is not finite: then use ``conv_norms``).
+
+    Each norm is ``sqrt(max of sums of non-negative float64 terms)``; the terms here are the same floats
+    (the same ``einsum`` and ``v * v`` calls), summed in a cheaper order: window sums by rows then columns,
+    the weight gradient's per-tap sums after one sum over the batch. Two orders of the same ``terms``
+    non-negative numbers differ by at most ``2.1 (terms - 1) 2^-53`` relative, so a margin of
+    ``(terms + 1) 2^-51`` brackets the reference's value (:func:`_bracket`); norms that ``conv_norms``
+    computes by the same call are returned exactly (``lo == hi``)."""
+    (kh, kw), (sh, sw) = spec.kernel, spec.strides
+    oh, ow = spec.out_hw
+    if spec.op == "fwd":
+        s2 = np.einsum("nchw,nchw->nhw", u, u)
+        ru = _bracket(_window_max(s2, kh, kw, sh, sw, oh, ow, spec.pads), kh * kw)
+        cv = float(np.sqrt(np.einsum("ij,ij->j", v, v).max()))
+        return None if ru is None else (ru[0], ru[1], cv, cv, spec.k)
+    if spec.op == "dw":
+        n = spec.x_shape[0]
+        per = np.zeros(v.shape[1:])  # C x H x W: the batch sum first, a few samples at a time
+        step = max(1, CHUNK // max(1, math.prod(v.shape[1:])))
+        for n0 in range(0, n, step):
+            blk = v[n0:n0 + step]
+            per += (blk * blk).sum(axis=0)
+        t, left, b, r = spec.pads
+        pp = np.pad(per, ((0, 0), (t, b), (left, r))) if any(spec.pads) else per
+        cmax = max(float(pp[:, i:i + sh * oh:sh, j:j + sw * ow:sw][:, :oh, :ow].sum(axis=(1, 2)).max())
+                   for i in range(kh) for j in range(kw))
+        cv_b = _bracket(cmax, n * oh * ow)
+        ru_dw = float(np.sqrt(np.einsum("ij,ij->i", u, u).max()))
+        return None if cv_b is None else (ru_dw, ru_dw, cv_b[0], cv_b[1], spec.rows)
+    n, o = spec.x_shape[0], u.shape[1]
+    bh, bw = -(-kh // sh), -(-kw // sw)
+    r2 = np.einsum("ij,ij->i", u, u).reshape(n, oh, ow)
+    ru_b = _bracket(_window_max(r2, bh, bw, 1, 1, oh + bh - 1, ow + bw - 1, (bh - 1, bw - 1, bh - 1, bw - 1)), bh * bw)
+    c = spec.x_shape[1]
+    w3 = v.reshape(o, c, kh * kw)
+    cv_dx = float(np.sqrt(np.einsum("ocx,ocx->c", w3, w3).max()))
+    return None if ru_b is None else (ru_b[0], ru_b[1], cv_dx, cv_dx, bh * bw * o)

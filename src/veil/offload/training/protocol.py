@@ -52,7 +52,7 @@ from veil.offload.errors import AcceleratorProtocolError, AcceleratorUnavailable
 from veil.offload.field import HALF, MAX_INNER_FULL, P, uniform_field
 from veil.offload.runtime import EnclaveRuntime
 from veil.offload.training.conv_field import ConvSpec, check_conv, cols, conv_norms
-from veil.offload.training.field_ops import exact_matvec, masks_u32
+from veil.offload.training.field_ops import conv_norm_bounds, exact_matvec, masks_u32
 from veil.offload.training.field_ops import lift as _lift
 from veil.offload.training.field_ops import masked as _masked
 from veil.offload.training.field_ops import maxabs as _maxabs
@@ -120,9 +120,24 @@ def choose_scales(u: np.ndarray, v: np.ndarray) -> tuple[int, int]:
 def choose_conv_scales(spec: ConvSpec, u: np.ndarray, v: np.ndarray) -> tuple[int, int]:
     """Fractional bits ``(fu, fv)`` the secure engine uses for the convolution item ``(u, v, spec)`` (``u``,
     ``v`` as sent: the tensor for ``cols``): the rule of :func:`quantise_pair` on the norms of
-    :func:`~veil.offload.training.conv_field.conv_norms`."""
+    :func:`~veil.offload.training.conv_field.conv_norms`.
+
+    The norms are first bracketed cheaply (:func:`~veil.offload.training.field_ops.conv_norm_bounds`). The rule
+    is monotone in ``(ru, cv)`` (``total`` falls and the loop's condition rises with each), and the sequence of
+    ``(fu, fv)`` the loop visits does not depend on them, so when both ends of the brackets give the same
+    ``(fu, fv)``, so does every value in between, ``conv_norms``'s included; otherwise ``conv_norms`` decides."""
+    au, av = _maxabs(u), _maxabs(v)
+    bounds = conv_norm_bounds(spec, u, v)
+    if bounds is not None:
+        ru_lo, ru_hi, cv_lo, cv_hi, length = bounds
+        try:
+            low = _scale_rule(ru_lo, cv_lo, au, av, length)
+            if low == _scale_rule(ru_hi, cv_hi, au, av, length):
+                return low
+        except (FieldRangeError, ArithmeticError):
+            pass
     ru, cv, length = conv_norms(spec, u, v)
-    return _scale_rule(ru, cv, _maxabs(u), _maxabs(v), length)
+    return _scale_rule(ru, cv, au, av, length)
 
 
 def quantise_pair(u: np.ndarray, v: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray]:
