@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # 
 
 from veil.offload.field import HALF, P  # noqa: E402
 from veil.offload.training import field_ops as F  # noqa: E402
+from veil.offload.training import protocol  # noqa: E402
+from veil.offload.training.conv_field import ConvSpec, conv_norms  # noqa: E402
 
 _Z = np.zeros(0, np.uint8)
 
@@ -90,6 +92,24 @@ def old_exact_matvec(a: np.ndarray, amax: float, x: np.ndarray) -> np.ndarray:
     return out
 
 
+def old_choose_conv_scales(spec: ConvSpec, u: np.ndarray, v: np.ndarray) -> tuple[int, int]:
+    ru, cv, length = conv_norms(spec, u, v)
+    return protocol._scale_rule(ru, cv, old_maxabs(u), old_maxabs(v), length)
+
+
+def conv_cases(g: np.random.Generator) -> list[tuple[str, int, Callable[[], Any], Callable[[], Any]]]:
+    """choose_conv_scales on network C's five convolution items at batch 128 (operands as sent)."""
+    c1 = ((128, 1, 28, 28), (5, 5), (1, 1), (0, 0, 0, 0))
+    c2 = ((128, 20, 12, 12), (5, 5), (1, 1), (0, 0, 0, 0))
+    items = [("conv1 fwd", ConvSpec("fwd", *c1), g.random(c1[0]), g.standard_normal((25, 20))),
+             ("conv2 fwd", ConvSpec("fwd", *c2), g.random(c2[0]), g.standard_normal((500, 50))),
+             ("conv1 dW", ConvSpec("dw", *c1), g.standard_normal((20, 73728)), g.random(c1[0])),
+             ("conv2 dW", ConvSpec("dw", *c2), g.standard_normal((50, 8192)), g.random(c2[0])),
+             ("conv2 dX", ConvSpec("dx", *c2), g.standard_normal((8192, 50)), g.standard_normal((50, 500)))]
+    return [(label, u.size + v.size, lambda sp=sp, u=u, v=v: old_choose_conv_scales(sp, u, v),
+             lambda sp=sp, u=u, v=v: protocol.choose_conv_scales(sp, u, v)) for label, sp, u, v in items]
+
+
 # --- timing --------------------------------------------------------------------------------------------
 def best(fn: Callable[[], Any], reps: int) -> float:
     ts = []
@@ -141,6 +161,11 @@ def main() -> None:
                 raise SystemExit(f"{name} on {label}: the fast kernel differs from the previous one")
             tb, ta = best(before, args.reps), best(after, args.reps)
             rows.append((name, label, tb * 1e9 / n, ta * 1e9 / n, tb / ta))
+    for label, n, before, after in conv_cases(g):
+        if after() != before():
+            raise SystemExit(f"choose_conv_scales on {label}: the scales differ")
+        tb, ta = best(before, args.reps), best(after, args.reps)
+        rows.append(("choose_conv_scales", label + " (u+v elements)", tb * 1e9 / n, ta * 1e9 / n, tb / ta))
     print(f"{'kernel':30s} {'operand':28s} {'before ns/el':>12s} {'after ns/el':>12s} {'speed-up':>9s}")
     for name, label, b, a, r in rows:
         print(f"{name:30s} {label:28s} {b:12.2f} {a:12.2f} {r:8.1f}x")

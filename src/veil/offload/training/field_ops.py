@@ -144,9 +144,9 @@ def lift(zs: list[np.ndarray]) -> np.ndarray:
     residue in ``[-(p-1)/2, (p-1)/2]``, float64 (C order): the value ``z - p round(z / p)`` of the float64
     reference (``z = sum zs < 3p``; ``round`` is never a tie as ``p`` is odd, and the residue is unique).
 
-    Per block in uint32: partial sums reduced with ``min(s, s - p)`` after each addition (each sum is
-    below ``2p``); then ``w = r + (p-1)/2`` (below ``2p``) is reduced once more, and ``w - (p-1)/2`` read
-    as int32 is the centred residue; the int32 to float64 conversion is exact."""
+    Per block in uint32: ``w = (Z0 + (p-1)/2 + Z1 + ...) mod p``, each partial sum (below ``2p``) reduced with
+    ``min(s, s - p)``; ``w - (p-1)/2``, read as int32, is in ``[-(p-1)/2, (p-1)/2]`` and congruent to the sum:
+    the centred residue. The int32 to float64 conversion is exact."""
     if not zs:
         raise ValueError("nothing to lift")
     out = np.empty(zs[0].shape, np.float64)
@@ -159,12 +159,11 @@ def lift(zs: list[np.ndarray]) -> np.ndarray:
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
         s, t = s_buf[:hi - lo], t_buf[:hi - lo]
-        s[...] = flats[0][lo:hi]
+        np.add(flats[0][lo:hi], _HALF_U, out=s)  # below p + (p-1)/2 < 2^32
+        _reduce_once(s, t)
         for f in flats[1:]:
             np.add(s, f[lo:hi], out=s)
             _reduce_once(s, t)
-        np.add(s, _HALF_U, out=s)
-        _reduce_once(s, t)
         np.subtract(s, _HALF_U, out=s)
         np.copyto(o[lo:hi], s.view(np.int32))
     return out
@@ -187,28 +186,32 @@ def rint_scaled(x: np.ndarray, f: int) -> np.ndarray:
 
 
 def maxabs(x: np.ndarray) -> float:
-    """``max(max(x), -min(x))`` as a Python float (0.0 for an empty array): the maximum and minimum of
-    each block are taken while it is in cache (one pass over memory instead of two); NaN propagates as in
-    :meth:`numpy.ndarray.max`."""
-    if not x.size:
-        return 0.0
-    if not x.flags.c_contiguous or x.size <= CHUNK:
-        return max(float(x.max()), -float(x.min()))
-    xf = x.reshape(-1)
-    hi = np.array([xf[lo:lo + CHUNK].max() for lo in range(0, xf.size, CHUNK)]).max()
-    lo_ = np.array([xf[lo:lo + CHUNK].min() for lo in range(0, xf.size, CHUNK)]).min()
-    return max(float(hi), -float(lo_))
+    """``max(max(x), -min(x))`` as a Python float (0.0 for an empty array); NaN propagates as in
+    :meth:`numpy.ndarray.max`. Two SIMD reductions over ``x``: a blocked single pass (max and min of each
+    block while it is in cache) measured slower on network C's operands (``bench/bench_offload_field_ops.py``),
+    as they are already cache-resident and each reduction is cheaper than the per-block overhead."""
+    return max(float(x.max()), -float(x.min())) if x.size else 0.0
+
+
+def _fold(u: np.ndarray, tmp: np.ndarray) -> None:
+    """One Mersenne fold in place, ``u = (u & p) + (u >> 31)`` (uint64; ``2^31 = 1 mod p``), so for
+    ``u < 2^k`` (``k >= 31``) the result is congruent and below ``2^31 + 2^(k - 31)``."""
+    np.right_shift(u, 31, out=tmp)
+    np.bitwise_and(u, P, out=u)
+    u += tmp
 
 
 def fold_mod_p(x: np.ndarray) -> np.ndarray:
-    """``x mod p`` in place for int64 ``x`` in ``[0, 2^62)``: two Mersenne folds
-    ``x = (x & p) + (x >> 31)`` (``2^31 = 1 mod p``) bring it below ``2^32`` and then to ``<= p``; one
-    conditional subtraction of ``p`` makes it canonical. Returns ``x``."""
-    for _ in range(2):
-        hi = x >> 31
-        np.bitwise_and(x, P, out=x)
-        x += hi
-    x -= P * (x >= P)
+    """``x mod p`` in place for int64 ``x`` in ``[0, 2^62)``, returned: two Mersenne folds bring ``x`` below
+    ``2^32 - 1`` and then to at most ``p`` (a value ``2^31 + k`` with ``k <= 2^31 - 2`` folds to
+    ``k + 1 <= p``), and ``min(x, x - p)`` in wrapping uint64 (``x - p`` wraps above ``x`` when ``x < p``)
+    makes it canonical."""
+    u = x.view(np.uint64)
+    tmp = np.empty_like(u)
+    _fold(u, tmp)
+    _fold(u, tmp)
+    np.subtract(u, P, out=tmp)
+    np.minimum(u, tmp, out=u)
     return x
 
 
@@ -221,10 +224,10 @@ def exact_matvec(a: np.ndarray, amax: float, x: np.ndarray) -> np.ndarray:
 
     ``x`` is cut into ``L`` limbs of ``b`` bits with ``cols * amax * 2^b < 2^53``, so every partial sum of
     ``a @ limb`` is an integer below 2^53 in magnitude (exact in float64 in any summation order); the
-    ``L t`` limb columns go through one product. Each product entry ``y`` becomes ``y + 2^23 p`` in int64
-    (non-negative, below ``2^55``), is folded mod p (:func:`fold_mod_p`), weighted by ``2^(b j) mod p``
-    (below ``2^62``), folded again, and the limbs are summed and reduced: the canonical residue of the
-    reference's ``sum_j (a @ limb_j) 2^(b j) mod p``."""
+    ``L t`` limb columns go through one product. Each product entry ``y`` becomes ``y + 2^23 p`` (non-negative,
+    below ``2^55``), is folded once (below ``2^31 + 2^24``), weighted by ``2^(b j) mod p`` (below ``2^63``) and
+    folded again (below ``2^32 + 2^24``); the ``L <= 31`` limbs' sum (below ``2^38``) is reduced by
+    :func:`fold_mod_p`: the canonical residue of the reference's ``sum_j (a @ limb_j) 2^(b j) mod p``."""
     rows, cols = a.shape
     t = x.shape[1]
     bound = max(cols * max(amax, 1.0), 1.0)
@@ -236,17 +239,23 @@ def exact_matvec(a: np.ndarray, amax: float, x: np.ndarray) -> np.ndarray:
     limbs = np.empty((cols, nl * t), np.float64)
     for j in range(nl):
         limbs[:, j * t:(j + 1) * t] = (x >> (b * j)) & mask
-    y = (a @ limbs).astype(np.int64)  # exact integers below 2^53 in magnitude
-    y += _OFFSET
-    fold_mod_p(y)
-    if nl == 1:
-        return y
-    out = y[:, :t].copy()
-    for j in range(1, nl):
-        yj = y[:, j * t:(j + 1) * t]
-        yj *= pow(2, b * j, P)  # < 2^62
-        out += fold_mod_p(yj)  # nl <= 31 terms <= p: no overflow
-    return fold_mod_p(out)
+    # one row per limb column (contiguous for the int64 passes); a Fortran-ordered ``a`` (a transposed view)
+    # goes through BLAS as ``limbs^T a^T``, which is faster for few columns
+    ly = limbs.T @ a.T if a.T.flags.c_contiguous else (a @ limbs).T
+    y = ly.astype(np.int64, order="C")  # exact integers below 2^53 in magnitude
+    y += _OFFSET  # now in [0, 2^55)
+    u = y.view(np.uint64)
+    tmp = np.empty_like(u)
+    _fold(u, tmp)  # < 2^31 + 2^24
+    if nl > 1:
+        acc = u[:t].copy()
+        for j in range(1, nl):
+            uj = u[j * t:(j + 1) * t]
+            uj *= pow(2, b * j, P)  # < (2^31 + 2^24) 2^31 < 2^63
+            _fold(uj, tmp[j * t:(j + 1) * t])  # < 2^32 + 2^24
+            acc += uj  # nl <= 31 terms: < 2^38
+        y = acc.view(np.int64)
+    return np.ascontiguousarray(fold_mod_p(y).T)
 
 
 # --- convolution scales: the norms of conv_norms, bracketed cheaply ------------------------------------------
