@@ -110,6 +110,25 @@ def conv_cases(g: np.random.Generator) -> list[tuple[str, int, Callable[[], Any]
              lambda sp=sp, u=u, v=v: protocol.choose_conv_scales(sp, u, v)) for label, sp, u, v in items]
 
 
+def old_mask_pair(uq: np.ndarray, vq: np.ndarray, s0: bytes, s1: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """What the enclave did per product: two mask streams, then E and F."""
+    r0, r1 = old_masks_u32(s0, uq.size + vq.size), old_masks_u32(s1, uq.size + vq.size)
+    nu = uq.size
+    return (old_masked(uq, r0[:nu].reshape(uq.shape), r1[:nu].reshape(uq.shape)),
+            old_masked(vq, r0[nu:].reshape(vq.shape), r1[nu:].reshape(vq.shape)))
+
+
+def pair_cases(g: np.random.Generator) -> list[tuple[str, int, Callable[[], Any], Callable[[], Any]]]:
+    """Masks and masking of both operands of conv1's dW item and of fc1's forward product."""
+    out: list[tuple[str, int, Callable[[], Any], Callable[[], Any]]] = []
+    for label, su, sv in [("conv1 dW (U, X)", (20, 73728), (128, 1, 28, 28)), ("fc1 fwd (X, W^T)", (128, 800), (800, 500))]:
+        uq, vq = np.rint(g.standard_normal(su) * 2.0**20), np.rint(g.standard_normal(sv) * 2.0**9)
+        s0, s1 = bytes(range(32)), bytes(range(1, 33))
+        out.append((label, uq.size + vq.size, lambda uq=uq, vq=vq, s0=s0, s1=s1: old_mask_pair(uq, vq, s0, s1),
+                    lambda uq=uq, vq=vq, s0=s0, s1=s1: F.mask_pair(uq, vq, s0, s1)))
+    return out
+
+
 # --- timing --------------------------------------------------------------------------------------------
 def best(fn: Callable[[], Any], reps: int) -> float:
     ts = []
@@ -161,14 +180,19 @@ def main() -> None:
                 raise SystemExit(f"{name} on {label}: the fast kernel differs from the previous one")
             tb, ta = best(before, args.reps), best(after, args.reps)
             rows.append((name, label, tb * 1e9 / n, ta * 1e9 / n, tb / ta))
+    for label, n, before, after in pair_cases(g):
+        if not all(same(a, b) for a, b in zip(after(), before(), strict=True)):
+            raise SystemExit(f"mask_pair on {label}: E or F differs")
+        tb, ta = best(before, args.reps), best(after, args.reps)
+        rows.append(("2 masks_u32 + 2 _masked -> mask_pair", label, tb * 1e9 / n, ta * 1e9 / n, tb / ta))
     for label, n, before, after in conv_cases(g):
         if after() != before():
             raise SystemExit(f"choose_conv_scales on {label}: the scales differ")
         tb, ta = best(before, args.reps), best(after, args.reps)
         rows.append(("choose_conv_scales", label + " (u+v elements)", tb * 1e9 / n, ta * 1e9 / n, tb / ta))
-    print(f"{'kernel':30s} {'operand':28s} {'before ns/el':>12s} {'after ns/el':>12s} {'speed-up':>9s}")
+    print(f"{'kernel':38s} {'operand':30s} {'before ns/el':>12s} {'after ns/el':>12s} {'speed-up':>9s}")
     for name, label, b, a, r in rows:
-        print(f"{name:30s} {label:28s} {b:12.2f} {a:12.2f} {r:8.1f}x")
+        print(f"{name:38s} {label:30s} {b:12.2f} {a:12.2f} {r:8.1f}x")
 
 
 if __name__ == "__main__":

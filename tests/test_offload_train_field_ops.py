@@ -160,6 +160,42 @@ def test_masks_u32_rejects_p_in_the_reference_order(monkeypatch: pytest.MonkeyPa
     assert int(got.max()) < P
 
 
+def reference_pair(uq: np.ndarray, vq: np.ndarray, s0: bytes, s1: bytes) -> tuple[np.ndarray, np.ndarray]:
+    n, nu = uq.size + vq.size, uq.size
+    r0, r1 = uniform_field(s0, n), uniform_field(s1, n)
+    return (ref_masked(uq, r0[:nu].reshape(uq.shape), r1[:nu].reshape(uq.shape)),
+            ref_masked(vq, r0[nu:].reshape(vq.shape), r1[nu:].reshape(vq.shape)))
+
+
+@pytest.mark.parametrize(("su", "sv"), [((3, 4), (4, 5)), ((1,), (0,)), ((20, 3000), (50, 2000)),
+                                        ((128, 2, 12, 12), (50, 7))])
+def test_mask_pair_is_masks_then_masked(su: tuple[int, ...], sv: tuple[int, ...]) -> None:
+    g = np.random.default_rng(len(su) + sum(sv))
+    uq = np.rint(g.uniform(-HALF, HALF, su))
+    vq = np.rint(g.uniform(-HALF, HALF, sv))
+    if uq.size > 40:
+        uq.ravel()[:len(EDGE_Q)] = EDGE_Q
+        uq.ravel()[F.CHUNK // 2] = 2.0**40  # a block outside the fast range
+    s0, s1 = bytes(range(32)), bytes(range(1, 33))
+    e, f = F.mask_pair(uq, vq, s0, s1)
+    we, wf = reference_pair(uq, vq, s0, s1)
+    assert same_bits(e, we) and same_bits(f, wf)
+    with pytest.raises(ValueError):
+        F.mask_pair(uq, vq, s0, b"short")
+
+
+def test_mask_pair_with_a_rejected_word_takes_the_reference_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = np.random.default_rng(8)
+    uq, vq = np.rint(g.uniform(-HALF, HALF, (300, 300))), np.rint(g.uniform(-HALF, HALF, (300, 50)))
+    n = uq.size + vq.size
+    bad = {F.CHUNK + 7, uq.size + 3, n, n + 1}
+    monkeypatch.setattr(F, "Cipher", _FakeCipher(bad))
+    monkeypatch.setattr(field_mod, "Cipher", _FakeCipher(bad))
+    e, f = F.mask_pair(uq, vq, bytes(32), bytes(32))
+    we, wf = reference_pair(uq, vq, bytes(32), bytes(32))
+    assert same_bits(e, we) and same_bits(f, wf)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_rint_scaled_is_rint_of_the_scaled_value(dtype: type) -> None:
     g = np.random.default_rng(5)

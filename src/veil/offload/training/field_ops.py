@@ -37,7 +37,7 @@ from veil.offload.errors import FieldRangeError
 from veil.offload.field import HALF, P
 from veil.offload.training.conv_field import ConvSpec
 
-__all__ = ["CHUNK", "masks_u32", "masked", "lift", "rint_scaled", "maxabs", "exact_matvec", "fold_mod_p",
+__all__ = ["CHUNK", "masks_u32", "masked", "mask_pair", "lift", "rint_scaled", "maxabs", "exact_matvec", "fold_mod_p",
            "conv_norm_bounds"]
 
 #: elements per block: 512 KiB of float64, so a block's later passes run from the L2 cache
@@ -122,21 +122,67 @@ def masked(q: np.ndarray, m0: np.ndarray, m1: np.ndarray) -> np.ndarray:
     s_buf, t_buf = np.empty(min(n, CHUNK), _U), np.empty(min(n, CHUNK), _U)
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
-        qc, oc, s, t = qf[lo:hi], o[lo:hi], s_buf[:hi - lo], t_buf[:hi - lo]
-        if not (qc.min() >= -P and qc.max() < P):  # also False for NaN
-            x = qc.astype(np.int64)
-            x -= a[lo:hi]
-            x -= b[lo:hi]
-            x %= P
-            oc[...] = x
-            continue
-        np.add(a[lo:hi], b[lo:hi], out=s)
-        _reduce_once(s, t)
-        np.copyto(oc.view(np.int32), qc, casting="unsafe")  # exact: integers in [-p, p) fit int32
-        np.add(oc, _PU, out=t)
-        np.minimum(oc, t, out=oc)  # q mod p
-        _sub_mod(oc, s, oc, t)
+        _mask_block(qf[lo:hi], a[lo:hi], b[lo:hi], o[lo:hi], s_buf[:hi - lo], t_buf[:hi - lo])
     return out
+
+
+def _mask_block(qc: np.ndarray, a: np.ndarray, b: np.ndarray, oc: np.ndarray, s: np.ndarray, t: np.ndarray) -> None:
+    """One block of :func:`masked`: ``oc = (qc - a - b) mod p`` (``s``, ``t``: uint32 scratch of the block's
+    size, distinct from the other arguments)."""
+    if not (qc.min() >= -P and qc.max() < P):  # also False for NaN: the reference formula
+        x = qc.astype(np.int64)
+        x -= a
+        x -= b
+        x %= P
+        oc[...] = x
+        return
+    np.add(a, b, out=s)
+    _reduce_once(s, t)
+    np.copyto(oc.view(np.int32), qc, casting="unsafe")  # exact: integers in [-p, p) fit int32
+    np.add(oc, _PU, out=t)
+    np.minimum(oc, t, out=oc)  # q mod p
+    _sub_mod(oc, s, oc, t)
+
+
+def mask_pair(uq: np.ndarray, vq: np.ndarray, seed0: bytes, seed1: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """``(E, F)`` of one product without materialising the masks: the same arrays as
+    ``r_j = masks_u32(seed_j, uq.size + vq.size)``, ``E = masked(uq, r0[:nu], r1[:nu])``,
+    ``F = masked(vq, r0[nu:], r1[nu:])``.
+
+    Both AES-CTR streams are expanded block by block into two small buffers, in the order of ``r_j``
+    (``U``'s elements, then ``V``'s), and each block is masked while the key stream is in cache: no
+    ``4 (nu + nv)``-byte mask arrays are written and read back. A block holding the word ``p`` (probability
+    about ``2^-31`` per element) needs words from after the whole stream (the reference's rejection order):
+    then the pair is recomputed through :func:`masks_u32` and :func:`masked`."""
+    for sd in (seed0, seed1):
+        if len(sd) != 32:
+            raise ValueError("seed must be 32 bytes")
+    encs = [Cipher(algorithms.AES(sd), modes.CTR(b"\x00" * 16)).encryptor() for sd in (seed0, seed1)]
+    bufs = [np.empty(CHUNK + 4, _U) for _ in range(2)]
+    raws = [b.data.cast("B") for b in bufs]
+    zeros = _ZEROS.data
+    s_buf, t_buf = np.empty(CHUNK, _U), np.empty(CHUNK, _U)
+    outs = []
+    for q in (uq, vq):
+        out = np.empty(q.shape, _U)
+        qf, o = _flat(q), out.reshape(-1)
+        for lo in range(0, o.size, CHUNK):
+            hi = min(o.size, lo + CHUNK)
+            c = hi - lo
+            ms = []
+            for enc, buf, raw in zip(encs, bufs, raws, strict=True):
+                enc.update_into(zeros[:4 * c], raw[:4 * c + 16])
+                blk = buf[:c]
+                np.bitwise_and(blk, _MASK31, out=blk)
+                if int(blk.max()) == P:  # rejection: redraws come from after the whole stream
+                    n = uq.size + vq.size
+                    r0, r1 = masks_u32(seed0, n), masks_u32(seed1, n)
+                    nu = uq.size
+                    return (masked(uq, r0[:nu], r1[:nu]), masked(vq, r0[nu:], r1[nu:]))
+                ms.append(blk)
+            _mask_block(qf[lo:hi], ms[0], ms[1], o[lo:hi], s_buf[:c], t_buf[:c])
+        outs.append(out)
+    return outs[0], outs[1]
 
 
 def lift(zs: list[np.ndarray]) -> np.ndarray:
