@@ -292,6 +292,7 @@ def test_conv_norm_bounds_bracket_conv_norms_and_the_scales_are_the_same(op: str
             assert b[0] <= ru <= b[1] and b[2] <= cv <= b[3] and b[4] == length
             assert b[1] - b[0] <= 1e-9 * ru and b[3] - b[2] <= 1e-9 * cv
             assert protocol.choose_conv_scales(spec, u, v) == exact_conv_scales(spec, u, v)
+            assert protocol._conv_scales(spec, u, v) == (*exact_conv_scales(spec, u, v), F.maxabs(u), F.maxabs(v))
 
 
 def test_conv_scales_fall_back_to_conv_norms_at_a_boundary_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:

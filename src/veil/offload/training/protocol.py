@@ -126,6 +126,12 @@ def choose_conv_scales(spec: ConvSpec, u: np.ndarray, v: np.ndarray) -> tuple[in
     is monotone in ``(ru, cv)`` (``total`` falls and the loop's condition rises with each), and the sequence of
     ``(fu, fv)`` the loop visits does not depend on them, so when both ends of the brackets give the same
     ``(fu, fv)``, so does every value in between, ``conv_norms``'s included; otherwise ``conv_norms`` decides."""
+    fu, fv, _, _ = _conv_scales(spec, u, v)
+    return fu, fv
+
+
+def _conv_scales(spec: ConvSpec, u: np.ndarray, v: np.ndarray) -> tuple[int, int, float, float]:
+    """``(fu, fv, max|U|, max|V|)``: :func:`choose_conv_scales` and the maxima it reads (as :func:`_scales`)."""
     au, av = _maxabs(u), _maxabs(v)
     bounds = conv_norm_bounds(spec, u, v)
     if bounds is not None:
@@ -133,11 +139,12 @@ def choose_conv_scales(spec: ConvSpec, u: np.ndarray, v: np.ndarray) -> tuple[in
         try:
             low = _scale_rule(ru_lo, cv_lo, au, av, length)
             if low == _scale_rule(ru_hi, cv_hi, au, av, length):
-                return low
+                return low[0], low[1], au, av
         except (FieldRangeError, ArithmeticError):
             pass
     ru, cv, length = conv_norms(spec, u, v)
-    return _scale_rule(ru, cv, au, av, length)
+    fu, fv = _scale_rule(ru, cv, au, av, length)
+    return fu, fv, au, av
 
 
 def quantise_pair(u: np.ndarray, v: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray]:
