@@ -13,15 +13,21 @@ formulas (``(q - m0 - m1) % p`` and so on), bit for bit, in fewer and cheaper pa
   ``a >= b`` gives ``d < p`` and ``d + p < 2^32`` (no wrap, larger); ``a < b`` gives ``d = a - b + 2^32`` and
   ``d + p`` wraps to ``a - b + p`` in ``[1, p)``, the smaller one. Each step is two cheap SIMD passes
   instead of an int64 division.
-* **chunks that stay in cache.** Every kernel works on blocks of :data:`CHUNK` elements (512 KiB of
-  float64), so the several passes of one block after the first hit the L2 cache instead of memory.
-* **Mersenne folding in int64** for the wide integers of :func:`exact_matvec`: ``2^31 = 1 (mod p)``, so
+* **blocks that stay in cache.** Masking, lift, quantisation and the key streams work on blocks of
+  :data:`CHUNK` elements (512 KiB of float64), so a block's passes after the first hit the L2 cache;
+  :func:`mask_pair` also uses each block of the two key streams as soon as it is produced.
+* **Mersenne folding** for the wide integers of :func:`exact_matvec`: ``2^31 = 1 (mod p)``, so
   ``x = (x & p) + (x >> 31) (mod p)`` for ``x >= 0``, which shrinks ``x < 2^62`` to below ``2^32`` and
   then to ``<= p``; one conditional subtraction makes it canonical.
+* **brackets instead of exact norms** for the convolution scales (:func:`conv_norm_bounds`): the norms are
+  summed in a cheaper order with a margin that covers every summation order; the caller
+  (:func:`veil.offload.training.protocol.choose_conv_scales`) falls back to the reference sums only when
+  the margin straddles a step of the scale rule, so the scales are the reference's.
 
-Every kernel documents its input range and why its result equals the reference's; inputs outside the
-fast path's range (never met by the protocol, where the Cauchy-Schwarz scales keep ``|U_q| < p``) take
-the reference formula, so the result is the same for every input. Tests:
+Every kernel documents its input range and why its result equals the reference's. Inputs outside a fast
+path's range take the reference formula, so the result is the same for every input (``|U_q| >= p`` can
+occur in the protocol: the scale rule bounds only what enters a product, e.g. not an operand whose
+partner is zero). Tests:
 ``tests/test_offload_train_field_ops.py`` (each kernel against the plain int64 formula, edge values
 included); timings: ``bench/bench_offload_field_ops.py``.
 """
