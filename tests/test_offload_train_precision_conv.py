@@ -43,7 +43,7 @@ class Recorder(TrainAccelerator):
 
     def product(self, item):
         self.seen[self.name].append({k: v.shape for k, v in item.items() if isinstance(v, np.ndarray)}
-                                    | {"conv": item.get("conv", {}).get("op")})
+                                    | {"conv": item.get("conv", {}).get("op"), "terms": item.get("terms")})
         z = super().product(item)
         if self.cheat_op is not None and item.get("conv", {}).get("op") == self.cheat_op:
             z = z.copy()
@@ -90,24 +90,28 @@ def test_double_convolutions_match_float64_within_the_bound_and_beat_single(case
         assert all(d < s / 50 for d, s in zip(errs["double"], errs["single"], strict=True)), errs
 
 
-def test_at_double_the_enclave_builds_no_im2col_matrix_and_sends_three_tensor_items_per_product():
+def test_at_double_the_enclave_builds_no_im2col_matrix_and_sends_two_tensor_items_per_product():
     x, w, st, pads, g = _case(1, False)
     eng, seen = _engine()
     y, ctx = eng.conv_forward(x, w, st, pads)
     eng.conv_backward(x, w, g.normal(size=y.shape), st, pads, ctx, True)
     assert ctx is None
     c = eng.counters
-    assert c["products"] == 9 and c["split_products"] == 3 and c["rounds"] == 2 and "local_products" not in c
+    assert c["products"] == 6 and c["split_products"] == 3 and c["rounds"] == 2 and "local_products" not in c
     o = w.shape[0]
     kdim = int(np.prod(w.shape[1:]))
     rows = y.shape[0] * y.shape[2] * y.shape[3]
     want = {"fwd": (x.shape, (kdim, o)), "dw": ((o, rows), x.shape), "dx": ((rows, o), (o, kdim))}
     for name in ("accelerator0", "accelerator1"):
         items = seen[name]
-        assert [it["conv"] for it in items] == ["fwd"] * 3 + ["dw"] * 3 + ["dx"] * 3
-        for it in items:  # the tensors themselves (x, not cols(x)), as at single
+        assert [it["conv"] for it in items] == ["fwd"] * 2 + ["dw"] * 2 + ["dx"] * 2
+        for it in items:  # the tensors themselves (x, not cols(x)), as at single; each sent once
             assert (it["e"], it["f"]) == want[it["conv"]], it
-    assert all(set(it) == {"conv"} for it in seen["accelerator2"])  # the triple helper: seeds only
+        # the second item of each product is the cross sum, reusing the first's U_h and V_h (item ids count
+        # within a round: forward, then backward's dW and dX)
+        assert [it["terms"] for it in items] == [None, [["e", 0], [0, "f"]], None, [["e", 0], [0, "f"]],
+                                                 None, [["e", 2], [2, "f"]]]
+    assert all(set(it) == {"conv", "terms"} for it in seen["accelerator2"])  # the triple helper: seeds only
 
 
 def test_the_high_part_of_a_convolution_is_exact_in_the_field():
@@ -141,9 +145,9 @@ def test_a_small_cnn_step_at_double_matches_torch_autograd():
     for k in tp:
         ref = tp[k].grad.numpy()
         assert np.abs(grads[k] - ref).max() <= 1e-6 * np.abs(ref).max() + 1e-12, k
-    # 2 convs (fwd, dW; dX for the second) and 1 linear (fwd, dX, dW): 8 products, 3 items each, 6 rounds
+    # 2 convs (fwd, dW; dX for the second) and 1 linear (fwd, dX, dW): 8 products, 2 items each, 6 rounds
     c = eng.counters
-    assert c["split_products"] == 8 and c["products"] == 24 and c["rounds"] == 6
+    assert c["split_products"] == 8 and c["products"] == 16 and c["rounds"] == 6
 
 
 @pytest.mark.parametrize("op", ["fwd", "dx", "dw"])

@@ -55,7 +55,7 @@ class Recorder(TrainAccelerator):
         if int(item["role"]) == 2:
             # the triple helper receives two seeds and the shape, no array: what it learns are the masks
             # A = A0 + A1, B = B0 + B1 it expands from them (audited here in their place)
-            assert not arrays and set(item) - {"conv"} == {"id", "role", "seeds", "shape"}, sorted(item)
+            assert not arrays and set(item) - {"conv", "terms"} == {"id", "role", "seeds", "shape"}, sorted(item)
             n, k, m = item["shape"]
             if "conv" in item:  # a convolution: the masks have the shapes of the tensors sent (e.g. X, not cols(X))
                 su, sv = ConvSpec.from_msg(item["conv"]).raw_shapes(n, k, m)
@@ -88,11 +88,18 @@ class Truth(SecureMatmul):
             self.truth[(self.round + 1, i)] = (u.copy(), v.copy())
         return super().conv_backward(x, w, g, strides, pads, ctx, need_dx)
 
-    # at precision "double" convolutions arrive here as tensor items, three per convolution product
-    def conv_products(self, items):
-        for i, (u, v, _) in enumerate(items):
-            self.truth[(self.round + 1, i)] = (u.copy(), v.copy())
-        return super().conv_products(items)
+    # at precision "double" every product arrives here as two sum items; an item sends (and masks) the operands
+    # no earlier item of the round sent: its E and F stand for those
+    def sum_products(self, items):
+        seen_u: set[int] = set()
+        seen_v: set[int] = set()
+        for i, it in enumerate(items):
+            u = [a for a, _ in it.terms if id(a) not in seen_u][0]
+            v = [b for _, b in it.terms if id(b) not in seen_v][0]
+            seen_u.add(id(u))
+            seen_v.add(id(v))
+            self.truth[(self.round + 1, i)] = (u.x.copy(), v.x.copy())
+        return super().sum_products(items)
 
 
 @pytest.fixture(scope="module")

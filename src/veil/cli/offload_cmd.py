@@ -210,7 +210,9 @@ def train(
         plan = Trainer(request["model"], request["feeds"], request["labels"],
                        TrainConfig.from_dict(request["config"])).product_plan(min_intensity)
         sent = sum(off for _, off in plan)
-        per = 3 if precision == "double" else 1
+        from veil.offload.training.precision import SECURE_PRODUCTS
+
+        per = SECURE_PRODUCTS[precision]
         console.print(f"per step: {len(plan)} products; {sent} offloaded to the accelerators ({sent * per} secure "
                       f"products at precision {precision}), {len(plan) - sent} kept inside the enclave (arithmetic "
                       f"intensity nkm/(nk+km+nm) below --min-intensity {min_intensity:g})")

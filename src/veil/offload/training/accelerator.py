@@ -6,6 +6,12 @@ Requests from the enclave:
   expands its masks ``(A0, B0)`` and returns ``E (F + B0) + A0 F``; role 1 (``accelerator1``) returns
   ``E B1 + A1 F``; role 2 (``accelerator2``, the triple helper) gets both seeds and the shape, expands
   ``A = A0 + A1``, ``B = B0 + B1`` itself and returns ``A B`` (it learns the masks, as it must).
+  An item with ``terms`` (a sum item, e.g. the cross terms at precision ``double``) owes the sum over its
+  terms ``[u, v]``: ``u`` is ``"e"`` (the item's own ``E`` with the masks of its own seed) or the id of
+  another item of the round whose ``E`` (and masks) the term reuses, ``v`` likewise ``"f"`` or an id; role 0
+  returns ``sum_t E_t (F_t + B0_t) + A0_t F_t``, role 1 ``sum_t E_t B1_t + A1_t F_t``, role 2
+  ``sum_t A_t B_t`` (:func:`~veil.offload.training.protocol.expected_sum`). Referenced items have the same
+  role, shapes and convolution.
   Every value is a uint32 field element; the answers are checked by the enclave (Freivalds).
 * ``bye``: stop.
 
@@ -24,7 +30,7 @@ from veil.offload.accelerator import answer_until_bye
 from veil.offload.backend import Backend, select_backend
 from veil.offload.field import P
 from veil.offload.training.conv_field import ConvSpec
-from veil.offload.training.protocol import expected_answer
+from veil.offload.training.protocol import expected_sum
 
 __all__ = ["TrainAccelerator", "serve_train_accelerator"]
 
@@ -60,13 +66,18 @@ class TrainAccelerator:
         self.backend = select_backend(backend) if isinstance(backend, str) else backend
         self.requests = 0
         self.compute_s = 0.0
+        self._round: dict[int, Any] = {}  # the items of the request being answered, by id (for ``terms``)
 
     def handle(self, msg: Any) -> dict[str, Any] | None:
         kind = msg.get("type") if isinstance(msg, dict) else None
         try:
             if kind == "tmatmul":
                 t0 = time.perf_counter()
-                out = [self.product(it).astype(np.uint32) for it in msg["items"]]
+                self._round = {it["id"]: it for it in msg["items"]}
+                try:
+                    out = [self.product(it).astype(np.uint32) for it in msg["items"]]
+                finally:
+                    self._round = {}
                 self.requests += 1
                 self.compute_s += time.perf_counter() - t0
                 return {"type": "result", "round": msg.get("round"), "items": out}
@@ -82,23 +93,68 @@ class TrainAccelerator:
         spec = ConvSpec.from_msg(item["conv"]) if "conv" in item else None
         if role == 2:
             shape = _shape(item.get("shape"))
-            seeds = item.get("seeds")
-            if not isinstance(seeds, list) or len(seeds) != 2:
-                raise ValueError("the triple helper needs the two share holders' seeds")
             if spec is not None:
                 _conv_fits(spec, shape)
-            return expected_answer(self.backend, 2, None, None, (_seed(seeds[0]), _seed(seeds[1])), spec, shape)
-        if role not in (0, 1):
+            sources: list[tuple[np.ndarray | None, np.ndarray | None, tuple[bytes, ...]]] = [
+                (None, None, _seeds2(item.get("seeds")))]
+        elif role not in (0, 1):
             raise ValueError(f"role must be 0, 1 or 2, got {role}")
-        e, f = _field(item["e"], "E"), _field(item["f"], "F")
-        if spec is None:
-            if e.ndim != 2 or f.ndim != 2 or e.shape[1] != f.shape[0]:
-                raise ValueError(f"E {e.shape} and F {f.shape} do not chain")
         else:
-            n, k, m = _matrix_shape(spec, e.shape, f.shape)
-            if (e.shape, f.shape) != spec.raw_shapes(n, k, m):
-                raise ValueError(f"E {e.shape} and F {f.shape} do not fit the convolution {spec}")
-        return expected_answer(self.backend, role, e, f, (_seed(item["seed"]),), spec)
+            e, f = _field(item["e"], "E"), _field(item["f"], "F")
+            if spec is None:
+                if e.ndim != 2 or f.ndim != 2 or e.shape[1] != f.shape[0]:
+                    raise ValueError(f"E {e.shape} and F {f.shape} do not chain")
+            else:
+                n, k, m = _matrix_shape(spec, e.shape, f.shape)
+                if (e.shape, f.shape) != spec.raw_shapes(n, k, m):
+                    raise ValueError(f"E {e.shape} and F {f.shape} do not fit the convolution {spec}")
+            shape = None
+            sources = [(e, f, (_seed(item["seed"]),))]
+        terms = [(0, 0)]
+        if "terms" in item:  # a sum item: terms name this item's own operands or another item's of the round
+            raw = item["terms"]
+            if not isinstance(raw, list) or not 1 <= len(raw) <= 16:
+                raise ValueError("terms must be a list of 1 to 16 [u, v] pairs")
+            at: dict[int, int] = {}
+            terms = []
+            for t in raw:
+                if not isinstance(t, list) or len(t) != 2:
+                    raise ValueError("each term must be a pair [u, v]")
+                ix = []
+                for side, ref in zip(("e", "f"), t, strict=True):
+                    if ref == side:
+                        ix.append(0)
+                        continue
+                    other = self._round.get(ref) if isinstance(ref, int) and not isinstance(ref, bool) else None
+                    if other is None or ref == item.get("id"):
+                        raise ValueError(f"term operand {ref!r} names no other item of this request")
+                    if ref not in at:
+                        at[ref] = len(sources)
+                        sources.append(self._reused(other, item, role))
+                    ix.append(at[ref])
+                terms.append((ix[0], ix[1]))
+        return expected_sum(self.backend, role, sources, terms, spec, shape)
+
+    def _reused(self, other: Any, item: dict[str, Any], role: int) -> tuple[np.ndarray | None, np.ndarray | None,
+                                                                           tuple[bytes, ...]]:
+        """The operands and seeds of the item ``other`` that a term of ``item`` reuses (same role, shapes and
+        convolution)."""
+        if not isinstance(other, dict) or other.get("role") != item.get("role") or other.get("conv") != item.get("conv"):
+            raise ValueError("a reused operand must come from an item of the same role and convolution")
+        if role == 2:
+            if other.get("shape") != item.get("shape"):
+                raise ValueError("a reused operand must have the shape of the item's own")
+            return None, None, _seeds2(other.get("seeds"))
+        e, f = _field(other.get("e"), "E"), _field(other.get("f"), "F")
+        if e.shape != item["e"].shape or f.shape != item["f"].shape:
+            raise ValueError("a reused operand must have the shape of the item's own")
+        return e, f, (_seed(other.get("seed")),)
+
+
+def _seeds2(seeds: Any) -> tuple[bytes, bytes]:
+    if not isinstance(seeds, list) or len(seeds) != 2:
+        raise ValueError("the triple helper needs the two share holders' seeds")
+    return _seed(seeds[0]), _seed(seeds[1])
 
 
 def _matrix_shape(spec: ConvSpec, eu: tuple[int, ...], fv: tuple[int, ...]) -> tuple[int, int, int]:

@@ -35,7 +35,7 @@ import numpy as np
 
 from veil.offload.field import HALF, P
 
-__all__ = ["ConvSpec", "cols", "col2im_field", "conv_norms", "check_conv"]
+__all__ = ["ConvSpec", "cols", "col2im_field", "conv_norms", "check_conv", "ConvCheck"]
 
 _OPS = ("fwd", "dw", "dx")
 
@@ -201,52 +201,131 @@ def check_conv(spec: ConvSpec, z: np.ndarray, uq: np.ndarray, amax_u: float, vq:
     ``z``: the reconstructed result as float64 integers in [-p/2, p/2] (n x m, or ``x_shape`` for ``dx``);
     ``uq``, ``vq``: the quantised operands as sent (float64 integers); ``rand(count)``: fresh uniform field
     elements (int64)."""
-    from veil.offload.training.protocol import exact_matvec
+    chk = ConvCheck(spec, z.shape, rand)
+    return chk.lhs(z) == chk.rhs([(uq, amax_u, vq, amax_v)])
 
-    n, c, h, w = spec.x_shape
-    (kh, kw), (sh, sw) = spec.kernel, spec.strides
-    oh, ow = spec.out_hw
-    pt, pl, pb, pr = spec.pads
-    if spec.op == "fwd":
-        o = z.shape[1]
-        a, b, cc, s = rand(n), rand(oh), rand(ow), rand(o)
-        zs = exact_matvec(z, HALF, s[:, None])[:, 0].reshape(n, oh, ow)
-        lhs = _dot(_contract(_contract(_contract(zs, a, 0), b, 0), cc, 0), np.ones(1, np.int64))
-        xa = exact_matvec(uq.reshape(n, -1).T, amax_u, a[:, None])[:, 0].reshape(c, h, w)
-        xa = np.pad(xa, ((0, 0), (pt, pb), (pl, pr)))
-        g = np.empty((c, kh, kw), np.int64)
-        for i in range(kh):
+
+class ConvCheck:
+    """One repetition of the structured Freivalds test for convolution items of one geometry: the random
+    vectors are drawn once (``rand(count)``: fresh uniform field elements, int64), then
+    ``lhs(z) == rhs(terms)`` tests ``z == sum_t T(U_t, V_t)`` for a sum of convolution products
+    (``terms``: ``(U_q, max|U_q|, V_q, max|V_q|)``, quantised operands as sent, float64 integers). An
+    operand's contraction with the vectors is computed once per object and reused by every term and item
+    that names it (several items of one round may share one draw: each wrong item still passes with
+    probability at most ``4/p``, whatever the others)."""
+
+    def __init__(self, spec: ConvSpec, z_shape: tuple[int, ...], rand: Any):
+        self.spec = spec
+        n, c, h, w = spec.x_shape
+        (kh, kw), (oh, ow) = spec.kernel, spec.out_hw
+        if spec.op == "fwd":  # t = a (N) x b (OH) x c (OW) on rows, s (O) on columns
+            self.vecs = (rand(n), rand(oh), rand(ow), rand(z_shape[1]))
+        elif spec.op == "dw":  # t (O) on rows, s = q (C) x beta (kh) x gamma (kw) on columns
+            self.vecs = (rand(z_shape[0]), rand(c), rand(kh), rand(kw))
+        else:  # r = a (N) x q (C) x beta (H) x gamma (W) on dX
+            self.vecs = (rand(n), rand(c), rand(h), rand(w))
+        self._u: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._v: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._kmat: np.ndarray | None = None
+
+    def lhs(self, z: np.ndarray) -> int:
+        """The check value of the result ``z`` (float64 integers in [-p/2, p/2])."""
+        from veil.offload.training.protocol import exact_matvec
+
+        spec = self.spec
+        n = spec.x_shape[0]
+        oh, ow = spec.out_hw
+        if spec.op == "fwd":
+            a, b, cc, s = self.vecs
+            zs = exact_matvec(z, HALF, s[:, None])[:, 0].reshape(n, oh, ow)
+            return _dot(_contract(_contract(_contract(zs, a, 0), b, 0), cc, 0), np.ones(1, np.int64))
+        if spec.op == "dw":
+            t, q, beta, gamma = self.vecs
+            s_full = (((q[:, None, None] * beta[None, :, None]) % P) * gamma[None, None, :]) % P
+            return _dot(exact_matvec(z, HALF, s_full.reshape(-1, 1))[:, 0], t)
+        a, q, beta, gamma = self.vecs
+        c, h, w = spec.x_shape[1:]
+        za = exact_matvec(z.reshape(n, -1).T, HALF, a[:, None])[:, 0].reshape(c, h, w)
+        return _dot(_contract(_contract(_contract(za, q, 0), beta, 0), gamma, 0), np.ones(1, np.int64))
+
+    def rhs(self, terms: list[tuple[np.ndarray, float, np.ndarray, float]]) -> int:
+        """The check value ``sum_t`` of the product of each term's operands (what ``lhs`` of a correct result is)."""
+        from veil.offload.training.protocol import exact_matvec
+
+        total = 0
+        for uq, amax_u, vq, amax_v in terms:
+            ku, kv = id(uq), id(vq)
+            if ku not in self._u or self._u[ku][0] is not uq:
+                self._u[ku] = (uq, self._u_side(uq, amax_u))
+            if kv not in self._v or self._v[kv][0] is not vq:
+                self._v[kv] = (vq, self._v_side(vq, amax_v))
+            us, vs = self._u[ku][1], self._v[kv][1]
+            if self.spec.op == "dx":
+                total += _dot(self._kmatrix(), exact_matvec(us.astype(np.float64), float(P), vs))
+            else:
+                total += _dot(us, vs)
+        return total % P
+
+    def _u_side(self, uq: np.ndarray, amax_u: float) -> np.ndarray:
+        from veil.offload.training.protocol import exact_matvec
+
+        spec = self.spec
+        n, c, h, w = spec.x_shape
+        (kh, kw), (sh, sw) = spec.kernel, spec.strides
+        oh, ow = spec.out_hw
+        pt, pl, pb, pr = spec.pads
+        if spec.op == "fwd":  # t^T cols(X_q): sum_n a_n X_q[n] correlated with b x c (C x kh x kw)
+            a, b, cc, _ = self.vecs
+            xa = exact_matvec(uq.reshape(n, -1).T, amax_u, a[:, None])[:, 0].reshape(c, h, w)
+            xa = np.pad(xa, ((0, 0), (pt, pb), (pl, pr)))
+            g = np.empty((c, kh, kw), np.int64)
+            for i in range(kh):
+                for j in range(kw):
+                    g[:, i, j] = _contract(_contract(xa[:, i:i + sh * oh:sh, j:j + sw * ow:sw], cc, 2), b, 1)
+            return g
+        if spec.op == "dw":  # dY_q t
+            t = self.vecs[0]
+            return exact_matvec(uq.T, amax_u, t[:, None])[:, 0].reshape(n, oh, ow)
+        a = self.vecs[0]  # dx: sum_n a_n dY_q[n] ((OH OW) x O)
+        return exact_matvec(uq.reshape(n, -1).T, amax_u, a[:, None])[:, 0].reshape(oh * ow, uq.shape[1])
+
+    def _v_side(self, vq: np.ndarray, amax_v: float) -> np.ndarray:
+        from veil.offload.training.protocol import exact_matvec
+
+        spec = self.spec
+        n, c, h, w = spec.x_shape
+        (kh, kw), (sh, sw) = spec.kernel, spec.strides
+        oh, ow = spec.out_hw
+        pt, pl, pb, pr = spec.pads
+        if spec.op == "fwd":  # W_q s
+            return exact_matvec(vq, amax_v, self.vecs[3][:, None])[:, 0]
+        if spec.op == "dw":
+            _, q, beta, gamma = self.vecs
+            xc = exact_matvec(np.ascontiguousarray(vq.transpose(0, 2, 3, 1)).reshape(-1, c), amax_v, q[:, None])
+            xc = np.pad(xc[:, 0].reshape(n, h, w), ((0, 0), (pt, pb), (pl, pr)))
+            # cols(X_q) s = sum_ij beta_i gamma_j Xc[:, oh s + i, ow s + j], separably: kw taps, then kh taps
+            hp = xc.shape[1]
+            xg = np.zeros((n, hp, ow), np.int64)
             for j in range(kw):
-                g[:, i, j] = _contract(_contract(xa[:, i:i + sh * oh:sh, j:j + sw * ow:sw], cc, 2), b, 1)
-        ws = exact_matvec(vq, amax_v, s[:, None])[:, 0]
-        return lhs == _dot(g, ws)
-    if spec.op == "dw":
-        o = z.shape[0]
-        t, q, beta, gamma = rand(o), rand(c), rand(kh), rand(kw)
-        s_full = (((q[:, None, None] * beta[None, :, None]) % P) * gamma[None, None, :]) % P
-        lhs = _dot(exact_matvec(z, HALF, s_full.reshape(-1, 1))[:, 0], t)
-        ut = exact_matvec(uq.T, amax_u, t[:, None])[:, 0].reshape(n, oh, ow)
-        xc = exact_matvec(np.ascontiguousarray(vq.transpose(0, 2, 3, 1)).reshape(-1, c), amax_v, q[:, None])
-        xc = np.pad(xc[:, 0].reshape(n, h, w), ((0, 0), (pt, pb), (pl, pr)))
-        # cols(X_q) s = sum_ij beta_i gamma_j Xc[:, oh s + i, ow s + j], separably: kw taps, then kh taps
-        hp = xc.shape[1]
-        xg = np.zeros((n, hp, ow), np.int64)
-        for j in range(kw):
-            xg = (xg + xc[:, :, j:j + sw * ow:sw] * int(gamma[j])) % P
-        y = np.zeros((n, oh, ow), np.int64)
-        for i in range(kh):
-            y = (y + xg[:, i:i + sh * oh:sh, :] * int(beta[i])) % P
-        return lhs == _dot(ut, y)
-    # dx
-    o = uq.shape[1]
-    a, q, beta, gamma = rand(n), rand(c), rand(h), rand(w)
-    za = exact_matvec(z.reshape(n, -1).T, HALF, a[:, None])[:, 0].reshape(c, h, w)
-    lhs = _dot(_contract(_contract(_contract(za, q, 0), beta, 0), gamma, 0), np.ones(1, np.int64))
-    ua = exact_matvec(uq.reshape(n, -1).T, amax_u, a[:, None])[:, 0].reshape(oh * ow, o)
-    wq = exact_matvec(np.ascontiguousarray(vq.reshape(o, c, kh * kw).transpose(0, 2, 1)).reshape(-1, c), amax_v,
-                      q[:, None])[:, 0].reshape(o, kh * kw)
-    m2 = exact_matvec(ua.astype(np.float64), float(P), wq)  # (OH OW) x (kh kw)
-    bp = np.pad(beta, (pt, pb))[np.arange(oh)[:, None] * sh + np.arange(kh)[None, :]]  # OH x kh
-    gp = np.pad(gamma, (pl, pr))[np.arange(ow)[:, None] * sw + np.arange(kw)[None, :]]  # OW x kw
-    kmat = (bp[:, None, :, None] * gp[None, :, None, :]) % P  # OH x OW x kh x kw
-    return lhs == _dot(kmat.reshape(oh * ow, kh * kw), m2)
+                xg = (xg + xc[:, :, j:j + sw * ow:sw] * int(gamma[j])) % P
+            y = np.zeros((n, oh, ow), np.int64)
+            for i in range(kh):
+                y = (y + xg[:, i:i + sh * oh:sh, :] * int(beta[i])) % P
+            return y
+        o = vq.shape[0]  # dx: W_q contracted with q over input channels (O x (kh kw))
+        q = self.vecs[1]
+        return exact_matvec(np.ascontiguousarray(vq.reshape(o, c, kh * kw).transpose(0, 2, 1)).reshape(-1, c), amax_v,
+                            q[:, None])[:, 0].reshape(o, kh * kw)
+
+    def _kmatrix(self) -> np.ndarray:
+        """dx: cols(r) factor of beta, gamma: (OH OW) x (kh kw)."""
+        if self._kmat is None:
+            spec = self.spec
+            (kh, kw), (sh, sw) = spec.kernel, spec.strides
+            oh, ow = spec.out_hw
+            pt, pl, pb, pr = spec.pads
+            _, _, beta, gamma = self.vecs
+            bp = np.pad(beta, (pt, pb))[np.arange(oh)[:, None] * sh + np.arange(kh)[None, :]]  # OH x kh
+            gp = np.pad(gamma, (pl, pr))[np.arange(ow)[:, None] * sw + np.arange(kw)[None, :]]  # OW x kw
+            self._kmat = ((bp[:, None, :, None] * gp[None, :, None, :]) % P).reshape(oh * ow, kh * kw)
+        return self._kmat

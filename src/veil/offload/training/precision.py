@@ -51,6 +51,7 @@ are computed once in float64 and not split.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -58,25 +59,34 @@ import numpy as np
 
 from veil.errors import VeilError
 from veil.offload.backend import NumpyBackend
-from veil.offload.field import centered
-from veil.offload.training.conv_field import ConvSpec, _box_max, col2im_field, cols
+from veil.offload.errors import FieldRangeError
+from veil.offload.field import HALF, centered
+from veil.offload.training.conv_field import ConvSpec, _box_max, col2im_field, cols, conv_norms
+from veil.offload.training.field_ops import conv_norm_bounds
 from veil.offload.training.protocol import (
+    SCALE_MAX,
+    SCALE_MIN,
     MatmulEngine,
+    Operand,
     PlainMatmul,
+    SumItem,
     _conv_intensity,
+    _conv_scales,
     _conv_spec,
     _intensity,
+    _maxabs,
     _quantise,
+    _scale_rule,
     choose_conv_scales,
-    choose_scales,
     field_matmul,
     quantise_pair,
 )
 
-__all__ = ["PRECISIONS", "DEFAULT_PRECISION", "PrecisionMatmul", "FieldArithmeticMatmul", "split_pair",
-           "normalise_exponents", "check_precision"]
+__all__ = ["PRECISIONS", "SECURE_PRODUCTS", "DEFAULT_PRECISION", "PrecisionMatmul", "FieldArithmeticMatmul",
+           "split_pair", "split_items", "cross_scale", "normalise_exponents", "check_precision"]
 
-PRECISIONS = ("single", "double")  #: one secure field product per product, or three (see module docstring)
+PRECISIONS = ("single", "double")  #: one secure field product per product, or two (see module docstring)
+SECURE_PRODUCTS = {"single": 1, "double": 2}  #: secure products (accelerator results) per offloaded product
 DEFAULT_PRECISION = "double"
 _EXP_LIMIT = 200  #: bound on the normalisation exponents (keeps 2^a finite for any float64 input)
 
@@ -120,26 +130,107 @@ def split_pair(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None = None
     the protocol's quantisation of the pair ``(U_h, V_h)`` reproduces exactly (step 2 of the module
     docstring); for a convolution item (``spec``; ``u``, ``v`` as sent, tensors for ``cols``) with the
     engine's convolution scale rule :func:`~veil.offload.training.protocol.choose_conv_scales`."""
-
-    def scales(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
-        return choose_scales(a, b) if spec is None else choose_conv_scales(spec, a, b)
-
-    fu, fv = scales(u, v)
-    uh, vh = u, v
-    for drop in range(4):
-        gu, gv = fu - drop, fv - drop
-        uh, vh = _on_grid(u, gu), _on_grid(v, gv)
-        cu, cv = scales(uh, vh)
-        if cu >= gu and cv >= gv:
-            break
+    uh, vh, _, _, _ = _split_high(u, v, spec)
     return uh, u - uh, vh, v - vh
 
 
+def _norms(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None) -> tuple[float, float, int, float, float]:
+    """``(ru, cv, length, max|U|, max|V|)``: the largest row norm of ``U`` and column norm of ``V`` (for a
+    convolution, upper bounds of the norms of :func:`~veil.offload.training.conv_field.conv_norms`, from the
+    cheap bracket :func:`~veil.offload.training.field_ops.conv_norm_bounds`, within ~1e-12 relative) and the
+    terms per output entry: the inputs of the Cauchy-Schwarz scale rules."""
+    if spec is None:
+        ru = float(np.sqrt(np.einsum("ij,ij->i", u, u).max())) if u.size else 0.0
+        cv = float(np.sqrt(np.einsum("ij,ij->j", v, v).max())) if v.size else 0.0
+        return ru, cv, u.shape[1], _maxabs(u), _maxabs(v)
+    bounds = conv_norm_bounds(spec, u, v)
+    if bounds is None:
+        ru, cv, length = conv_norms(spec, u, v)
+    else:
+        _, ru, _, cv, length = bounds
+    return ru, cv, length, _maxabs(u), _maxabs(v)
+
+
+def _pair_scales(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None
+                 ) -> tuple[int, int, tuple[float, float, int, float, float] | None]:
+    """``(fu, fv, norms or None)``: the protocol's own scales for the one-term item ``(u, v)`` (those of
+    :func:`~veil.offload.training.protocol.quantise_pair` or
+    :func:`~veil.offload.training.protocol.choose_conv_scales`), and for a matrix product the :func:`_norms`
+    they came from."""
+    if spec is None:
+        norms = _norms(u, v, None)
+        ru, cv, length, au, av = norms
+        fu, fv = _scale_rule(ru, cv, au, av, length)
+        return fu, fv, norms
+    fu, fv, _, _ = _conv_scales(spec, u, v)
+    return fu, fv, None
+
+
+def _split_high(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None
+                ) -> tuple[np.ndarray, np.ndarray, int, int, tuple[float, float, int, float, float]]:
+    """``(U_h, V_h, fu, fv, norms of (U_h, V_h))``: the high parts and their fractional bits, at which the
+    field bound holds for ``(U_h, V_h)`` and (whenever the grid search succeeds, i.e. always in practice)
+    quantisation is exact."""
+    fu, fv, _ = _pair_scales(u, v, spec)
+    for drop in range(4):
+        gu, gv = fu - drop, fv - drop
+        uh, vh = _on_grid(u, gu), _on_grid(v, gv)
+        cu, cv, nh = _pair_scales(uh, vh, spec)
+        if cu >= gu and cv >= gv:
+            break
+    # the bound is monotone in both scales: (min(gu, cu), min(gv, cv)) satisfies it, and equals (gu, gv) (exact)
+    return uh, vh, min(gu, cu), min(gv, cv), _norms(uh, vh, spec) if nh is None else nh
+
+
+def cross_scale(high: tuple[float, float, int, float, float], low: tuple[float, float, int, float, float],
+                fu_h: int, fv_h: int) -> int:
+    """The output scale ``S`` of the cross item ``U_l V_h + U_h V_l`` (``U_l`` at ``S - fv_h`` fractional bits,
+    ``V_l`` at ``S - fu_h``; ``U_h``, ``V_h`` reused at ``fu_h``, ``fv_h``): the largest with
+    ``(2^(S - fv_h) |U_l| + d)(2^fv_h |V_h| + d) + (2^fu_h |U_h| + d)(2^(S - fu_h) |V_l| + d) < (p-1)/2``, the
+    Cauchy-Schwarz bound of each term summed (one bit below a single product's rule), where ``|.|`` are the
+    largest row (U) and column (V) norms and ``d = sqrt(length)/2`` the rounding; ``high``/``low``: the
+    :func:`_norms` of ``(U_h, V_h)`` and ``(U_l, V_l)``."""
+    ru_h, cv_h, length, _, _ = high
+    ru_l, cv_l, _, au_l, av_l = low
+    d = math.sqrt(length) / 2
+    hu, hv = math.ldexp(ru_h, fu_h) + d, math.ldexp(cv_h, fv_h) + d
+
+    def bound(t: int) -> float:
+        return (math.ldexp(ru_l, t - fv_h) + d) * hv + hu * (math.ldexp(cv_l, t - fu_h) + d)
+
+    top = SCALE_MAX + min(fu_h, fv_h)
+    den = ru_l * hv * 2.0 ** -fv_h + cv_l * hu * 2.0 ** -fu_h
+    rest = HALF - d * (hu + hv)
+    t = top if den == 0.0 or rest <= 0 else min(top, math.floor(math.log2(rest / den)))
+    while bound(t) >= HALF:
+        t -= 1
+        if t - max(fu_h, fv_h) < SCALE_MIN:
+            raise FieldRangeError(f"values too large for exact field products (max |U_l| {au_l:.3g}, "
+                                  f"max |V_l| {av_l:.3g})")
+    return t
+
+
+def split_items(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None = None) -> tuple[SumItem, SumItem]:
+    """The two secure products that make ``U V`` at precision ``double``: ``(U_h V_h, U_l V_h + U_h V_l)`` with
+    the split of :func:`split_pair`; the high item is exact, and the cross item reuses the high item's
+    ``U_h`` and ``V_h`` (same objects: sent once, same masks) at the same fractional bits, at the one output
+    scale of :func:`cross_scale`."""
+    uh, vh, fu_h, fv_h, nh = _split_high(u, v, spec)
+    ul, vl = u - uh, v - vh
+    nl = _norms(ul, vl, spec)
+    t = cross_scale(nh, nl, fu_h, fv_h)
+    o_uh, o_vh = Operand(uh, fu_h, nh[3]), Operand(vh, fv_h, nh[4])
+    o_ul, o_vl = Operand(ul, t - fv_h, nl[3]), Operand(vl, t - fu_h, nl[4])
+    return SumItem([(o_uh, o_vh)], spec), SumItem([(o_ul, o_vh), (o_uh, o_vl)], spec)
+
+
 class PrecisionMatmul(MatmulEngine):
-    """Wraps an engine (normally :class:`~veil.offload.training.protocol.SecureMatmul`): ``single`` passes
-    products through, ``double`` turns each into three secure products in the same round (module
-    docstring). Shares the wrapped engine's ``counters``: ``products`` counts the secure products sent, and
-    ``split_products`` the model's products that became three of them."""
+    """Wraps an engine with ``sum_products`` (:class:`~veil.offload.training.protocol.SecureMatmul`,
+    :class:`FieldArithmeticMatmul`): ``single`` passes products through, ``double`` turns each into two secure
+    products in the same round, the exact ``U_h V_h`` and the cross sum ``U_l V_h + U_h V_l`` that reuses its
+    operands (module docstring). Shares the wrapped engine's ``counters``: ``products`` counts the secure
+    products sent, and ``split_products`` the model's products that became two of them. Other engines
+    compute every product at their own precision."""
 
     name = "precision"
 
@@ -154,7 +245,7 @@ class PrecisionMatmul(MatmulEngine):
         return self.matmuls([(u, v)])[0]
 
     def _splits(self, u: np.ndarray, v: np.ndarray) -> bool:
-        if self.precision == "single" or isinstance(self.inner, PlainMatmul) or not u.size or not v.size:
+        if self.precision == "single" or not hasattr(self.inner, "sum_products") or not u.size or not v.size:
             return False
         return _intensity(u, v) >= float(getattr(self.inner, "min_intensity", 0.0))
 
@@ -163,57 +254,57 @@ class PrecisionMatmul(MatmulEngine):
         if not any(split):
             return self.inner.matmuls(pairs)
         t0 = time.perf_counter()
-        sent: list[tuple[np.ndarray, np.ndarray]] = []
+        items: list[SumItem] = []
         exps: list[tuple[np.ndarray, np.ndarray] | None] = []
         for (u, v), sp in zip(pairs, split, strict=True):
             if not sp:
-                sent.append((u, v))
                 exps.append(None)
                 continue
             u = np.asarray(u, dtype=np.float64)
             v = np.asarray(v, dtype=np.float64)
             a, b = normalise_exponents(u, 1), normalise_exponents(v, 0)
-            uh, ul, vh, vl = split_pair(np.ldexp(u, a[:, None]), np.ldexp(v, b[None, :]))
-            sent += [(uh, vh), (ul, vh), (uh, vl)]
+            items += split_items(np.ldexp(u, a[:, None]), np.ldexp(v, b[None, :]))
             exps.append((a, b))
         self.counters["split_products"] += sum(split)
         self.counters["enclave_s"] += time.perf_counter() - t0
-        outs = iter(self.inner.matmuls(sent))  # counters["products"]: secure products (3 per split one)
+        rest = [pr for pr, sp in zip(pairs, split, strict=True) if not sp]  # kept in the enclave (or empty)
+        kept = iter(self.inner.matmuls(rest) if rest else [])
+        outs = iter(self.inner.sum_products(items))  # type: ignore[attr-defined]  # 2 secure products per split one
         t1 = time.perf_counter()
         res = []
         for e in exps:
             if e is None:
-                res.append(next(outs))
+                res.append(next(kept))
                 continue
-            hh, lh, hl = next(outs), next(outs), next(outs)
-            res.append(np.ldexp(hh + (lh + hl), -(e[0][:, None] + e[1][None, :])))
+            hh, cross = next(outs), next(outs)
+            res.append(np.ldexp(hh + cross, -(e[0][:, None] + e[1][None, :])))
         self.counters["enclave_s"] += time.perf_counter() - t1
         return res
 
     # --- convolutions ------------------------------------------------------------------------------
     # single: the wrapped engine's own path (the secure engine masks the tensors, the accelerators do im2col).
-    # double, wrapped engine with a tensor path (``conv_products``): each convolution product becomes three
-    # tensor items (X_h W_h, X_l W_h, X_h W_l) in one round, normalised by powers of two along the axes
-    # that stay whole in the output (module docstring, "Convolutions"); no im2col in the enclave.
-    # double, other engines: the base path (im2col here, three products each through :meth:`matmuls`).
+    # double, wrapped engine with a tensor path (``sum_products`` of convolution items): each convolution
+    # product becomes two tensor items (X_h W_h, and X_l W_h + X_h W_l reusing X_h and W_h) in one round,
+    # normalised by powers of two along the axes that stay whole in the output (module docstring,
+    # "Convolutions"); no im2col in the enclave.
+    # double, other engines: the base path (im2col here, products through :meth:`matmuls`).
     def _tensor_path(self) -> bool:
-        return hasattr(self.inner, "conv_products")
+        return hasattr(self.inner, "sum_products")
 
     def _low(self, spec: ConvSpec, u: np.ndarray, v: np.ndarray, o: int) -> bool:
         return _conv_intensity(spec, u, v, o) < float(getattr(self.inner, "min_intensity", 0.0))
 
     def _split_convs(self, items: list[tuple[np.ndarray, np.ndarray, ConvSpec]]) -> list[np.ndarray]:
-        """Three tensor items per convolution item, one round; ``U V ~ U_h V_h + U_l V_h + U_h V_l``."""
+        """Two tensor items per convolution item, one round; ``U V ~ U_h V_h + (U_l V_h + U_h V_l)``."""
         t0 = time.perf_counter()
-        sent: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]] = []
+        sent: list[SumItem] = []
         for u, v, spec in items:
-            uh, ul, vh, vl = split_pair(u, v, spec)
-            sent += [(uh, vh, spec), (ul, vh, spec), (uh, vl, spec)]
+            sent += split_items(u, v, spec)
         self.counters["split_products"] += len(items)
         self.counters["enclave_s"] += time.perf_counter() - t0
-        outs = self.inner.conv_products(sent)  # type: ignore[attr-defined]
+        outs = self.inner.sum_products(sent)  # type: ignore[attr-defined]
         t1 = time.perf_counter()
-        res = [outs[3 * i] + (outs[3 * i + 1] + outs[3 * i + 2]) for i in range(len(items))]
+        res = [outs[2 * i] + outs[2 * i + 1] for i in range(len(items))]
         self.counters["enclave_s"] += time.perf_counter() - t1
         return res
 
@@ -353,5 +444,36 @@ class FieldArithmeticMatmul(MatmulEngine):
             self.counters["products"] += 1
             n, k, m = spec.item_shape(u.shape, v.shape)
             self.counters["macs"] += n * k * m
+            self.counters["enclave_s"] += time.perf_counter() - t0
+        return res
+
+    def sum_products(self, items: list[SumItem]) -> list[np.ndarray]:
+        """The secure engine's sum items (:meth:`~veil.offload.training.protocol.SecureMatmul.sum_products`)
+        computed directly: each operand quantised at its fractional bits, the exact sum of the terms' integer
+        products mod p (im2col here, ``col2im`` mod p for ``dx``), centred and scaled: the same values bit for bit."""
+        res = []
+        for it in items:
+            t0 = time.perf_counter()
+            spec = it.spec
+            pairs = []
+            frac = 0
+            for ou, ov in it.terms:
+                if ou.frac is None or ov.frac is None:
+                    raise ValueError("sum_products needs the fractional bits of every operand")
+                uq, vq = _quantise(ou.x, ou.frac), _quantise(ov.x, ov.frac)
+                frac = ou.frac + ov.frac
+                if spec is not None and spec.op == "fwd":
+                    uq = cols(uq, spec)
+                elif spec is not None and spec.op == "dw":
+                    vq = cols(vq, spec)
+                pairs.append((uq, vq))
+                n, k, m = (ou.x.shape[0], ou.x.shape[1], ov.x.shape[1]) if spec is None else \
+                    spec.item_shape(ou.x.shape, ov.x.shape)
+                self.counters["macs"] += n * k * m
+            z = self._np.field_matmul_sum(pairs)
+            if spec is not None and spec.op == "dx":
+                z = col2im_field(z, spec)
+            res.append(centered(z).astype(np.float64) * 2.0 ** -frac)
+            self.counters["products"] += 1
             self.counters["enclave_s"] += time.perf_counter() - t0
         return res

@@ -51,7 +51,7 @@ from veil.offload.backend import Backend, Im2col, NumpyBackend
 from veil.offload.errors import AcceleratorProtocolError, AcceleratorUnavailableError, FieldRangeError
 from veil.offload.field import HALF, MAX_INNER_FULL, P, uniform_field
 from veil.offload.runtime import EnclaveRuntime
-from veil.offload.training.conv_field import ConvSpec, check_conv, cols, conv_norms
+from veil.offload.training.conv_field import ConvCheck, ConvSpec, cols, conv_norms
 from veil.offload.training.field_ops import conv_norm_bounds, exact_matvec, masks_u32
 from veil.offload.training.field_ops import lift as _lift
 from veil.offload.training.field_ops import masked as _masked
@@ -60,7 +60,7 @@ from veil.offload.training.field_ops import rint_scaled as _rint_scaled
 
 __all__ = ["TRAIN_ACCELERATORS", "field_matmul", "expand_masks", "choose_scales", "choose_conv_scales", "MatmulEngine",
            "field_matvec", "quantise_pair", "PlainMatmul", "SecureMatmul", "ProductRecord", "masks_u32", "exact_matvec",
-           "product_intensity"]
+           "product_intensity", "Operand", "SumItem", "expected_sum"]
 
 #: party names: two share holders and the triple helper
 TRAIN_ACCELERATORS = ("accelerator0", "accelerator1", "accelerator2")
@@ -276,34 +276,70 @@ def expected_answer(backend: Backend, role: int, e: np.ndarray | None, f: np.nda
     ``T(E B1 + A1 F)``, role 2 ``T(A B)`` (``e``, ``f`` unused), where ``E``, ``F``, ``A_j``, ``B_j`` go through
     ``cols`` as the item's convolution says and ``T`` is ``col2im`` for a data gradient; the backend builds
     ``cols`` and ``col2im`` on its device from the tensors (:class:`veil.offload.backend.Im2col`).
-    ``seeds``: the role's own seed first for roles 0 and 1; both for role 2."""
+    ``seeds``: the role's own seed first for roles 0 and 1; both for role 2. A sum item: :func:`expected_sum`."""
+    return expected_sum(backend, role, [(e, f, seeds)], [(0, 0)], spec, shape)
+
+
+def expected_sum(backend: Backend, role: int, sources: Sequence[tuple[np.ndarray | None, np.ndarray | None,
+                                                                      tuple[bytes, ...]]],
+                 terms: Sequence[tuple[int, int]], spec: ConvSpec | None,
+                 shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """What accelerator ``role`` owes for a sum item ``sum_t U_t V_t`` (uint32): each term ``(iu, iv)`` takes its
+    U operand (``E`` and masks ``A_j``) from source ``iu`` and its V operand (``F``, ``B_j``) from source ``iv``;
+    a source is an item of the round as ``(E, F, seeds)`` (``E``, ``F`` None for role 2; ``seeds`` as for
+    :func:`expected_answer`), all of one shape and convolution. Role 0 owes
+    ``T(sum_t E_t (F_t + B0_t) + A0_t F_t)``, role 1 ``T(sum_t E_t B1_t + A1_t F_t)``, role 2 ``T(sum_t A_t B_t)``:
+    their sum is ``T(sum_t (E_t + A_t)(F_t + B_t))``. The pairs go to the backend joined along the inner
+    dimension, in groups that keep it below the Karatsuba limit (the group results are added mod p)."""
     if role == 2:
         su, sv = _raw_shapes(spec, shape)
-    elif e is None or f is None:
-        raise ValueError("a share holder's answer needs E and F")
     else:
-        su, sv = e.shape, f.shape
+        e0, f0 = sources[0][0], sources[0][1]
+        if e0 is None or f0 is None:
+            raise ValueError("a share holder's answer needs E and F")
+        su, sv = e0.shape, f0.shape
     nu = math.prod(su)
     sp = spec
+    inner = su[1] if sp is None else sp.item_shape(su, sv)[1] if role != 2 or shape is None else shape[1]
+    wrapped: dict[tuple[str, int], Any] = {}
+    drawn: dict[int, tuple[np.ndarray, ...]] = {}
 
-    def on_u(x: Any) -> Any:  # a tensor's cols() for a forward convolution
-        return Im2col(x, sp) if sp is not None and sp.op == "fwd" else x
+    def on_u(key: tuple[str, int], x: Any) -> Any:  # a tensor's cols() for a forward convolution, one object per operand
+        if key not in wrapped:
+            wrapped[key] = Im2col(x, sp) if sp is not None and sp.op == "fwd" else x
+        return wrapped[key]
 
-    def on_v(x: Any) -> Any:  # ... for a weight gradient
-        return Im2col(x, sp) if sp is not None and sp.op == "dw" else x
+    def on_v(key: tuple[str, int], x: Any) -> Any:  # ... for a weight gradient
+        if key not in wrapped:
+            wrapped[key] = Im2col(x, sp) if sp is not None and sp.op == "dw" else x
+        return wrapped[key]
 
-    def masks(seed: bytes) -> tuple[np.ndarray, np.ndarray]:
-        r = masks_u32(seed, nu + math.prod(sv))
-        return r[:nu].reshape(su), r[nu:].reshape(sv)
+    def masks(i: int) -> tuple[np.ndarray, ...]:  # (A_j, B_j) of source i; role 2: (A0, B0, A1, B1)
+        if i not in drawn:
+            out: list[np.ndarray] = []
+            seeds = sources[i][2]
+            for sd in (seeds[:2] if role == 2 else (seeds[role] if len(seeds) > 1 else seeds[0],)):
+                r = masks_u32(sd, nu + math.prod(sv))
+                out += [r[:nu].reshape(su), r[nu:].reshape(sv)]
+            drawn[i] = tuple(out)
+        return drawn[i]
 
     back = sp if sp is not None and sp.op == "dx" else None
-    if role == 2:
-        (a0, b0), (a1, b1) = masks(seeds[0]), masks(seeds[1])
-        z = backend.field_matmul(on_u((a0, a1)), on_v((b0, b1)), dtype=np.uint32, col2im=back)  # A = A0 + A1 ...
-    else:
-        a_j, b_j = masks(seeds[role] if len(seeds) > 1 else seeds[0])
-        pairs = [(on_u(e), on_v((f, b_j)) if role == 0 else on_v(b_j)), (on_u(a_j), on_v(f))]
-        z = backend.field_matmul_sum(pairs, dtype=np.uint32, col2im=back)
+    pairs: list[tuple[Any, Any]] = []
+    for iu, iv in terms:
+        if role == 2:  # A = A0 + A1, B = B0 + B1 (summed on the device)
+            (a0, _, a1, _), (_, b0, _, b1) = masks(iu), masks(iv)
+            pairs.append((on_u(("a", iu), (a0, a1)), on_v(("b", iv), (b0, b1))))
+            continue
+        e, f = sources[iu][0], sources[iv][1]
+        a_j, b_j = masks(iu)[0], masks(iv)[1]
+        pairs.append((on_u(("e", iu), e), on_v(("fb", iv), (f, b_j)) if role == 0 else on_v(("b", iv), b_j)))
+        pairs.append((on_u(("a", iu), a_j), on_v(("f", iv), f)))
+    group = max(1, (MAX_INNER_KARATSUBA - 1) // max(inner, 1))
+    z: Any = None
+    for g0 in range(0, len(pairs), group):
+        zg = np.asarray(backend.field_matmul_sum(pairs[g0:g0 + group], dtype=np.uint32, col2im=back))
+        z = zg if z is None else _add(z.astype(np.int64), zg.astype(np.int64))
     return np.asarray(z).astype(np.uint32, copy=False)
 
 
@@ -334,19 +370,86 @@ class PlainMatmul(MatmulEngine):
         return out
 
 
+@dataclass(eq=False)
+class Operand:
+    """A secret factor of a round's products, quantised at ``frac`` fractional bits (``x_q = round(x 2^frac)``).
+    The same object in several terms of one round is quantised, masked and sent once, and every term that
+    names it uses that one masked value (same value, same mask: see :class:`SumItem`). ``frac=None``: the
+    engine's scale rule for a one-term item (:func:`quantise_pair`, :func:`choose_conv_scales`)."""
+
+    x: np.ndarray
+    frac: int | None = None
+    amax: float | None = None  #: ``max |x|`` when the caller has it (else computed)
+
+
+@dataclass
+class SumItem:
+    """One secure product of a round: ``sum_t U_t V_t`` over ``terms`` (pairs of :class:`Operand`), all of one
+    shape (and, for a convolution, one ``spec``: ``U``, ``V`` as :class:`~veil.offload.training.conv_field.ConvSpec`
+    says), returned as one result. Every term has the same output scale ``frac(U_t) + frac(V_t)``, and the
+    caller chooses the scales so that ``|sum_t (U_t,q V_t,q)_ij| < (p-1)/2`` (Cauchy-Schwarz on each term, e.g.
+    :func:`~veil.offload.training.precision.split_items`). On the wire an item sends exactly one operand on
+    each side that no earlier item of the round sent (its ``E`` and ``F``); its other terms name the earlier
+    items whose ``E`` / ``F`` they reuse."""
+
+    terms: list[tuple[Operand, Operand]]
+    spec: ConvSpec | None = None
+
+
 @dataclass
 class _Pending:
-    uq: np.ndarray  # U_q as float64 (exact integers, |U_q| <= amax_u)
-    vq: np.ndarray
-    amax_u: float
-    amax_v: float
+    terms: list[tuple[np.ndarray, float, np.ndarray, float]]  # per term (U_q, max|U_q|, V_q, max|V_q|), float64 integers
+    refs: list[tuple[int, int]]  # per term: the items of the round whose E (U side) and F (V side) it uses
     seeds: tuple[bytes, bytes]
     e: np.ndarray  # what the share holders received (uint32), kept for naming a culprit
     f: np.ndarray
-    fu: int
-    fv: int
+    frac: int  # output scale: frac(U_t) + frac(V_t) of every term
     shape: tuple[int, int, int] = (0, 0, 0)
     spec: ConvSpec | None = None  # a convolution item's geometry (None: a plain product)
+
+
+def _wire_plan(items: list[SumItem]) -> list[tuple[Operand, Operand, list[tuple[int, int]], tuple[int, int, int]]]:
+    """Per item: the operand it sends on each side (the one no earlier item sent), per term the items whose
+    ``E`` / ``F`` it uses, and its shape ``(n, k, m)``; ``ValueError`` for items the wire cannot carry."""
+    sent_u: dict[int, int] = {}
+    sent_v: dict[int, int] = {}
+    plan = []
+    for i, it in enumerate(items):
+        if not it.terms:
+            raise ValueError("a secure product needs at least one term")
+        new_u = list({id(a): a for a, _ in it.terms if id(a) not in sent_u}.values())
+        new_v = list({id(b): b for _, b in it.terms if id(b) not in sent_v}.values())
+        if len(new_u) != 1 or len(new_v) != 1:
+            raise ValueError("each secure product sends exactly one new operand on each side (the others reuse "
+                             "operands of earlier products of the round)")
+        own_u, own_v = new_u[0], new_v[0]
+        sent_u[id(own_u)], sent_v[id(own_v)] = i, i
+        u, v, spec = own_u.x, own_v.x, it.spec
+        if spec is None:
+            if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[0]:
+                raise ValueError(f"product shapes do not match: {u.shape} @ {v.shape}")
+            n, k, m = u.shape[0], u.shape[1], v.shape[1]
+        else:
+            n, k, m = spec.item_shape(u.shape, v.shape)
+        if k >= MAX_INNER_FULL:
+            raise FieldRangeError(f"inner dimension {k} too large for exact field products (< {MAX_INNER_FULL})")
+        refs = [(sent_u[id(a)], sent_v[id(b)]) for a, b in it.terms]
+        fracs = {None if a.frac is None or b.frac is None else a.frac + b.frac for a, b in it.terms}
+        for a, b in it.terms:
+            if a.x.shape != u.shape or b.x.shape != v.shape:
+                raise ValueError("the terms of a secure product must have operands of one shape")
+        if any(items[iu].spec != spec or items[iv].spec != spec for iu, iv in refs):
+            raise ValueError("a reused operand must come from a product of the same convolution")
+        if len(it.terms) > 1 and (len(fracs) != 1 or None in fracs):
+            raise ValueError("the terms of a secure product need one output scale (frac(U) + frac(V))")
+        plan.append((own_u, own_v, refs, (n, k, m)))
+    return plan
+
+
+def _wire_terms(i: int, refs: list[tuple[int, int]]) -> list[list[Any]]:
+    """The ``terms`` field of item ``i``: per term ``[u, v]``, ``"e"`` / ``"f"`` for the item's own ``E`` / ``F``,
+    else the id of the earlier item of the round whose ``E`` / ``F`` the term reuses."""
+    return [["e" if iu == i else iu, "f" if iv == i else iv] for iu, iv in refs]
 
 
 class SecureMatmul(MatmulEngine):
@@ -466,56 +569,72 @@ class SecureMatmul(MatmulEngine):
             return self._offload(conv)
         return self.matmuls(plain)
 
+    def sum_products(self, items: Sequence[SumItem]) -> list[np.ndarray]:
+        """Secure products ``sum_t U_t V_t`` (:class:`SumItem`: operands with the caller's scales, an operand
+        object named by several terms sent once) in one accelerator round, each checked; no intensity rule (the
+        caller chose to offload them). Used by :class:`~veil.offload.training.precision.PrecisionMatmul` at
+        ``double``."""
+        for it in items:
+            if any(a.frac is None or b.frac is None for a, b in it.terms):
+                raise ValueError("sum_products needs the fractional bits of every operand")
+        return self._round(list(items))
+
     def _offload(self, pairs: Sequence[tuple[Any, ...]]) -> list[np.ndarray]:
-        """One accelerator round for ``(U, V)`` pairs and ``(U, V, ConvSpec)`` convolution items."""
+        """One accelerator round for ``(U, V)`` pairs and ``(U, V, ConvSpec)`` convolution items, each at the
+        scales of the engine's rule (:func:`quantise_pair`, :func:`choose_conv_scales`)."""
+        return self._round([SumItem([(Operand(pr[0]), Operand(pr[1]))], pr[2] if len(pr) > 2 else None)
+                            for pr in pairs])
+
+    def _round(self, items: list[SumItem]) -> list[np.ndarray]:
+        """One accelerator round for sum items (:class:`SumItem`)."""
         t0 = time.perf_counter()
         self.round += 1
-        items: list[tuple[np.ndarray, np.ndarray, ConvSpec | None, tuple[int, int, int]]] = []
-        for pr in pairs:
-            u, v = pr[0], pr[1]
-            spec: ConvSpec | None = pr[2] if len(pr) > 2 else None
-            if spec is None:
-                n, k = u.shape
-                k2, m = v.shape
-                if k != k2:
-                    raise ValueError(f"product shapes do not match: {u.shape} @ {v.shape}")
-            else:
-                n, k, m = spec.item_shape(u.shape, v.shape)
-            if k >= MAX_INNER_FULL:
-                raise FieldRangeError(f"inner dimension {k} too large for exact field products (< {MAX_INNER_FULL})")
-            items.append((u, v, spec, (n, k, m)))
+        plan = _wire_plan(items)
         seeds = [(self.runtime.random_bytes(32), self.runtime.random_bytes(32)) for _ in items]
         # the triple helper's C = A B depends on the seeds and shapes only: it starts while the enclave masks
         helper = []
-        for i, ((_, _, spec, sh), (s0, s1)) in enumerate(zip(items, seeds, strict=True)):
+        for i, ((_, _, refs, sh), it, (s0, s1)) in enumerate(zip(plan, items, seeds, strict=True)):
             msg: dict[str, Any] = {"id": i, "role": 2, "seeds": [s0, s1], "shape": list(sh)}
-            if spec is not None:
-                msg["conv"] = spec.as_msg()
+            if it.spec is not None:
+                msg["conv"] = it.spec.as_msg()
+            if refs != [(i, i)]:
+                msg["terms"] = _wire_terms(i, refs)
             helper.append(msg)
         self._send(self.accs[2], {"type": "tmatmul", "round": self.round, "items": helper})
         pend: list[_Pending] = []
         msgs: list[list[dict[str, Any]]] = [[], []]
-        for i, ((u, v, spec, (n, k, m)), (s0, s1)) in enumerate(zip(items, seeds, strict=True)):
-            if spec is None:
-                fu, fv, au, av = _scales(u, v)
-            else:
-                au, av = _maxabs(u), _maxabs(v)
-                fu, fv = choose_conv_scales(spec, u, v)
+        quant: dict[int, tuple[np.ndarray, float]] = {}  # id(Operand) -> (x_q, max |x_q|)
+        for i, ((own_u, own_v, refs, (n, k, m)), it, (s0, s1)) in enumerate(zip(plan, items, seeds, strict=True)):
+            u, v, spec = own_u.x, own_v.x, it.spec
+            if own_u.frac is None or own_v.frac is None:  # a one-term item at the engine's scale rule
+                if spec is None:
+                    own_u.frac, own_v.frac, own_u.amax, own_v.amax = _scales(u, v)
+                else:
+                    own_u.frac, own_v.frac, own_u.amax, own_v.amax = _conv_scales(spec, u, v)
+            fu, fv = own_u.frac, own_v.frac
+            au = _maxabs(u) if own_u.amax is None else own_u.amax
+            av = _maxabs(v) if own_v.amax is None else own_v.amax
             uq, vq = _rint_scaled(u, fu), _rint_scaled(v, fv)  # exact integers, |.| < p/2 (Cauchy-Schwarz)
             r0, r1 = masks_u32(s0, u.size + v.size), masks_u32(s1, u.size + v.size)  # (A_j, B_j) as in expand_masks
             e = _masked(uq, r0[:u.size].reshape(u.shape), r1[:u.size].reshape(u.shape))
             f = _masked(vq, r0[u.size:].reshape(v.shape), r1[u.size:].reshape(v.shape))
             del r0, r1
+            quant[id(own_u)] = (uq, math.ldexp(au, fu) + 1.0)
+            quant[id(own_v)] = (vq, math.ldexp(av, fv) + 1.0)
             for j, sj in ((0, s0), (1, s1)):
                 item: dict[str, Any] = {"id": i, "role": j, "e": e, "f": f, "seed": sj}
                 if spec is not None:
                     item["conv"] = spec.as_msg()
+                if refs != [(i, i)]:
+                    item["terms"] = _wire_terms(i, refs)
                 msgs[j].append(item)
-            pend.append(_Pending(uq, vq, math.ldexp(au, fu) + 1.0, math.ldexp(av, fv) + 1.0, (s0, s1), e, f, fu, fv,
-                                 (n, k, m), spec))
+            terms = [(*quant[id(a)], *quant[id(b)]) for a, b in it.terms]
+            out_frac = it.terms[0][0].frac + it.terms[0][1].frac  # type: ignore[operator]  # set above or by the caller
+            pend.append(_Pending(terms, refs, (s0, s1), e, f, out_frac, (n, k, m), spec))
             self.records.append(ProductRecord((n, k, m), fu, fv))
             self.counters["products"] += 1
-            self.counters["macs"] += n * k * m
+            self.counters["macs"] += n * k * m * len(it.terms)
+        del quant
         for j in range(2):
             self._send(self.accs[j], {"type": "tmatmul", "round": self.round, "items": msgs[j]})
         del msgs
@@ -523,16 +642,17 @@ class SecureMatmul(MatmulEngine):
         replies = [self._recv(acc) for acc in self.accs]
         t_back = time.perf_counter()
         outs = []
+        shared: dict[Any, Any] = {}  # Freivalds vectors of this round, shared by items of one shape
         for i, p in enumerate(pend):
             spec = p.spec
             want = spec.out_shape(p.shape[0], p.shape[2]) if spec is not None else (p.shape[0], p.shape[2])
             zs = [self._result(j, replies[j], i, want) for j in range(3)]
             z = _lift(zs)
             if spec is None:
-                self._check(z, zs, p)
+                self._check(z, zs, p, pend, shared)
             else:
-                self._check_conv(z, zs, p, spec)
-            z *= 2.0 ** -(p.fu + p.fv)
+                self._check_conv(z, zs, p, pend, shared)
+            z *= 2.0 ** -p.frac
             outs.append(z)
         self.counters["rounds"] += 1
         self.counters["wait_s"] += t_back - t_sent
@@ -557,51 +677,85 @@ class SecureMatmul(MatmulEngine):
             raise IntegrityError(f"accelerator {acc!r} returned values outside the field (round {self.round})")
         return z
 
-    def _check(self, z: np.ndarray, zs: list[np.ndarray], p: _Pending) -> None:
-        """Freivalds on the reconstructed product: ``(Z0 + Z1 + C) s == U_q (V_q s) (mod p)`` for a fresh
-        secret uniform ``s`` (m x reps): one float64 pass over ``U_q`` (n x k) and one over the result
-        (n x m). Only when it fails are the three answers checked one by one, to name the culprit."""
+    def _check(self, z: np.ndarray, zs: list[np.ndarray], p: _Pending, pend: list[_Pending],
+               shared: dict[Any, Any]) -> None:
+        """Freivalds on the reconstructed result: ``Z s == sum_t U_t,q (V_t,q s) (mod p)`` for a secret uniform
+        ``s`` (m x reps), fresh per round and shared by the round's items with ``m`` columns (each wrong item
+        still passes with probability ``p^-reps`` per row): one float64 pass over the result and one over each
+        operand, ``V_t,q s`` computed once per operand. Only when it fails are the three answers checked one by
+        one, to name the culprit."""
         m, r = p.shape[2], self.reps
-        s = uniform_field(self.runtime.random_bytes(32), m * r).reshape(m, r)
+        if ("mat", m) not in shared:
+            shared[("mat", m)] = (uniform_field(self.runtime.random_bytes(32), m * r).reshape(m, r), {})
+        s, vs = shared[("mat", m)]
         self.counters["freivalds_checks"] += 1
         got = exact_matvec(z, HALF, s)
-        want = exact_matvec(p.uq, p.amax_u, exact_matvec(p.vq, p.amax_v, s))
-        if not np.array_equal(got, want):
-            self._blame(zs, p, s)
+        want: np.ndarray | None = None
+        for uq, amax_u, vq, amax_v in p.terms:
+            if id(vq) not in vs:
+                vs[id(vq)] = (vq, exact_matvec(vq, amax_v, s))  # the array is kept: its id stays its own
+            w = exact_matvec(uq, amax_u, vs[id(vq)][1])
+            want = w if want is None else _add(want, w)
+        if want is None or not np.array_equal(got, want):
+            self._blame(zs, p, pend, s)
 
-    def _check_conv(self, z: np.ndarray, zs: list[np.ndarray], p: _Pending, spec: ConvSpec) -> None:
-        """Freivalds with tensor-product random vectors (:mod:`~veil.offload.training.conv_field`), ``reps``
-        times; on failure the three answers are recomputed here to name the culprit (rare path)."""
-        rng_seed = self.runtime.random_bytes(32)
-        drawn = [0]
+    def _check_conv(self, z: np.ndarray, zs: list[np.ndarray], p: _Pending, pend: list[_Pending],
+                    shared: dict[Any, Any]) -> None:
+        """Freivalds with tensor-product random vectors (:class:`~veil.offload.training.conv_field.ConvCheck`),
+        ``reps`` times, the vectors fresh per round and shared by the round's items of one geometry; on failure
+        the three answers are recomputed here to name the culprit (rare path)."""
+        spec = p.spec
+        assert spec is not None
+        key = ("conv", spec, z.shape)
+        if key not in shared:
+            rng_seed = self.runtime.random_bytes(32)
+            drawn = [0]
 
-        def rand(count: int) -> np.ndarray:
-            drawn[0] += 1
-            return uniform_field(hashlib.sha256(rng_seed + drawn[0].to_bytes(4, "little")).digest(), count)
+            def rand(count: int) -> np.ndarray:
+                drawn[0] += 1
+                return uniform_field(hashlib.sha256(rng_seed + drawn[0].to_bytes(4, "little")).digest(), count)
 
-        for _ in range(self.reps):
+            shared[key] = [ConvCheck(spec, z.shape, rand) for _ in range(self.reps)]
+        for chk in shared[key]:
             self.counters["freivalds_checks"] += 1
-            if not check_conv(spec, z, p.uq, p.amax_u, p.vq, p.amax_v, rand):
-                bad = [repr(self.accs[j]) for j in range(3)
-                       if not np.array_equal(zs[j], expected_answer(_NP, j, p.e, p.f, p.seeds, spec, p.shape))]
+            if chk.lhs(z) != chk.rhs(p.terms):
+                srcs = sorted({i for ref in p.refs for i in ref})
+                at = {i: x for x, i in enumerate(srcs)}
+                terms = [(at[iu], at[iv]) for iu, iv in p.refs]
+                bad = []
+                for j in range(3):
+                    sources = [(pend[i].e, pend[i].f, pend[i].seeds if j == 2 else (pend[i].seeds[j],)) for i in srcs]
+                    if not np.array_equal(zs[j], expected_sum(_NP, j, sources, terms, spec, p.shape)):
+                        bad.append(repr(self.accs[j]))
                 raise IntegrityError(f"accelerator {' and '.join(bad) or '(unknown)'} returned a wrong product in round "
                                      f"{self.round} (Freivalds check on the convolution failed)")
 
-    def _blame(self, zs: list[np.ndarray], p: _Pending, s: np.ndarray) -> None:
-        """The sum failed its check with ``s``: at least one answer fails its own check with the same ``s``
-        (the three expectations add up to ``U_q V_q s``); raise naming every one that does (rare path,
-        int64, re-expands the masks from the seeds)."""
+    def _blame(self, zs: list[np.ndarray], p: _Pending, pend: list[_Pending], s: np.ndarray) -> None:
+        """The result failed its check with ``s``: at least one answer fails its own check with the same ``s``
+        (the three expectations add up to ``sum_t U_t,q V_t,q s``); raise naming every one that does (rare path,
+        int64, re-expands the masks of every item the terms use from its seeds)."""
         n, k, m = p.shape
         r = s.shape[1]
-        e, f = p.e.astype(np.int64), p.f.astype(np.int64)
-        a0, b0 = expand_masks(p.seeds[0], n, k, m)
-        a1, b1 = expand_masks(p.seeds[1], n, k, m)
-        fs, b0s, b1s = field_matvec(f, s), field_matvec(b0, s), field_matvec(b1, s)
-        bs = _add(b0s, b1s)
-        ew = field_matvec(e, np.concatenate([_add(fs, b0s), b1s], axis=1))
-        a0w = field_matvec(a0, np.concatenate([fs, bs], axis=1))
-        a1w = field_matvec(a1, np.concatenate([fs, bs], axis=1))
-        expect = [_add(ew[:, :r], a0w[:, :r]), _add(ew[:, r:], a1w[:, :r]), _add(a0w[:, r:], a1w[:, r:])]
+        masks: dict[int, tuple[np.ndarray, ...]] = {}
+
+        def of(i: int) -> tuple[np.ndarray, ...]:  # (A0, B0, A1, B1) of item i (the items of a sum share a shape)
+            if i not in masks:
+                masks[i] = (*expand_masks(pend[i].seeds[0], n, k, m), *expand_masks(pend[i].seeds[1], n, k, m))
+            return masks[i]
+
+        expect = [np.zeros((n, r), np.int64) for _ in range(3)]
+        for iu, iv in p.refs:
+            e, f = pend[iu].e.astype(np.int64), pend[iv].f.astype(np.int64)
+            a0, _, a1, _ = of(iu)
+            _, b0, _, b1 = of(iv)
+            fs, b0s, b1s = field_matvec(f, s), field_matvec(b0, s), field_matvec(b1, s)
+            bs = _add(b0s, b1s)
+            ew = field_matvec(e, np.concatenate([_add(fs, b0s), b1s], axis=1))
+            a0w = field_matvec(a0, np.concatenate([fs, bs], axis=1))
+            a1w = field_matvec(a1, np.concatenate([fs, bs], axis=1))
+            for j, x in enumerate((_add(ew[:, :r], a0w[:, :r]), _add(ew[:, r:], a1w[:, :r]),
+                                   _add(a0w[:, r:], a1w[:, r:]))):
+                expect[j] = _add(expect[j], x)
         bad, rows_bad = [], []
         for j in range(3):
             got = field_matvec(zs[j].astype(np.int64), s)
