@@ -4,7 +4,8 @@
 Usage: ``OMP_NUM_THREADS=1 python bench/bench_offload_field_ops.py [--reps N]``
 
 "before" is the previous int64/float64 implementation of each kernel (copied below, unchanged); "after"
-is the kernel the protocol now calls. Each row checks that both give identical arrays, then prints the
+is the kernel the protocol now calls (rows marked [new split]: before = the new masks_u32 and masked,
+after = the fused mask_pair). Each row checks that both give identical arrays, then prints the
 best of ``reps`` timings in ns per element and the ratio, all measured in this run.
 """
 
@@ -126,7 +127,18 @@ def pair_cases(g: np.random.Generator) -> list[tuple[str, int, Callable[[], Any]
         s0, s1 = bytes(range(32)), bytes(range(1, 33))
         out.append((label, uq.size + vq.size, lambda uq=uq, vq=vq, s0=s0, s1=s1: old_mask_pair(uq, vq, s0, s1),
                     lambda uq=uq, vq=vq, s0=s0, s1=s1: F.mask_pair(uq, vq, s0, s1)))
+        out.append((label + " [new split]", uq.size + vq.size,
+                    lambda uq=uq, vq=vq, s0=s0, s1=s1: new_split_pair(uq, vq, s0, s1),
+                    lambda uq=uq, vq=vq, s0=s0, s1=s1: F.mask_pair(uq, vq, s0, s1)))
     return out
+
+
+def new_split_pair(uq: np.ndarray, vq: np.ndarray, s0: bytes, s1: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The same with the new kernels, masks materialised (what protocol._offload does)."""
+    r0, r1 = F.masks_u32(s0, uq.size + vq.size), F.masks_u32(s1, uq.size + vq.size)
+    nu = uq.size
+    return (F.masked(uq, r0[:nu].reshape(uq.shape), r1[:nu].reshape(uq.shape)),
+            F.masked(vq, r0[nu:].reshape(vq.shape), r1[nu:].reshape(vq.shape)))
 
 
 # --- timing --------------------------------------------------------------------------------------------
