@@ -13,7 +13,7 @@ from offload_train_helpers import DirectSecureMatmul, runtime, small_cnn
 from veil.errors import IntegrityError, VeilError
 from veil.offload.field import P
 from veil.offload.training import TRAIN_ACCELERATORS, PlainMatmul, TrainAccelerator, TrainConfig, Trainer
-from veil.offload.training.precision import PrecisionMatmul, normalise_exponents, split_pair
+from veil.offload.training.precision import PrecisionMatmul, normalise_exponents, split_items, split_pair
 from veil.offload.training.protocol import choose_scales
 
 #: stated bound, double: max_ij |C_ij - (U V)_ij| / (||U row i|| ||V col j||) (measured <= 2.5e-7 up to k = 50000)
@@ -75,9 +75,15 @@ def test_the_high_part_product_is_exact_in_the_field():
         assert np.all((np.sqrt((un * un).sum(1)) >= 0.5) & (np.sqrt((un * un).sum(1)) < 1))
         uh, ul, vh, vl = split_pair(un, vn)
         assert np.array_equal(uh + ul, un) and np.array_equal(vh + vl, vn)
-        fu, fv = choose_scales(uh, vh)  # the protocol quantises (uh, vh) at these scales: no rounding
+        (o_uh, o_vh), = split_items(un, vn)[0].terms  # the high item: U_h, V_h at their fractional bits
+        assert np.array_equal(o_uh.x, uh) and np.array_equal(o_vh.x, vh)
+        fu, fv = o_uh.frac, o_vh.frac  # the protocol quantises (uh, vh) at these scales: no rounding
         assert np.array_equal(np.rint(np.ldexp(uh, fu)), np.ldexp(uh, fu))
         assert np.array_equal(np.rint(np.ldexp(vh, fv)), np.ldexp(vh, fv))
+        # ... and the pair is inside the field (Cauchy-Schwarz, exact in Python integers)
+        q = np.rint(np.ldexp(uh, fu)).astype(object).dot(np.rint(np.ldexp(vh, fv)).astype(object))
+        assert max(abs(int(z)) for z in q.ravel()) < (P - 1) // 2
+        assert fu + fv >= sum(choose_scales(un, vn)) - 1  # about as many bits as one product of (U, V)
         assert np.abs(ul).max() <= np.abs(un).max() * 2.0**-8
 
 

@@ -13,7 +13,7 @@ from veil.offload.field import P
 from veil.offload.training import TRAIN_ACCELERATORS, PlainMatmul, TrainAccelerator, TrainGraph
 from veil.offload.training.conv_field import ConvSpec
 from veil.offload.training.layers import softmax_cross_entropy
-from veil.offload.training.precision import PrecisionMatmul, split_pair
+from veil.offload.training.precision import PrecisionMatmul, split_items, split_pair
 from veil.offload.training.protocol import choose_conv_scales
 
 #: stated bound, double convolutions: max |error| / max |reference| over each normalisation block
@@ -121,7 +121,10 @@ def test_the_high_part_of_a_convolution_is_exact_in_the_field():
     wt = w.reshape(o, -1).T
     xh, xl, wh, wl = split_pair(x, wt, spec)
     assert np.array_equal(xh + xl, x) and np.array_equal(wh + wl, wt)
-    fu, fv = choose_conv_scales(spec, xh, wh)  # the engine quantises (xh, wh) at these scales: no rounding
+    (o_xh, o_wh), = split_items(x, wt, spec)[0].terms
+    assert np.array_equal(o_xh.x, xh) and np.array_equal(o_wh.x, wh)
+    fu, fv = o_xh.frac, o_wh.frac  # the engine quantises (xh, wh) at these scales: no rounding
+    assert fu + fv >= sum(choose_conv_scales(spec, x, wt)) - 1
     assert np.array_equal(np.rint(np.ldexp(xh, fu)), np.ldexp(xh, fu))
     assert np.array_equal(np.rint(np.ldexp(wh, fv)), np.ldexp(wh, fv))
     assert np.abs(xl).max() < 1e-3 * np.abs(x).max()

@@ -71,7 +71,6 @@ from veil.offload.training.protocol import (
     PlainMatmul,
     SumItem,
     _conv_intensity,
-    _conv_scales,
     _conv_spec,
     _intensity,
     _maxabs,
@@ -151,35 +150,27 @@ def _norms(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None) -> tuple[float, 
     return ru, cv, length, _maxabs(u), _maxabs(v)
 
 
-def _pair_scales(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None
-                 ) -> tuple[int, int, tuple[float, float, int, float, float] | None]:
-    """``(fu, fv, norms or None)``: the protocol's own scales for the one-term item ``(u, v)`` (those of
-    :func:`~veil.offload.training.protocol.quantise_pair` or
-    :func:`~veil.offload.training.protocol.choose_conv_scales`), and for a matrix product the :func:`_norms`
-    they came from."""
-    if spec is None:
-        norms = _norms(u, v, None)
-        ru, cv, length, au, av = norms
-        fu, fv = _scale_rule(ru, cv, au, av, length)
-        return fu, fv, norms
-    fu, fv, _, _ = _conv_scales(spec, u, v)
-    return fu, fv, None
-
-
 def _split_high(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None
                 ) -> tuple[np.ndarray, np.ndarray, int, int, tuple[float, float, int, float, float]]:
-    """``(U_h, V_h, fu, fv, norms of (U_h, V_h))``: the high parts and their fractional bits, at which the
-    field bound holds for ``(U_h, V_h)`` and (whenever the grid search succeeds, i.e. always in practice)
-    quantisation is exact."""
-    fu, fv, _ = _pair_scales(u, v, spec)
-    for drop in range(4):
-        gu, gv = fu - drop, fv - drop
-        uh, vh = _on_grid(u, gu), _on_grid(v, gv)
-        cu, cv, nh = _pair_scales(uh, vh, spec)
-        if cu >= gu and cv >= gv:
-            break
-    # the bound is monotone in both scales: (min(gu, cu), min(gv, cv)) satisfies it, and equals (gu, gv) (exact)
-    return uh, vh, min(gu, cu), min(gv, cv), _norms(uh, vh, spec) if nh is None else nh
+    """``(U_h, V_h, fu, fv, norms of (U_h, V_h))``: ``U_h = U`` rounded to the grid ``2^-fu`` (so that it is
+    exact at ``fu`` fractional bits), ``V_h`` likewise, with ``fu + fv`` as large as the field bound of the pair
+    ``(U_h, V_h)`` allows (the protocol's rule, Cauchy-Schwarz checked on ``U_h``, ``V_h`` themselves) and the
+    bits shared so that the quantised norms are equal (``2^fu |U| ~ 2^fv |V|``, largest row and column norms):
+    that minimises the rounding of the cross item, whose error is ``~ (2^-fu |V| + 2^-fv |U|)(2^fv |V| +
+    2^fu |U|)``."""
+    ru, cv, length, _, _ = _norms(u, v, spec)
+    fu, fv = _scale_rule(ru, cv, ru, cv, length)  # the rule, balanced by the norms instead of the entries
+    d = math.sqrt(length) / 2
+    for _ in range(8):
+        uh, vh = _on_grid(u, fu), _on_grid(v, fv)
+        nh = _norms(uh, vh, spec)
+        if (math.ldexp(nh[0], fu) + d) * (math.ldexp(nh[1], fv) + d) < HALF:
+            return uh, vh, fu, fv, nh
+        if fu >= fv:
+            fu -= 1
+        else:
+            fv -= 1
+    raise FieldRangeError(f"values too large for exact field products (max |U| {nh[3]:.3g}, max |V| {nh[4]:.3g})")
 
 
 def cross_scale(high: tuple[float, float, int, float, float], low: tuple[float, float, int, float, float],
