@@ -75,6 +75,7 @@ from veil.offload.training.protocol import (
     _intensity,
     _maxabs,
     _quantise,
+    _rint_scaled,
     _scale_rule,
     choose_conv_scales,
     field_matmul,
@@ -119,17 +120,13 @@ def _balance(su: np.ndarray, sv: np.ndarray) -> np.ndarray:
     return np.clip(t, -_EXP_LIMIT, _EXP_LIMIT).astype(np.int64)
 
 
-def _on_grid(x: np.ndarray, f: int) -> np.ndarray:
-    return np.ldexp(np.rint(np.ldexp(x, f)), -f)
-
-
 def split_pair(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(U_h, U_l, V_h, V_l)`` with ``U = U_h + U_l``, ``V = V_h + V_l`` and ``U_h``, ``V_h`` on grids that
     the protocol's quantisation of the pair ``(U_h, V_h)`` reproduces exactly (step 2 of the module
     docstring); for a convolution item (``spec``; ``u``, ``v`` as sent, tensors for ``cols``) with the
     engine's convolution scale rule :func:`~veil.offload.training.protocol.choose_conv_scales`."""
-    uh, vh, _, _, _ = _split_high(u, v, spec)
+    uh, vh = _split_high(u, v, spec)[:2]
     return uh, u - uh, vh, v - vh
 
 
@@ -151,8 +148,9 @@ def _norms(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None) -> tuple[float, 
 
 
 def _split_high(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None
-                ) -> tuple[np.ndarray, np.ndarray, int, int, tuple[float, float, int, float, float]]:
-    """``(U_h, V_h, fu, fv, norms of (U_h, V_h))``: ``U_h = U`` rounded to the grid ``2^-fu`` (so that it is
+                ) -> tuple[np.ndarray, np.ndarray, int, int, tuple[float, float, int, float, float], np.ndarray,
+                           np.ndarray]:
+    """``(U_h, V_h, fu, fv, norms of (U_h, V_h), U_h 2^fu, V_h 2^fv)``: ``U_h = U`` rounded to the grid ``2^-fu`` (so that it is
     exact at ``fu`` fractional bits), ``V_h`` likewise, with ``fu + fv`` as large as the field bound of the pair
     ``(U_h, V_h)`` allows (the protocol's rule, Cauchy-Schwarz checked on ``U_h``, ``V_h`` themselves) and the
     bits shared so that the quantised norms are equal (``2^fu |U| ~ 2^fv |V|``, largest row and column norms):
@@ -162,10 +160,11 @@ def _split_high(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None
     fu, fv = _scale_rule(ru, cv, ru, cv, length)  # the rule, balanced by the norms instead of the entries
     d = math.sqrt(length) / 2
     for _ in range(8):
-        uh, vh = _on_grid(u, fu), _on_grid(v, fv)
+        qu, qv = _rint_scaled(u, fu), _rint_scaled(v, fv)  # the quantised high parts, exact integers
+        uh, vh = np.ldexp(qu, -fu), np.ldexp(qv, -fv)  # on the grids 2^-fu, 2^-fv
         nh = _norms(uh, vh, spec)
         if (math.ldexp(nh[0], fu) + d) * (math.ldexp(nh[1], fv) + d) < HALF:
-            return uh, vh, fu, fv, nh
+            return uh, vh, fu, fv, nh, qu, qv
         if fu >= fv:
             fu -= 1
         else:
@@ -206,11 +205,11 @@ def split_items(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None = None) -> t
     the split of :func:`split_pair`; the high item is exact, and the cross item reuses the high item's
     ``U_h`` and ``V_h`` (same objects: sent once, same masks) at the same fractional bits, at the one output
     scale of :func:`cross_scale`."""
-    uh, vh, fu_h, fv_h, nh = _split_high(u, v, spec)
+    uh, vh, fu_h, fv_h, nh, q_uh, q_vh = _split_high(u, v, spec)
     ul, vl = u - uh, v - vh
     nl = _norms(ul, vl, spec)
     t = cross_scale(nh, nl, fu_h, fv_h)
-    o_uh, o_vh = Operand(uh, fu_h, nh[3]), Operand(vh, fv_h, nh[4])
+    o_uh, o_vh = Operand(uh, fu_h, nh[3], q_uh), Operand(vh, fv_h, nh[4], q_vh)
     o_ul, o_vl = Operand(ul, t - fv_h, nl[3]), Operand(vl, t - fu_h, nl[4])
     return SumItem([(o_uh, o_vh)], spec), SumItem([(o_ul, o_vh), (o_uh, o_vl)], spec)
 

@@ -380,6 +380,7 @@ class Operand:
     x: np.ndarray
     frac: int | None = None
     amax: float | None = None  #: ``max |x|`` when the caller has it (else computed)
+    q: np.ndarray | None = None  #: ``x_q = rint(x 2^frac)`` (float64, C order) when the caller has it (else computed)
 
 
 @dataclass
@@ -614,7 +615,9 @@ class SecureMatmul(MatmulEngine):
             fu, fv = own_u.frac, own_v.frac
             au = _maxabs(u) if own_u.amax is None else own_u.amax
             av = _maxabs(v) if own_v.amax is None else own_v.amax
-            uq, vq = _rint_scaled(u, fu), _rint_scaled(v, fv)  # exact integers, |.| < p/2 (Cauchy-Schwarz)
+            # exact integers, |.| < p/2 (Cauchy-Schwarz)
+            uq = _rint_scaled(u, fu) if own_u.q is None else own_u.q
+            vq = _rint_scaled(v, fv) if own_v.q is None else own_v.q
             r0, r1 = masks_u32(s0, u.size + v.size), masks_u32(s1, u.size + v.size)  # (A_j, B_j) as in expand_masks
             e = _masked(uq, r0[:u.size].reshape(u.shape), r1[:u.size].reshape(u.shape))
             f = _masked(vq, r0[u.size:].reshape(v.shape), r1[u.size:].reshape(v.shape))
