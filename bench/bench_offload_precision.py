@@ -4,7 +4,7 @@
 Every product goes through the real protocol (:class:`~veil.offload.training.protocol.SecureMatmul`
 with its three accelerators called in this process: masks, field products, Freivalds checks), wrapped
 by :class:`~veil.offload.training.precision.PrecisionMatmul` at ``single`` (one secure field product)
-and ``double`` (three, same round). Operands: random, adversarial (12 decades between rows/columns,
+and ``double`` (two, same round). Operands: random, adversarial (12 decades between rows/columns,
 8 decades between entries), ReLU-like, a long inner dimension as in network C's ``dW``, constants,
 and the products of one real training step of network C (batch 64, MNIST images). Columns:
 

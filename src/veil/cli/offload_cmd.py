@@ -154,7 +154,7 @@ def train(
     min_intensity: float = typer.Option(16.0, help="products with nkm/(nk+km+nm) below this stay in the enclave "
                                                    "(0: offload every product); the count is printed at start"),
     precision: str = typer.Option("double", help="secure field products per product: single (one; ~1e-3 error "
-                                                 "relative to the largest output) or double (three, same round; ~1e-6)"),
+                                                 "relative to the largest output) or double (two, same round; ~1e-6)"),
     resume: bool = typer.Option(False, help="resume from the sealed checkpoint in --workdir"),
     workdir: Path = typer.Option(None, help="keep deployment, keys, logs and checkpoint here (default: a temp dir)"),
     deployment: Path = typer.Option(None, "--deployment", "-d",

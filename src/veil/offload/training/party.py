@@ -18,7 +18,7 @@ the shared MNIST file, ``mnist-slice``: the shipped 256 held-out images, ``click
 click set, or an .npz file with one array per model input and ``y``), ``n`` (use the first n
 samples), ``optimizer`` (sgd/adam), ``lr``, ``momentum``, ``epochs``, ``batch_size``, ``seed``,
 ``loss`` (cross_entropy/bce), ``max_steps``, ``precision`` (``single``: one secure field product per
-product, ``double`` (default): three, see :mod:`veil.offload.training.precision`), ``output`` (trained
+product, ``double`` (default): two, see :mod:`veil.offload.training.precision`), ``output`` (trained
 .onnx, default ``trained.onnx``);
 enclave: ``hazmat_allow_simulation`` (required; ``hazmat_simulate`` is the old name), ``sealing_key``
 (simulated sealing-key file, so a restarted enclave can unseal), ``checkpoint`` (file), ``checkpoint_every``, ``resume``, ``freivalds_reps``,

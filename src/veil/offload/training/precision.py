@@ -1,4 +1,4 @@
-"""Product precision of offload training: one field product per product ("single") or three ("double").
+"""Product precision of offload training: one secure field product per product ("single") or two ("double").
 
 A secure product in F_p, p = 2^31 - 1 (:mod:`veil.offload.training.protocol`) quantises both factors
 so that ``|(U_q V_q)_ij| <= ||U_q row i|| ||V_q col j|| < p/2`` (Cauchy-Schwarz): the two operands share
@@ -6,28 +6,35 @@ about 30 bits, so over an inner dimension ``k`` each entry keeps roughly ``15 - 
 and one scale per matrix costs rows of small norm further bits. The error relative to the largest
 output is ~1e-3 for network C (docs/offload.md), far from float32 (6e-8).
 
-``precision="double"`` (:class:`PrecisionMatmul`) computes every product from three secure products
-in the same accelerator round, each through the unchanged protocol (fresh masks, same checks):
+``precision="double"`` (:class:`PrecisionMatmul`) computes every product from two secure products in the
+same accelerator round (:func:`split_items`), the exact high part and one sum item for the two cross terms:
 
 1. **row/column normalisation** (exact): ``U' = diag(2^a) U``, ``V' = V diag(2^b)`` with powers of two
    that bring every row of ``U`` and column of ``V`` to a 2-norm in [1/2, 1), so every output entry
    gets the same share of the field's bits whatever the dynamic range across rows;
-2. **split**: ``U'_h`` = ``U'`` rounded to the grid ``2^-gu`` on which the protocol's quantisation of
-   the pair ``(U'_h, V'_h)`` is exact (checked: the scales :func:`~veil.offload.training.protocol.choose_scales`
-   returns for ``(U'_h, V'_h)`` are at least ``(gu, gv)``; otherwise one bit coarser), ``U'_l = U' - U'_h``;
-   the same for ``V'``;
-3. ``U' V' ~ U'_h V'_h + U'_l V'_h + U'_h V'_l``: the first product is exact, the other two carry the
-   protocol's relative error ``eps`` on operands that are themselves ``~eps`` of ``U'``, ``V'``, and the
-   dropped ``U'_l V'_l`` is ``~eps^2``: the error is ``~eps^2`` relative to ``||U_i|| ||V_j||``;
+2. **split**: ``U'_h`` = ``U'`` rounded to the grid ``2^-gu``, quantised at exactly ``gu`` fractional bits
+   (so exactly), ``V'_h`` likewise at ``gv``, with ``gu + gv`` as large as the protocol's Cauchy-Schwarz rule
+   allows for ``(U'_h, V'_h)`` (checked on ``U'_h``, ``V'_h``; else one bit lower) and the bits shared so that
+   the quantised norms are equal (``2^gu max ||U'_h row|| ~ 2^gv max ||V'_h col||``, which minimises the
+   rounding of the cross terms); ``U'_l = U' - U'_h``, ``V'_l = V' - V'_h``;
+3. ``U' V' ~ U'_h V'_h + (U'_l V'_h + U'_h V'_l)``: the first secure product is exact; the second is one sum
+   item whose terms reuse the high item's ``U'_h`` and ``V'_h`` (the same quantised values and masks,
+   sent once, :class:`~veil.offload.training.protocol.SumItem`) at ``gu``, ``gv``, with ``U'_l`` at ``S - gv``
+   and ``V'_l`` at ``S - gu`` fractional bits for one output scale ``S`` (:func:`cross_scale`: the largest
+   with the Cauchy-Schwarz bound of the *sum*, ``(2^(S-gv) |U'_l| + d)(2^gv |V'_h| + d) + (2^gu |U'_h| +
+   d)(2^(S-gu) |V'_l| + d) < (p-1)/2``, ``d = sqrt(k)/2``: one bit below a single product's rule). Only
+   ``U'_l`` and ``V'_l`` are rounded, with relative error ``eps`` on operands that are themselves ``~eps`` of
+   ``U'``, ``V'``, and the dropped ``U'_l V'_l`` is ``~eps^2``: the error is ``~eps^2`` relative to
+   ``||U_i|| ||V_j||``;
 4. undo the normalisation: ``(U V)_ij = 2^-(a_i + b_j) (U' V')_ij`` (exact).
 
-Convolutions (engines with a tensor path, ``conv_products``: the secure engine and
+Convolutions (engines with a tensor path, ``sum_products``: the secure engine and
 :class:`FieldArithmeticMatmul`): a convolution is bilinear, so ``conv(X, W) ~ conv(X_h, W_h) +
-conv(X_l, W_h) + conv(X_h, W_l)`` with the split of step 2 on the *tensors* as sent (the forward's ``X``,
-the weight gradient's ``X``), checked against the engine's convolution scale rule
-(:func:`~veil.offload.training.protocol.choose_conv_scales`), so ``conv(X_h, W_h)`` is exact. Forward, dX
-and dW become three tensor items each (a backward's six in one round); the enclave builds no im2col
-matrix. Row/column normalisation of ``cols(X)`` is not available on a tensor; instead, all exact powers
+(conv(X_l, W_h) + conv(X_h, W_l))`` with the split of step 2 on the *tensors* as sent (the forward's ``X``,
+the weight gradient's ``X``) and the norms of the convolution's rule (those of
+:func:`~veil.offload.training.protocol.choose_conv_scales`, bracketed from above), so ``conv(X_h, W_h)`` is
+exact and the cross sum inside the field. Forward, dX and dW become two tensor items each (a backward's
+four in one round); the enclave builds no im2col matrix. Row/column normalisation of ``cols(X)`` is not available on a tensor; instead, all exact powers
 of two: (a) the inner dimension is balanced (forward: X's channel ``c`` times ``2^-t_c``, W's input channel
 ``c`` times ``2^t_c``; dW: sample ``n`` of dY and X; dX: output channel ``o`` of dY and W), which leaves the
 product unchanged and brings both factors' norms to the same size along it; (b) the output's axes are
@@ -38,15 +45,20 @@ channel of X. The bound is therefore step 3's ``~eps^2`` relative to ``||U_i|| |
 channel) rather than per row: rows of one sample (columns of one channel) whose norms lie far below
 that block's largest get correspondingly fewer bits. Measured (tests/test_offload_train_precision_conv.py,
 Gaussian operands and 10 decades across samples and channels): max error / max |reference| within each
-(sample or output channel, channel) block <= 4e-7; asserted < 1e-5.
+(sample or output channel, channel) block <= 2.7e-7; asserted < 1e-5.
 
-Security: each of the three products is a product of two secret matrices sent through the same
-protocol with fresh uniform masks, so what every accelerator receives is uniform and independent of
-data, weights and gradients exactly as for one product; the split, the exponents and the scales stay
-in the enclave. The accelerators see three products of the same shape instead of one (the precision
-setting is visible, as the architecture is). Cost: 3x the accelerator work and bytes and ~3x the
-enclave's protocol work per product; products the engine keeps inside the enclave (``min_intensity``)
-are computed once in float64 and not split.
+Security: four secret operands ``U'_h, V'_h, U'_l, V'_l`` are each quantised once and masked once with
+fresh uniform masks from their item's seeds, and each share holder receives each masked value once (the
+sum item names the high item's ``E`` and ``F`` instead of carrying them again), so what every accelerator
+receives is uniform and independent of data, weights and gradients exactly as for two products. Reusing a
+masked operand in a second product is safe because the value *and* its mask are the same: the share holder
+gains no second view of it, and the triple helper, which knows the masks anyway, computes ``A_l B_h + A_h
+B_l`` from the same seeds. The split, the exponents and the scales stay in the enclave; the accelerators
+see two products of the same shape instead of one, the second a sum of two (the precision setting is
+visible, as the architecture is). Cost per offloaded product: 4 masked operands and 2 results (bytes 2x
+single's), 6 of the accelerators' field products of the product's size for a share holder (2 + 4) and 3
+for the helper, 2 Freivalds checks; products the engine keeps inside the enclave (``min_intensity``) are
+computed once in float64 and not split.
 """
 
 from __future__ import annotations
@@ -386,7 +398,7 @@ class FieldArithmeticMatmul(MatmulEngine):
     scaled. This engine computes the same value directly (one exact field product, float64 limbs), so a
     training run through it is bit-for-bit the run through the protocol at a fraction of the cost
     (tested: ``test_the_arithmetic_engine_reproduces_the_protocol_bit_for_bit``) -- at precision
-    ``double`` (convolutions too, through :meth:`conv_products` with the engine's convolution scale rule),
+    ``double`` (convolutions too, through :meth:`sum_products` with the split's scales),
     and for products at ``single``; at ``single`` a convolution here is the base im2col path (matrix scale
     rule), which does not reproduce the secure engine's tensor items.
     It protects nothing and is never used by ``veil offload train`` or a deployment."""

@@ -32,6 +32,15 @@ accelerator2 sees only the masks (it learns ``A, B`` from the two seeds). Any tw
 recover ``U`` and ``V``: the three must not collude pairwise. The enclave's work is O(nk + km + nm) (masks, subtractions, one check, sum); the
 accelerators do the O(nkm) products. Because the masks cancel exactly in F_p, the result does not
 depend on them: a training step is bit-for-bit reproducible from the data, weights and scales.
+
+Sum items (:class:`SumItem`, :meth:`SecureMatmul.sum_products`; used at precision ``double``): one result
+``sum_t U_t V_t`` for several terms of one shape and one output scale. Each item still sends one masked
+``E`` and ``F`` (its new operands, masks from its own seeds); a term may instead name the ``E`` or ``F`` of
+an earlier item of the round, which it then reuses with that item's masks (same value, same mask: nothing
+new reaches any accelerator). The share holders return ``sum_t E_t (F_t + B0_t) + A0_t F_t`` and
+``sum_t E_t B1_t + A1_t F_t``, the helper ``sum_t A_t B_t`` (:func:`expected_sum`); the enclave lifts the one
+sum and checks ``Z s == sum_t U_t,q (V_t,q s)``; the blame path recomputes each answer's expectation over
+the terms. The caller's scales must keep the sum inside (-p/2, p/2) (Cauchy-Schwarz on each term, summed).
 """
 
 from __future__ import annotations
@@ -538,7 +547,7 @@ class SecureMatmul(MatmulEngine):
         path (``U``/``V`` as :class:`~veil.offload.training.conv_field.ConvSpec` says; results n x m, or
         ``x_shape`` for ``dx``; no intensity rule: the caller chose to offload them) and ``(U, V, None)`` plain
         products (intensity rule). Used by :class:`~veil.offload.training.precision.PrecisionMatmul` at
-        ``double``, which sends three items per convolution product."""
+        ``double`` in its three-item form (now :meth:`sum_products`)."""
         return self._products(list(items))
 
     def _products(self, items: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]]) -> list[np.ndarray]:

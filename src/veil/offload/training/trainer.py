@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 0
     loss: str = "cross_entropy"
     max_steps: int | None = None  #: stop after this many steps in total (None: all epochs)
-    #: secure field products per product: "single" (one) or "double" (three, ~eps^2 error; see
+    #: secure field products per product: "single" (one) or "double" (two, ~eps^2 error; see
     #: :mod:`veil.offload.training.precision`)
     precision: str = DEFAULT_PRECISION
 
