@@ -142,3 +142,42 @@ def test_a_wrong_sum_answer_is_caught_and_named_in_forward_and_backward(acc, rnd
         train_offload_local(tr, runtime(), steps=1, accelerator_factory=lambda name: SumLiar(rnd) if name == acc
                             else TrainAccelerator("numpy"))
     assert tr.step_count == 0 and all(np.array_equal(before[k], tr.net.params[k]) for k in before)
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["matrix", "dx convolution"])
+def test_a_sum_answer_split_into_backend_calls_is_the_same(monkeypatch, conv):
+    """A share holder's sum item joins 4 pairs (inner dimension 4k); above the Karatsuba limit the pairs go
+    to the backend in groups whose results are added mod p: same answer."""
+    from veil.offload.backend import NumpyBackend
+    from veil.offload.training import protocol
+
+    g = np.random.default_rng(5)
+    if conv:
+        spec = ConvSpec("dx", (2, 3, 6, 5), (3, 2), (1, 1), (1, 0, 1, 1))
+        n, k, m = spec.matrix_shape(4)
+    else:
+        spec, (n, k, m) = None, (6, 9, 5)
+    su, sv = ((n, k), (k, m)) if spec is None else spec.raw_shapes(n, k, m)
+    sources = [(g.integers(0, P, su).astype(np.uint32), g.integers(0, P, sv).astype(np.uint32),
+                (g.bytes(32), g.bytes(32))) for _ in range(2)]
+    terms = [(1, 0), (0, 1)]
+    whole = [protocol.expected_sum(NumpyBackend(), j, sources, terms, spec, (n, k, m)) for j in range(3)]
+    monkeypatch.setattr(protocol, "MAX_INNER_KARATSUBA", k + 1)  # one pair per backend call
+    for j in range(3):
+        assert np.array_equal(protocol.expected_sum(NumpyBackend(), j, sources, terms, spec, (n, k, m)), whole[j])
+    # and the three answers add up to the sum of the products (U = E + A, V = F + B)
+    from veil.offload.training.protocol import masks_u32
+
+    def mats(i):
+        e, f, (s0, s1) = sources[i]
+        r0, r1 = (masks_u32(s, int(np.prod(su)) + int(np.prod(sv))).astype(np.int64) for s in (s0, s1))
+        a = (r0[:np.prod(su)] + r1[:np.prod(su)]).reshape(su)
+        b = (r0[np.prod(su):] + r1[np.prod(su):]).reshape(sv)
+        return (e.astype(np.int64) + a) % P, (f.astype(np.int64) + b) % P
+
+    from veil.offload.training.conv_field import col2im_field
+
+    total = sum(protocol.field_matmul(NumpyBackend(), mats(iu)[0], mats(iv)[1]) for iu, iv in terms) % P
+    if conv:
+        total = col2im_field(total, spec)
+    assert np.array_equal((whole[0].astype(np.int64) + whole[1] + whole[2]) % P, total)
