@@ -19,9 +19,11 @@ Parts (``--parts``):
   step and, in brackets, its part outside the products. Ceiling x = enclave-only / enclave work: the
   speed-up over enclave-only that offload reaches at best, with accelerators and a network that take no
   time (the enclave's own work remains); enclave-only / layers is the same bound with a free protocol too.
-  Mask floor = the time of the two AES-CTR mask streams over the operand elements sent (bytes to acc / 8),
-  at the rate measured in the same run: any masking protocol pays at least that; floor x = enclave-only /
-  (layers + mask floor), the ceiling if the protocol did nothing else.
+  Enclave work (layers): in brackets its part outside the engine (layers, loss, optimizer: no im2col or
+  col2im, which the accelerators do). Mask floor = the time of the two AES-CTR mask streams over the
+  operand elements sent (bytes to acc / 8), at the rate measured in the same run: any masking protocol
+  pays at least that; floor x = enclave-only / (offload's layers + mask floor), the ceiling if the
+  protocol did nothing else.
   Accel compute = the three accelerators' time inside their product requests during the timed steps,
   summed (in brackets per step: the triple helper accelerator2 / the slower share holder). Bytes = payload enclave <-> accelerators per step (without TLS
   framing). Product error = max |offload product - float64 product| / max |float64 product| over
@@ -307,14 +309,15 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
             times.append(time.perf_counter() - t0)
         t_end = time.time()
         c = {k: v - c0.get(k, 0) for k, v in eng.counters.items()}
-        enclave_work = (tr.timing["enclave_s"] - e0["enclave_s"]) + c["enclave_s"]
+        layers = tr.timing["enclave_s"] - e0["enclave_s"]  # the step outside the engine: layers, loss, optimizer
+        enclave_work = layers + c["enclave_s"]
         sent, recv = ch.stats.bytes_sent - s0[0], ch.stats.bytes_recv - s0[1]
         probe = ErrorProbe(SecureMatmul(ch, rt, timeout=600), precision)  # every product offloaded
         try:
             tr.step(probe)
         finally:
             probe.close()
-        return {"times": times, "window": (t_start, t_end), "counters": c, "enclave_work": enclave_work,
+        return {"times": times, "window": (t_start, t_end), "counters": c, "enclave_work": enclave_work, "layers": layers,
                 "bytes": (sent, recv), "errors": probe.errors}
 
     r, accs = run_with_accelerators(session, backend, transport)
@@ -337,10 +340,12 @@ def step_costs(name: str, mod, graph, feeds: dict, y: np.ndarray, loss: str, rep
             "ceiling_x": t_enc / max(r["enclave_work"] / reps, 1e-12),
             # a floor under any masking protocol: the two AES-CTR mask streams over every operand element sent
             # (E and F go to both share holders, 4 bytes each: bytes to acc / 8 elements); "floor x" is
-            # enclave-only / (its layers + that floor): the ceiling if the protocol did nothing but expand masks
+            # enclave-only / (offload's layers + that floor): the ceiling if the protocol did nothing but expand
+            # masks (offload's layers: the step outside the engine, without enclave-only's im2col/col2im)
             "mask_ns_per_element": aes_ns,
             "mask_floor_ms": 2 * r["bytes"][0] / reps / 8 * aes_ns * 1e-6,
-            "floor_x": t_enc / max(t_enc_layers + 2 * r["bytes"][0] / reps / 8 * aes_ns * 1e-9, 1e-12),
+            "offload_layers_ms": r["layers"] / reps * 1e3, "protocol_ms": c["enclave_s"] / reps * 1e3,
+            "floor_x": t_enc / max(r["layers"] / reps + 2 * r["bytes"][0] / reps / 8 * aes_ns * 1e-9, 1e-12),
             # per accelerator: the triple helper (accelerator2) vs the two share holders
             "accel_ms": {a: v * 1e3 for a, v in per_acc.items()},
             "bytes_to_acc": r["bytes"][0] / reps, "bytes_from_acc": r["bytes"][1] / reps,
@@ -554,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         t = Table(title=f"offload training, per step (best of reps; offload mean in brackets); {host_line}; "
                         f"accelerators: {rows[0]['backend'] if rows else a.backend}, {a.transport}")
         for c in ("net", "batch", "precision", "min intensity (local products)", "torch f32 ms",
-                  "enclave-only ms (layers)", "offload ms", "x enclave-only", "enclave share", "enclave work ms",
+                  "enclave-only ms (layers)", "offload ms", "x enclave-only", "enclave share", "enclave work ms (layers)",
                   "ceiling x", "mask floor ms (floor x)", "accel compute ms (helper / holders)", "bytes to acc", "bytes from acc", "products",
                   "rounds", "max rel. product err"):
             t.add_column(c)
@@ -564,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             t.add_row(r["net"], str(r["batch"]), r["precision"], f"{r['min_intensity']:g} ({r['local_products']:.0f})", f"{r['torch_ms']:.1f}",
                       f"{r['enclave_only_ms']:.1f} ({r['enclave_only_layers_ms']:.0f})",
                       f"{r['offload_ms']:.0f} ({r['offload_mean_ms']:.0f})", f"{r['offload_ms'] / r['enclave_only_ms']:.1f}",
-                      f"{r['enclave_share']:.0%}", f"{r['enclave_work_ms']:.0f}", f"{r['ceiling_x']:.2f}",
+                      f"{r['enclave_share']:.0%}", f"{r['enclave_work_ms']:.0f} ({r['offload_layers_ms']:.0f})", f"{r['ceiling_x']:.2f}",
                       f"{r['mask_floor_ms']:.0f} ({r['floor_x']:.2f})",
                       f"{r['accel_compute_ms']:.0f} ({acc.get(TRAIN_ACCELERATORS[2], 0.0):.0f} / {holders:.0f})",
                       f"{r['bytes_to_acc']:,.0f}",
