@@ -181,3 +181,16 @@ def test_a_sum_answer_split_into_backend_calls_is_the_same(monkeypatch, conv):
     if conv:
         total = col2im_field(total, spec)
     assert np.array_equal((whole[0].astype(np.int64) + whole[1] + whole[2]) % P, total)
+
+
+def test_the_wire_refuses_a_reused_operand_from_an_item_of_another_shape():
+    """Reusing ``F`` of an item whose ``U`` has another shape would draw that item's ``B`` from the wrong place
+    of its key stream: the enclave refuses the plan (ValueError) before anything is sent, instead of an honest
+    accelerator refusing it and being reported as the one that failed."""
+    g = np.random.default_rng(4)
+    c, b = Operand(g.normal(size=(6, 5)), 10), Operand(g.normal(size=(5, 3)), 10)  # item 0: 6 x 5 x 3
+    a, d = Operand(g.normal(size=(4, 5)), 10), Operand(g.normal(size=(5, 3)), 10)  # item 1: 4 x 5 x 3
+    eng = _engine()
+    with pytest.raises(ValueError, match="same shape"):
+        eng.sum_products([SumItem([(c, b)]), SumItem([(a, d), (a, b)])])
+    assert eng.counters["rounds"] == 0

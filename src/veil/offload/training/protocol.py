@@ -450,6 +450,9 @@ def _wire_plan(items: list[SumItem]) -> list[tuple[Operand, Operand, list[tuple[
                 raise ValueError("the terms of a secure product must have operands of one shape")
         if any(items[iu].spec != spec or items[iv].spec != spec for iu, iv in refs):
             raise ValueError("a reused operand must come from a product of the same convolution")
+        # a reused E / F comes with the masks of its item's seeds, drawn at that item's offsets: same shape only
+        if any(src != i and plan[src][3] != (n, k, m) for ref in refs for src in ref):
+            raise ValueError(f"a reused operand must come from a product of the same shape ({n} x {k} x {m})")
         if len(it.terms) > 1 and (len(fracs) != 1 or None in fracs):
             raise ValueError("the terms of a secure product need one output scale (frac(U) + frac(V))")
         plan.append((own_u, own_v, refs, (n, k, m)))
