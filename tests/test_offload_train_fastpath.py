@@ -14,7 +14,8 @@ from offload_train_helpers import DirectSecureMatmul, runtime
 from veil.errors import IntegrityError
 from veil.offload.field import HALF, P, centered, uniform_field
 from veil.offload.training import TRAIN_ACCELERATORS, TrainAccelerator
-from veil.offload.training.protocol import _lift, _masked, exact_matvec, masks_u32
+from veil.offload.training.field_ops import masked as _masked
+from veil.offload.training.protocol import _lift, exact_matvec, masks_u32
 
 
 def _ref_matvec(a: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -249,7 +249,7 @@ def test_exact_matvec_equals_the_int64_field_product(amax: float) -> None:
 
 
 def test_the_protocol_calls_these_kernels() -> None:
-    assert protocol._masked is F.masked and protocol._lift is F.lift and protocol._maxabs is F.maxabs
+    assert protocol.mask_pair is F.mask_pair and protocol._lift is F.lift and protocol._maxabs is F.maxabs
     assert protocol._rint_scaled is F.rint_scaled
     assert protocol.masks_u32 is F.masks_u32 and protocol.exact_matvec is F.exact_matvec
 

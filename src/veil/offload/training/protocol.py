@@ -61,9 +61,8 @@ from veil.offload.errors import AcceleratorProtocolError, AcceleratorUnavailable
 from veil.offload.field import HALF, MAX_INNER_FULL, P, uniform_field
 from veil.offload.runtime import EnclaveRuntime
 from veil.offload.training.conv_field import ConvCheck, ConvSpec, cols, conv_norms
-from veil.offload.training.field_ops import conv_norm_bounds, exact_matvec, masks_u32
+from veil.offload.training.field_ops import conv_norm_bounds, exact_matvec, mask_pair, masks_u32
 from veil.offload.training.field_ops import lift as _lift
-from veil.offload.training.field_ops import masked as _masked
 from veil.offload.training.field_ops import maxabs as _maxabs
 from veil.offload.training.field_ops import rint_scaled as _rint_scaled
 
@@ -630,10 +629,7 @@ class SecureMatmul(MatmulEngine):
             # exact integers, |.| < p/2 (Cauchy-Schwarz)
             uq = _rint_scaled(u, fu) if own_u.q is None else own_u.q
             vq = _rint_scaled(v, fv) if own_v.q is None else own_v.q
-            r0, r1 = masks_u32(s0, u.size + v.size), masks_u32(s1, u.size + v.size)  # (A_j, B_j) as in expand_masks
-            e = _masked(uq, r0[:u.size].reshape(u.shape), r1[:u.size].reshape(u.shape))
-            f = _masked(vq, r0[u.size:].reshape(v.shape), r1[u.size:].reshape(v.shape))
-            del r0, r1
+            e, f = mask_pair(uq, vq, s0, s1)  # E = U_q - A0 - A1, F = V_q - B0 - B1, (A_j, B_j) as in expand_masks
             quant[id(own_u)] = (uq, math.ldexp(au, fu) + 1.0)
             quant[id(own_v)] = (vq, math.ldexp(av, fv) + 1.0)
             for j, sj in ((0, s0), (1, s1)):
