@@ -417,12 +417,16 @@ class _Pending:
     spec: ConvSpec | None = None  # a convolution item's geometry (None: a plain product)
 
 
-def _wire_plan(items: list[SumItem]) -> list[tuple[Operand, Operand, list[tuple[int, int]], tuple[int, int, int]]]:
+#: an item's wire plan: the operand it sends on each side, per term the items whose E / F it uses, its (n, k, m)
+_ItemPlan = tuple[Operand, Operand, list[tuple[int, int]], tuple[int, int, int]]
+
+
+def _wire_plan(items: list[SumItem]) -> list[_ItemPlan]:
     """Per item: the operand it sends on each side (the one no earlier item sent), per term the items whose
     ``E`` / ``F`` it uses, and its shape ``(n, k, m)``; ``ValueError`` for items the wire cannot carry."""
     sent_u: dict[int, int] = {}
     sent_v: dict[int, int] = {}
-    plan = []
+    plan: list[_ItemPlan] = []
     for i, it in enumerate(items):
         if not it.terms:
             raise ValueError("a secure product needs at least one term")
