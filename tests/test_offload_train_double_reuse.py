@@ -194,3 +194,14 @@ def test_the_wire_refuses_a_reused_operand_from_an_item_of_another_shape():
     with pytest.raises(ValueError, match="same shape"):
         eng.sum_products([SumItem([(c, b)]), SumItem([(a, d), (a, b)])])
     assert eng.counters["rounds"] == 0
+
+
+def test_an_accelerator_names_what_is_wrong_with_items_and_term_references():
+    acc = TrainAccelerator("numpy")
+    e, f = np.zeros((2, 3), np.uint32), np.zeros((3, 2), np.uint32)
+    base = {"id": 0, "role": 0, "e": e, "f": f, "seed": bytes(32)}
+    for items, words in (([base | {"terms": [[np.arange(3), "f"]]}, base | {"id": 1}], "expected 'e' or the integer id"),
+                         ([base, base], "distinct within the request"), ([base | {"id": "0"}], "integer id"),
+                         ([{k: v for k, v in base.items() if k != "id"}], "integer id"), (5, "list of item dicts")):
+        reply = acc.handle({"type": "tmatmul", "round": 1, "items": items})
+        assert reply["type"] == "error" and words in reply["message"], (words, reply)

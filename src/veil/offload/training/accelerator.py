@@ -5,7 +5,8 @@ Requests from the enclave:
 * ``tmatmul``: a list of products for one round. Role 0 (``accelerator0``) gets ``E, F`` and a seed,
   expands its masks ``(A0, B0)`` and returns ``E (F + B0) + A0 F``; role 1 (``accelerator1``) returns
   ``E B1 + A1 F``; role 2 (``accelerator2``, the triple helper) gets both seeds and the shape, expands
-  ``A = A0 + A1``, ``B = B0 + B1`` itself and returns ``A B`` (it learns the masks, as it must).
+  ``A = A0 + A1``, ``B = B0 + B1`` itself and returns ``A B`` (it learns the masks, as it must). Every item
+  carries an integer ``id``, distinct within the request.
   An item with ``terms`` (a sum item, e.g. the cross terms at precision ``double``) owes the sum over its
   terms ``[u, v]``: ``u`` is ``"e"`` (the item's own ``E`` with the masks of its own seed) or the id of
   another item of the round whose ``E`` (and masks) the term reuses, ``v`` likewise ``"f"`` or an id; role 0
@@ -73,9 +74,9 @@ class TrainAccelerator:
         try:
             if kind == "tmatmul":
                 t0 = time.perf_counter()
-                self._round = {it["id"]: it for it in msg["items"]}
+                self._round = _by_id(msg.get("items"))
                 try:
-                    out = [self.product(it).astype(np.uint32) for it in msg["items"]]
+                    out = [self.product(it).astype(np.uint32) for it in self._round.values()]
                 finally:
                     self._round = {}
                 self.requests += 1
@@ -110,30 +111,37 @@ class TrainAccelerator:
                     raise ValueError(f"E {e.shape} and F {f.shape} do not fit the convolution {spec}")
             shape = None
             sources = [(e, f, (_seed(item["seed"]),))]
-        terms = [(0, 0)]
-        if "terms" in item:  # a sum item: terms name this item's own operands or another item's of the round
-            raw = item["terms"]
-            if not isinstance(raw, list) or not 1 <= len(raw) <= 16:
-                raise ValueError("terms must be a list of 1 to 16 [u, v] pairs")
-            at: dict[int, int] = {}
-            terms = []
-            for t in raw:
-                if not isinstance(t, list) or len(t) != 2:
-                    raise ValueError("each term must be a pair [u, v]")
-                ix = []
-                for side, ref in zip(("e", "f"), t, strict=True):
-                    if ref == side:
-                        ix.append(0)
-                        continue
-                    other = self._round.get(ref) if isinstance(ref, int) and not isinstance(ref, bool) else None
-                    if other is None or ref == item.get("id"):
-                        raise ValueError(f"term operand {ref!r} names no other item of this request")
-                    if ref not in at:
-                        at[ref] = len(sources)
-                        sources.append(self._reused(other, item, role))
-                    ix.append(at[ref])
-                terms.append((ix[0], ix[1]))
+        terms = self._terms(item, role, sources) if "terms" in item else [(0, 0)]
         return expected_sum(self.backend, role, sources, terms, spec, shape)
+
+    def _terms(self, item: dict[str, Any], role: int,
+               sources: list[tuple[np.ndarray | None, np.ndarray | None, tuple[bytes, ...]]]) -> list[tuple[int, int]]:
+        """A sum item's ``terms`` as ``(U source, V source)`` indices into ``sources`` (index 0: the item's own
+        operands), appending each other item of the round that a term names once (``ValueError`` for a term
+        that is not ``[u, v]`` with ``u`` ``"e"`` or an id, ``v`` ``"f"`` or an id of another item)."""
+        raw = item["terms"]
+        if not isinstance(raw, list) or not 1 <= len(raw) <= 16:
+            raise ValueError("terms must be a list of 1 to 16 [u, v] pairs")
+        at: dict[int, int] = {}
+        terms = []
+        for t in raw:
+            if not isinstance(t, list) or len(t) != 2:
+                raise ValueError("each term must be a pair [u, v]")
+            ix = []
+            for side, ref in zip(("e", "f"), t, strict=True):
+                if isinstance(ref, str) and ref == side:
+                    ix.append(0)
+                    continue
+                other = self._round.get(ref) if isinstance(ref, int) and not isinstance(ref, bool) else None
+                if other is None or ref == item.get("id"):
+                    raise ValueError(f"term operand {_short(ref)} names no other item of this request "
+                                     f"(expected {side!r} or the integer id of another item)")
+                if ref not in at:
+                    at[ref] = len(sources)
+                    sources.append(self._reused(other, item, role))
+                ix.append(at[ref])
+            terms.append((ix[0], ix[1]))
+        return terms
 
     def _reused(self, other: Any, item: dict[str, Any], role: int) -> tuple[np.ndarray | None, np.ndarray | None,
                                                                            tuple[bytes, ...]]:
@@ -149,6 +157,23 @@ class TrainAccelerator:
         if e.shape != item["e"].shape or f.shape != item["f"].shape:
             raise ValueError("a reused operand must have the shape of the item's own")
         return e, f, (_seed(other.get("seed")),)
+
+
+def _by_id(items: Any) -> dict[int, dict[str, Any]]:
+    """A request's items by id, in order (``ValueError`` unless a list of dicts with distinct integer ids: a
+    term names another item by its id)."""
+    if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+        raise ValueError("items must be a list of item dicts")
+    ids = [it.get("id") for it in items]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"every item needs an integer id, distinct within the request (got {_short(ids)})")
+    return dict(zip(ids, items, strict=True))
+
+
+def _short(x: Any) -> str:
+    """``repr`` of a value from a request, cut to 40 characters (an error names what was wrong, not all of it)."""
+    r = repr(x)
+    return r if len(r) <= 40 else r[:37] + "..."
 
 
 def _seeds2(seeds: Any) -> tuple[bytes, bytes]:
