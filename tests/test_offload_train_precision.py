@@ -13,7 +13,13 @@ from offload_train_helpers import DirectSecureMatmul, runtime, small_cnn
 from veil.errors import IntegrityError, VeilError
 from veil.offload.field import P
 from veil.offload.training import TRAIN_ACCELERATORS, PlainMatmul, TrainAccelerator, TrainConfig, Trainer
-from veil.offload.training.precision import PrecisionMatmul, normalise_exponents, split_items, split_pair
+from veil.offload.training.precision import (
+    SECURE_PRODUCTS,
+    PrecisionMatmul,
+    normalise_exponents,
+    split_items,
+    split_pair,
+)
 from veil.offload.training.protocol import choose_scales
 
 #: stated bound, double: max_ij |C_ij - (U V)_ij| / (||U row i|| ||V col j||) (measured <= 2.5e-7 up to k = 50000)
@@ -294,17 +300,45 @@ def test_cli_says_how_many_products_are_offloaded_and_warns_when_none_is(no_trai
     from veil.cli.main import app
 
     monkeypatch.setenv("COLUMNS", "300")
+    # B at batch 16: its convolutions' tensor items pass the default 16 (conv1 forward and dW at 23.0, conv2's
+    # three at 109.9), its linear products (at most 13.1) do not
     r = CliRunner().invoke(app, ["offload", "train", "B", "--hazmat-allow-simulation", "--data", "mnist-slice",
                                  "--batch-size", "16"])
+    assert "5 offloaded to the accelerators (10 secure products at precision double), 6 kept" in r.output, r.output
+    assert "nothing is offloaded" not in r.output
+    r = CliRunner().invoke(app, ["offload", "train", "B", "--hazmat-allow-simulation", "--data", "mnist-slice",
+                                 "--batch-size", "16", "--min-intensity", "200"])
     assert "0 offloaded to the accelerators" in r.output and "11 kept inside the enclave" in r.output, r.output
     assert "nothing is offloaded" in r.output and "--min-intensity 0" in r.output
+    assert "the highest arithmetic intensity of B at batch 16 is 109.9" in r.output, r.output
     r = CliRunner().invoke(app, ["offload", "train", "C", "--hazmat-allow-simulation", "--data", "mnist-slice",
                                  "--batch-size", "64"])
-    assert "6 offloaded to the accelerators (12 secure products at precision double), 5 kept" in r.output, r.output
+    # the 4 forward/dW convolution products go as tensor items (their tensors' intensity passes the rule; their
+    # im2col matrices' would not), fc1's forward and dW and fc2's forward and dW: 8, measured on a real step below
+    assert "8 offloaded to the accelerators (16 secure products at precision double), 3 kept" in r.output, r.output
     assert "nothing is offloaded" not in r.output
     r = CliRunner().invoke(app, ["offload", "train", "B", "--hazmat-allow-simulation", "--data", "mnist-slice",
                                  "--batch-size", "16", "--min-intensity", "0", "--precision", "single"])
     assert "11 offloaded to the accelerators (11 secure products at precision single), 0 kept" in r.output, r.output
+
+
+@pytest.mark.parametrize("precision", ["single", "double"])
+@pytest.mark.parametrize("min_intensity", [0.0, 4.0, 6.0, 12.0])
+def test_the_printed_plan_counts_what_a_real_step_sends(precision, min_intensity):
+    """``Trainer.product_plan`` (what ``veil offload train`` prints) against the secure engine's counters on the
+    same step: at 4 and 6 the convolutions' tensor items pass the rule while their im2col matrices would not."""
+    g = np.random.default_rng(5)
+    x, y = g.normal(size=(8, 1, 8, 8)).astype(np.float32), g.integers(0, 5, 8)
+    tr = Trainer(small_cnn(5), {"x": x}, y, TrainConfig(optimizer={"name": "sgd", "lr": 0.05}, batch_size=8,
+                                                        precision=precision))
+    plan = tr.product_plan(min_intensity)
+    inner = DirectSecureMatmul.make(runtime(), {a: TrainAccelerator() for a in TRAIN_ACCELERATORS})
+    inner.min_intensity = min_intensity
+    tr.step(PrecisionMatmul(inner, precision))
+    c = inner.counters
+    sent = sum(off for _, _, off in plan)
+    assert c["products"] == SECURE_PRODUCTS[precision] * sent, (plan, dict(c))
+    assert c.get("local_products", 0) == len(plan) - sent, (plan, dict(c))
 
 
 def test_cli_default_data_is_the_training_slice_when_the_shared_file_is_there(no_training, monkeypatch, tmp_path):

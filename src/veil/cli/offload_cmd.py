@@ -152,7 +152,8 @@ def train(
     backend: str = typer.Option("auto", help="accelerator backend: auto, numpy, torch, torch-cpu, torch-cuda"),
     checkpoint_every: int = typer.Option(0, help="seal a checkpoint every K steps (0: never)"),
     min_intensity: float = typer.Option(16.0, help="products with nkm/(nk+km+nm) below this stay in the enclave "
-                                                   "(0: offload every product); the count is printed at start"),
+                                                   "(a convolution: nkm over its tensors' sizes; 0: offload every "
+                                                   "product); the count is printed at start"),
     precision: str = typer.Option("double", help="secure field products per product: single (one; ~1e-3 error "
                                                  "relative to the largest output) or double (two, same round; ~1e-6)"),
     resume: bool = typer.Option(False, help="resume from the sealed checkpoint in --workdir"),
@@ -209,15 +210,16 @@ def train(
         request = owner_request(opts)
         plan = Trainer(request["model"], request["feeds"], request["labels"],
                        TrainConfig.from_dict(request["config"])).product_plan(min_intensity)
-        sent = sum(off for _, off in plan)
+        sent = sum(off for _, _, off in plan)
         from veil.offload.training.precision import SECURE_PRODUCTS
 
         per = SECURE_PRODUCTS[precision]
         console.print(f"per step: {len(plan)} products; {sent} offloaded to the accelerators ({sent * per} secure "
                       f"products at precision {precision}), {len(plan) - sent} kept inside the enclave (arithmetic "
-                      f"intensity nkm/(nk+km+nm) below --min-intensity {min_intensity:g})")
+                      f"intensity nkm/(nk+km+nm), a convolution's over its tensors' sizes, below --min-intensity "
+                      f"{min_intensity:g})")
         if not sent:
-            top = max((a * b * c / max(a * b + b * c + a * c, 1) for (a, b, c), _ in plan), default=0.0)
+            top = max((intensity for _, intensity, _ in plan), default=0.0)
             console.print(f"[bold yellow]warning:[/] nothing is offloaded: the highest arithmetic intensity of {model} at "
                           f"batch {batch_size} is {top:.1f}; pass --min-intensity 0 to offload every product")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

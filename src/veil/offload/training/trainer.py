@@ -26,7 +26,13 @@ from veil.offload.training.checkpoint import load_checkpoint, save_checkpoint
 from veil.offload.training.layers import LOSSES, TrainGraph
 from veil.offload.training.optimizers import Optimizer, make_optimizer
 from veil.offload.training.precision import DEFAULT_PRECISION, PrecisionMatmul, check_precision
-from veil.offload.training.protocol import MatmulEngine, PlainMatmul, product_intensity
+from veil.offload.training.protocol import (
+    MatmulEngine,
+    PlainMatmul,
+    _conv_intensity,
+    _conv_spec,
+    product_intensity,
+)
 
 __all__ = ["TrainConfig", "Trainer", "epoch_order", "TrainingDataError"]
 
@@ -88,15 +94,55 @@ class TrainConfig:
 
 
 class _ShapeRecorder(PlainMatmul):
-    """Float64 products that remember their shapes (for :meth:`Trainer.product_plan`)."""
+    """Float64 products that record, in order, each product's ``(n, k, m)``, the arithmetic intensity the
+    secure engine's rule compares with ``min_intensity``, and whether it sends the product to the accelerators
+    (:class:`~veil.offload.training.protocol.SecureMatmul`, wrapped by
+    :class:`~veil.offload.training.precision.PrecisionMatmul` at ``precision``; for
+    :meth:`Trainer.product_plan`). The engines' rules: a matrix product goes when its intensity
+    ``nkm/(nk+km+nm)`` reaches ``min_intensity``; a convolution product goes as a tensor item when
+    :func:`~veil.offload.training.protocol._conv_intensity` (operands as tensors, no im2col) reaches it, else
+    by the matrix rule on its im2col product (recorded: the larger of the two intensities). At ``double`` a
+    backward's dW and dX take the tensor path only together (both pass), else both the matrix rule."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_intensity: float, precision: str) -> None:
         super().__init__()
-        self.shapes: list[tuple[int, int, int]] = []
+        self.min_intensity = float(min_intensity)
+        self.precision = precision
+        self.plan: list[tuple[tuple[int, int, int], float, bool]] = []
+        self._plain = PlainMatmul()  # the values of tensor items (its matmul records nothing)
+
+    def _record(self, shape: tuple[int, int, int], tensor_intensity: float = 0.0, tensor: bool = False) -> None:
+        """One product: sent as a tensor item (``tensor``), else by the matrix rule on ``shape``."""
+        intensity = max(tensor_intensity, product_intensity(*shape))
+        self.plan.append((shape, intensity, tensor or product_intensity(*shape) >= self.min_intensity))
 
     def matmul(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        self.shapes.append((u.shape[0], u.shape[1], v.shape[1]))
+        self._record((u.shape[0], u.shape[1], v.shape[1]))
         return super().matmul(u, v)
+
+    def conv_forward(self, x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
+                     pads: tuple[int, int, int, int]) -> tuple[np.ndarray, Any]:
+        spec = _conv_spec("fwd", x, w, strides, pads)
+        o = w.shape[0]
+        ti = _conv_intensity(spec, x, w.reshape(o, -1).T, o)
+        self._record(spec.matrix_shape(o), ti, ti >= self.min_intensity)
+        return self._plain.conv_forward(x, w, strides, pads)
+
+    def conv_backward(self, x: np.ndarray, w: np.ndarray, g: np.ndarray, strides: tuple[int, int],
+                      pads: tuple[int, int, int, int], ctx: Any, need_dx: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        o = w.shape[0]
+        g2 = g.transpose(0, 2, 3, 1).reshape(-1, o)
+        wm = w.reshape(o, -1)
+        sdw, sdx = _conv_spec("dw", x, w, strides, pads), _conv_spec("dx", x, w, strides, pads)
+        ti_dw, ti_dx = _conv_intensity(sdw, g2.T, x, o), _conv_intensity(sdx, g2, wm, o)
+        dw_tensor = ti_dw >= self.min_intensity
+        dx_tensor = need_dx and ti_dx >= self.min_intensity
+        if self.precision == "double" and not (dw_tensor and (dx_tensor or not need_dx)):
+            dw_tensor = dx_tensor = False  # PrecisionMatmul: the tensor path for both or for neither
+        if need_dx:  # the order of MatmulEngine.conv_backward's round: dX, then dW
+            self._record(sdx.matrix_shape(o), ti_dx, dx_tensor)
+        self._record(sdw.matrix_shape(o), ti_dw, dw_tensor)
+        return self._plain.conv_backward(x, w, g, strides, pads, ctx, need_dx)
 
 
 class Trainer:
@@ -201,17 +247,19 @@ class Trainer:
                 on_step(self, loss)
         return self.history
 
-    def product_plan(self, min_intensity: float) -> list[tuple[tuple[int, int, int], bool]]:
+    def product_plan(self, min_intensity: float) -> list[tuple[tuple[int, int, int], float, bool]]:
         """The products ``(n, k, m)`` of one training step on the next batch (forward and backward, in
-        order) and whether each goes to the accelerators (``True``) or stays in the enclave because its
-        arithmetic intensity ``nkm / (nk + km + nm)`` is below ``min_intensity`` (the rule of
-        :class:`~veil.offload.training.protocol.SecureMatmul`). Computed in float64 here; nothing changes."""
-        rec = _ShapeRecorder()
+        order), the arithmetic intensity the engine's rule compares, and whether each goes to the accelerators
+        (``True``) or stays in the enclave because that intensity is below ``min_intensity``, by the rules of
+        :class:`~veil.offload.training.protocol.SecureMatmul` and, at this trainer's precision,
+        :class:`~veil.offload.training.precision.PrecisionMatmul` (a convolution by its tensor operands' sizes,
+        see :class:`_ShapeRecorder`). Computed in float64 here; nothing changes."""
+        rec = _ShapeRecorder(min_intensity, self.config.precision)
         feeds, y = self.batch()
         out, cache = self.net.forward(feeds, rec)
         _, dout = self.loss_fn(out, y)
         self.net.backward(dout, cache, rec)
-        return [((n, k, m), product_intensity(n, k, m) >= min_intensity) for n, k, m in rec.shapes]
+        return rec.plan
 
     # --- evaluation and export --------------------------------------------------------------------
     def predict(self, feeds: dict[str, np.ndarray], batch: int = 500) -> np.ndarray:
