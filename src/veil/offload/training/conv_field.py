@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 
 from veil.offload.field import HALF, P
+from veil.offload.training.field_ops import exact_matvec
 
-__all__ = ["ConvSpec", "cols", "col2im_field", "conv_norms", "check_conv", "ConvCheck"]
+__all__ = ["ConvSpec", "cols", "col2im_field", "conv_norms", "ConvCheck"]
 
 _OPS = ("fwd", "dw", "dx")
 
@@ -195,16 +196,6 @@ def _contract(t: np.ndarray, vec: np.ndarray, axis: int) -> np.ndarray:
     return ((t * vec.reshape(shape)) % P).sum(axis) % P
 
 
-def check_conv(spec: ConvSpec, z: np.ndarray, uq: np.ndarray, amax_u: float, vq: np.ndarray, amax_v: float,
-               rand: Any) -> bool:
-    """One repetition of the structured Freivalds test of ``z == T(U_q, V_q)`` (module docstring).
-    ``z``: the reconstructed result as float64 integers in [-p/2, p/2] (n x m, or ``x_shape`` for ``dx``);
-    ``uq``, ``vq``: the quantised operands as sent (float64 integers); ``rand(count)``: fresh uniform field
-    elements (int64)."""
-    chk = ConvCheck(spec, z.shape, rand)
-    return chk.lhs(z) == chk.rhs([(uq, amax_u, vq, amax_v)])
-
-
 class ConvCheck:
     """One repetition of the structured Freivalds test for convolution items of one geometry: the random
     vectors are drawn once (``rand(count)``: fresh uniform field elements, int64), then
@@ -230,8 +221,6 @@ class ConvCheck:
 
     def lhs(self, z: np.ndarray) -> int:
         """The check value of the result ``z`` (float64 integers in [-p/2, p/2])."""
-        from veil.offload.training.protocol import exact_matvec
-
         spec = self.spec
         n = spec.x_shape[0]
         oh, ow = spec.out_hw
@@ -250,8 +239,6 @@ class ConvCheck:
 
     def rhs(self, terms: list[tuple[np.ndarray, float, np.ndarray, float]]) -> int:
         """The check value ``sum_t`` of the product of each term's operands (what ``lhs`` of a correct result is)."""
-        from veil.offload.training.protocol import exact_matvec
-
         total = 0
         for uq, amax_u, vq, amax_v in terms:
             ku, kv = id(uq), id(vq)
@@ -267,8 +254,6 @@ class ConvCheck:
         return total % P
 
     def _u_side(self, uq: np.ndarray, amax_u: float) -> np.ndarray:
-        from veil.offload.training.protocol import exact_matvec
-
         spec = self.spec
         n, c, h, w = spec.x_shape
         (kh, kw), (sh, sw) = spec.kernel, spec.strides
@@ -290,8 +275,6 @@ class ConvCheck:
         return exact_matvec(uq.reshape(n, -1).T, amax_u, a[:, None])[:, 0].reshape(oh * ow, uq.shape[1])
 
     def _v_side(self, vq: np.ndarray, amax_v: float) -> np.ndarray:
-        from veil.offload.training.protocol import exact_matvec
-
         spec = self.spec
         n, c, h, w = spec.x_shape
         (kh, kw), (sh, sw) = spec.kernel, spec.strides

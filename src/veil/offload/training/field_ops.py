@@ -35,13 +35,16 @@ included); timings: ``bench/bench_offload_field_ops.py``.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from veil.offload.errors import FieldRangeError
 from veil.offload.field import HALF, P
-from veil.offload.training.conv_field import ConvSpec
+
+if TYPE_CHECKING:  # conv_field imports this module (exact_matvec)
+    from veil.offload.training.conv_field import ConvSpec
 
 __all__ = ["CHUNK", "masks_u32", "masked", "mask_pair", "lift", "rint_scaled", "maxabs", "exact_matvec", "fold_mod_p",
            "conv_norm_bounds"]
