@@ -89,7 +89,6 @@ from veil.offload.training.protocol import (
     _quantise,
     _rint_scaled,
     _scale_rule,
-    choose_conv_scales,
     field_matmul,
     quantise_pair,
 )
@@ -423,31 +422,6 @@ class FieldArithmeticMatmul(MatmulEngine):
             self.counters["macs"] += u.shape[0] * u.shape[1] * v.shape[1]
         self.counters["enclave_s"] += time.perf_counter() - t0
         return out
-
-    def conv_products(self, items: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]]) -> list[np.ndarray]:
-        """The secure engine's tensor items (:meth:`~veil.offload.training.protocol.SecureMatmul.conv_products`)
-        computed directly: the same scales (:func:`~veil.offload.training.protocol.choose_conv_scales`), the
-        exact integer product (im2col here, ``col2im`` mod p for ``dx``), so the same values bit for bit."""
-        res = []
-        for u, v, spec in items:
-            if spec is None:
-                res.append(self.matmul(u, v))
-                continue
-            t0 = time.perf_counter()
-            fu, fv = choose_conv_scales(spec, u, v)
-            uq, vq = _quantise(u, fu), _quantise(v, fv)
-            if spec.op == "fwd":
-                z = field_matmul(self._np, cols(uq, spec), vq)
-            elif spec.op == "dw":
-                z = field_matmul(self._np, uq, cols(vq, spec))
-            else:
-                z = col2im_field(field_matmul(self._np, uq, vq), spec)
-            res.append(centered(z).astype(np.float64) * 2.0 ** -(fu + fv))
-            self.counters["products"] += 1
-            n, k, m = spec.item_shape(u.shape, v.shape)
-            self.counters["macs"] += n * k * m
-            self.counters["enclave_s"] += time.perf_counter() - t0
-        return res
 
     def sum_products(self, items: list[SumItem]) -> list[np.ndarray]:
         """The secure engine's sum items (:meth:`~veil.offload.training.protocol.SecureMatmul.sum_products`)
