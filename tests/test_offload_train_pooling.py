@@ -152,3 +152,18 @@ def test_col2im_same_bits_in_either_layout_and_chunking(k, s, pads, h, w, monkey
         assert got.flags.c_contiguous and np.array_equal(_bits(got), _bits(ref))
     x = rng.normal(size=shape)  # adjoint of the window copy
     np.testing.assert_allclose(np.vdot(patches(x, k, s, pads), d_first), np.vdot(x, results[0]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("k,s,pads,h,w", CASES)
+def test_average_pool_backward_equals_col2im_of_the_repeated_windows_bit_for_bit(k, s, pads, h, w):
+    """Average pooling's backward (each window's share added through the window views) against the window-copy
+    definition: the share repeated over the window, summed back by the element-by-element reference."""
+    rng = np.random.default_rng(15)
+    shape = (3, 2, h, w)
+    oh, ow = (h + pads[0] + pads[2] - k[0]) // s[0] + 1, (w + pads[1] + pads[3] - k[1]) // s[1] + 1
+    share = rng.normal(size=(3, 2, oh, ow))
+    share[rng.random(share.shape) < 0.2] = -0.0
+    every = np.zeros(share.shape, dtype=np.intp)  # the reference's one-hot at offset o, once per offset
+    ref = sum(_reference_backward(share, every + o, shape, k, s, pads) for o in range(k[0] * k[1]))
+    got = L._scatter_windows([share] * (k[0] * k[1]), shape, k, s, pads)
+    assert np.array_equal(_bits(got), _bits(ref + 0.0))
