@@ -56,7 +56,7 @@ import numpy as np
 
 from veil.errors import ChannelError, IntegrityError
 from veil.net.channel import Channel
-from veil.offload.backend import Backend, Im2col, NumpyBackend
+from veil.offload.backend import MAX_INNER_KARATSUBA, Backend, Im2col, NumpyBackend
 from veil.offload.errors import AcceleratorProtocolError, AcceleratorUnavailableError, FieldRangeError
 from veil.offload.field import HALF, MAX_INNER_FULL, P, uniform_field
 from veil.offload.runtime import EnclaveRuntime
@@ -68,15 +68,12 @@ from veil.offload.training.field_ops import rint_scaled as _rint_scaled
 
 __all__ = ["TRAIN_ACCELERATORS", "field_matmul", "expand_masks", "choose_scales", "choose_conv_scales", "MatmulEngine",
            "field_matvec", "quantise_pair", "PlainMatmul", "SecureMatmul", "ProductRecord", "masks_u32", "exact_matvec",
-           "product_intensity", "Operand", "SumItem", "expected_sum"]
+           "product_intensity", "Operand", "SumItem", "expected_sum", "SCALE_MIN", "SCALE_MAX", "MAX_INNER_KARATSUBA"]
 
 #: party names: two share holders and the triple helper
 TRAIN_ACCELERATORS = ("accelerator0", "accelerator1", "accelerator2")
 _NP = NumpyBackend()
 SCALE_MIN, SCALE_MAX = -24, 40  #: range of the fractional bits fu, fv
-
-
-MAX_INNER_KARATSUBA = 2 ** (53 - 34)  #: exact limit of the three-product (Karatsuba) form (exclusive)
 
 
 def field_matmul(backend: Backend, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -278,24 +275,17 @@ def _conv_intensity(spec: ConvSpec, u: np.ndarray, v: np.ndarray, o: int) -> flo
     return n * k * m / max(u.size + v.size + out, 1)
 
 
-def expected_answer(backend: Backend, role: int, e: np.ndarray | None, f: np.ndarray | None, seeds: tuple[bytes, ...],
-                    spec: ConvSpec | None, shape: tuple[int, int, int] | None = None) -> np.ndarray:
-    """What accelerator ``role`` owes for one item (uint32): role 0 ``T(E (F + B0) + A0 F)``, role 1
-    ``T(E B1 + A1 F)``, role 2 ``T(A B)`` (``e``, ``f`` unused), where ``E``, ``F``, ``A_j``, ``B_j`` go through
-    ``cols`` as the item's convolution says and ``T`` is ``col2im`` for a data gradient; the backend builds
-    ``cols`` and ``col2im`` on its device from the tensors (:class:`veil.offload.backend.Im2col`).
-    ``seeds``: the role's own seed first for roles 0 and 1; both for role 2. A sum item: :func:`expected_sum`."""
-    return expected_sum(backend, role, [(e, f, seeds)], [(0, 0)], spec, shape)
-
-
 def expected_sum(backend: Backend, role: int, sources: Sequence[tuple[np.ndarray | None, np.ndarray | None,
                                                                       tuple[bytes, ...]]],
                  terms: Sequence[tuple[int, int]], spec: ConvSpec | None,
                  shape: tuple[int, int, int] | None = None) -> np.ndarray:
     """What accelerator ``role`` owes for a sum item ``sum_t U_t V_t`` (uint32): each term ``(iu, iv)`` takes its
     U operand (``E`` and masks ``A_j``) from source ``iu`` and its V operand (``F``, ``B_j``) from source ``iv``;
-    a source is an item of the round as ``(E, F, seeds)`` (``E``, ``F`` None for role 2; ``seeds`` as for
-    :func:`expected_answer`), all of one shape and convolution. Role 0 owes
+    a source is an item of the round as ``(E, F, seeds)`` (``E``, ``F`` None for role 2; ``seeds``: the role's
+    own seed first for roles 0 and 1, both for role 2), all of one shape and convolution; ``E``, ``F``, ``A_j``,
+    ``B_j`` go through ``cols`` as the convolution ``spec`` says (the backend builds it on its device,
+    :class:`veil.offload.backend.Im2col`) and ``T`` is ``col2im`` for a data gradient (identity otherwise); a
+    one-term item is ``sources=[(E, F, seeds)]``, ``terms=[(0, 0)]``. Role 0 owes
     ``T(sum_t E_t (F_t + B0_t) + A0_t F_t)``, role 1 ``T(sum_t E_t B1_t + A1_t F_t)``, role 2 ``T(sum_t A_t B_t)``:
     their sum is ``T(sum_t (E_t + A_t)(F_t + B_t))``. The pairs go to the backend joined along the inner
     dimension, in groups that keep it below the Karatsuba limit (the group results are added mod p)."""
@@ -547,14 +537,6 @@ class SecureMatmul(MatmulEngine):
         if items[0][2] is not None:
             return outs[0], dw
         return _col2im(outs[0], x, w, strides, pads), dw  # dX stayed a plain product (low intensity)
-
-    def conv_products(self, items: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]]) -> list[np.ndarray]:
-        """Several items in one accelerator round: ``(U, V, ConvSpec)`` convolution items through the tensor
-        path (``U``/``V`` as :class:`~veil.offload.training.conv_field.ConvSpec` says; results n x m, or
-        ``x_shape`` for ``dx``; no intensity rule: the caller chose to offload them) and ``(U, V, None)`` plain
-        products (intensity rule). Used by :class:`~veil.offload.training.precision.PrecisionMatmul` at
-        ``double`` in its three-item form (now :meth:`sum_products`)."""
-        return self._products(list(items))
 
     def _products(self, items: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]]) -> list[np.ndarray]:
         """Plain products through :meth:`matmuls` (intensity rule), convolution items offloaded, one round."""
