@@ -8,11 +8,14 @@ Convolutions go to the engine as convolutions (:meth:`MatmulEngine.conv_forward`
 :meth:`MatmulEngine.conv_backward`): enclave-only, by im2col and col2im here; offloaded, the enclave masks
 the tensors and the accelerators do im2col and col2im in the field (:mod:`veil.offload.training.conv_field`).
 
-Pooling works on the kh*kw strided views of the (padded) input, one per window offset, without copying the
-windows: max pooling takes an elementwise maximum over the views and the index of the first view equal to it
-(torch's choice on ties), its backward adds each offset's share into a zero array through the same views, in
-window order. The results are the same bits as ``argmax`` over :func:`patches` and :func:`col2im` of the
-one-hot windows (tested). :func:`col2im` sums in its input's memory layout, a few samples at a time.
+Max pooling, and the backward of both poolings, work on the kh*kw strided views of the (padded) input, one
+per window offset, without copying the windows: max pooling takes an elementwise maximum over the views and
+the index of the first view equal to it (torch's choice on ties); the backwards add each offset's share into
+a zero array through the same views, in window order (max pooling with disjoint windows and finite gradients
+writes each share once). The results are the same bits as ``argmax`` over :func:`patches` and
+:func:`col2im` of the one-hot (or repeated) windows (tested). Average pooling's forward still sums copied
+windows (:func:`patches`): a sum over the views would round differently. :func:`col2im` sums in its
+input's memory layout, a few samples at a time.
 
 Trainable parameters: ``W`` and ``b`` of every ``linear`` and ``conv2d`` node. The constants of
 ``add_const``/``mul_const`` (e.g. folded normalisation) stay fixed.

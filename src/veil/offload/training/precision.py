@@ -133,10 +133,10 @@ def _balance(su: np.ndarray, sv: np.ndarray) -> np.ndarray:
 
 def split_pair(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(U_h, U_l, V_h, V_l)`` with ``U = U_h + U_l``, ``V = V_h + V_l`` and ``U_h``, ``V_h`` on grids that
-    the protocol's quantisation of the pair ``(U_h, V_h)`` reproduces exactly (step 2 of the module
-    docstring); for a convolution item (``spec``; ``u``, ``v`` as sent, tensors for ``cols``) with the
-    engine's convolution scale rule :func:`~veil.offload.training.protocol.choose_conv_scales`."""
+    """``(U_h, U_l, V_h, V_l)`` with ``U = U_h + U_l``, ``V = V_h + V_l`` and ``U_h``, ``V_h`` on the grids
+    ``2^-fu``, ``2^-fv`` at whose fractional bits :func:`split_items`' high item quantises them, so exactly
+    (step 2 of the module docstring); for a convolution item (``spec``; ``u``, ``v`` as sent, tensors for
+    ``cols``) with the norms of the convolution's rule, bracketed from above (:func:`_norms`)."""
     uh, vh = _split_high(u, v, spec)[:2]
     return uh, u - uh, vh, v - vh
 
@@ -385,7 +385,6 @@ class PrecisionMatmul(MatmulEngine):
         close = getattr(self.inner, "close", None)
         if close is not None:
             close()
-
 
 
 class FieldArithmeticMatmul(MatmulEngine):
