@@ -494,15 +494,20 @@ class SecureMatmul(MatmulEngine):
         if self.min_intensity > 0:
             small = [_intensity(u, v) < self.min_intensity for u, v in pairs]
             if any(small):
-                res: list[np.ndarray | None] = [self.local.matmul(u, v) if sm else None
-                                                for (u, v), sm in zip(pairs, small, strict=True)]
-                self.counters["local_products"] = self.counters.get("local_products", 0) + sum(small)
-                self.counters["enclave_s"] += self.local.counters["enclave_s"]
-                self.local.counters["enclave_s"] = 0.0
+                local = iter(self._in_enclave(pairs, small))
                 rest = [p for p, sm in zip(pairs, small, strict=True) if not sm]
                 outs = iter(self._offload(rest) if rest else [])
-                return [r if r is not None else next(outs) for r in res]
+                return [next(local) if sm else next(outs) for sm in small]
         return self._offload(pairs)
+
+    def _in_enclave(self, pairs: list[tuple[np.ndarray, np.ndarray]], small: list[bool]) -> list[np.ndarray]:
+        """The products of ``pairs`` flagged in ``small``, in order, computed in the enclave (float64; intensity
+        below ``min_intensity``), counted as ``local_products`` and in ``enclave_s``."""
+        out = [self.local.matmul(u, v) for (u, v), sm in zip(pairs, small, strict=True) if sm]
+        self.counters["local_products"] = self.counters.get("local_products", 0) + sum(small)
+        self.counters["enclave_s"] += self.local.counters["enclave_s"]
+        self.local.counters["enclave_s"] = 0.0
+        return out
 
     # --- convolutions: tensors masked, im2col/col2im on the accelerators (conv_field) ----------------
     def conv_forward(self, x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
@@ -544,25 +549,11 @@ class SecureMatmul(MatmulEngine):
         conv = [it for it in items if it[2] is not None]
         if plain and conv:  # one round: the plain ones too (they passed the conv rule or are checked like any)
             small = [_intensity(u, v) < self.min_intensity for u, v in plain]
-            local = iter([self.local.matmul(u, v) for (u, v), sm in zip(plain, small, strict=True) if sm])
-            self.counters["local_products"] = self.counters.get("local_products", 0) + sum(small)
-            self.counters["enclave_s"] += self.local.counters["enclave_s"]
-            self.local.counters["enclave_s"] = 0.0
+            local = iter(self._in_enclave(plain, small))
             off = [(u, v, None) for (u, v), sm in zip(plain, small, strict=True) if not sm] + conv
-            outs = iter(self._offload(off))
-            plain_off = [None if sm else next(outs) for sm in small]
-            conv_out = list(outs)
-            res: list[np.ndarray] = []
-            pi, ci = 0, 0
-            for _, _, sp in items:
-                if sp is None:
-                    po = plain_off[pi]
-                    res.append(po if po is not None else next(local))
-                    pi += 1
-                else:
-                    res.append(conv_out[ci])
-                    ci += 1
-            return res
+            outs = iter(self._offload(off))  # the offloaded plain products first, then the convolutions
+            plain_out = iter([next(local) if sm else next(outs) for sm in small])
+            return [next(plain_out) if sp is None else next(outs) for _, _, sp in items]
         if conv:
             return self._offload(conv)
         return self.matmuls(plain)
