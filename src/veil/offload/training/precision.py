@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -255,7 +256,7 @@ class PrecisionMatmul(MatmulEngine):
         if not any(split):
             return self.inner.matmuls(pairs)
         t0 = time.perf_counter()
-        items: list[SumItem] = []
+        normalised: list[tuple[np.ndarray, np.ndarray, ConvSpec | None]] = []
         exps: list[tuple[np.ndarray, np.ndarray] | None] = []
         for (u, v), sp in zip(pairs, split, strict=True):
             if not sp:
@@ -264,21 +265,34 @@ class PrecisionMatmul(MatmulEngine):
             u = np.asarray(u, dtype=np.float64)
             v = np.asarray(v, dtype=np.float64)
             a, b = normalise_exponents(u, 1), normalise_exponents(v, 0)
-            items += split_items(np.ldexp(u, a[:, None]), np.ldexp(v, b[None, :]))
+            normalised.append((np.ldexp(u, a[:, None]), np.ldexp(v, b[None, :]), None))
             exps.append((a, b))
-        self.counters["split_products"] += sum(split)
         self.counters["enclave_s"] += time.perf_counter() - t0
         rest = [pr for pr, sp in zip(pairs, split, strict=True) if not sp]  # kept in the enclave (or empty)
         kept = iter(self.inner.matmuls(rest) if rest else [])
-        outs = iter(self.inner.sum_products(items))  # type: ignore[attr-defined]  # 2 secure products per split one
+        sums = iter(self._split_round(normalised))
         t1 = time.perf_counter()
         res = []
         for e in exps:
             if e is None:
                 res.append(next(kept))
                 continue
-            hh, cross = next(outs), next(outs)
-            res.append(np.ldexp(hh + cross, -(e[0][:, None] + e[1][None, :])))
+            res.append(np.ldexp(next(sums), -(e[0][:, None] + e[1][None, :])))
+        self.counters["enclave_s"] += time.perf_counter() - t1
+        return res
+
+    def _split_round(self, items: Sequence[tuple[np.ndarray, np.ndarray, ConvSpec | None]]) -> list[np.ndarray]:
+        """Each product ``(U, V, spec)`` (a matrix product, ``spec`` None, or a convolution item) as two secure
+        products, all in one round: ``U V ~ U_h V_h + (U_l V_h + U_h V_l)`` (:func:`split_items`)."""
+        t0 = time.perf_counter()
+        sent: list[SumItem] = []
+        for u, v, spec in items:
+            sent += split_items(u, v, spec)
+        self.counters["split_products"] += len(items)
+        self.counters["enclave_s"] += time.perf_counter() - t0
+        outs = self.inner.sum_products(sent)  # type: ignore[attr-defined]
+        t1 = time.perf_counter()
+        res = [outs[2 * i] + outs[2 * i + 1] for i in range(len(items))]
         self.counters["enclave_s"] += time.perf_counter() - t1
         return res
 
@@ -294,20 +308,6 @@ class PrecisionMatmul(MatmulEngine):
 
     def _low(self, spec: ConvSpec, u: np.ndarray, v: np.ndarray, o: int) -> bool:
         return _conv_intensity(spec, u, v, o) < float(getattr(self.inner, "min_intensity", 0.0))
-
-    def _split_convs(self, items: list[tuple[np.ndarray, np.ndarray, ConvSpec]]) -> list[np.ndarray]:
-        """Two tensor items per convolution item, one round; ``U V ~ U_h V_h + (U_l V_h + U_h V_l)``."""
-        t0 = time.perf_counter()
-        sent: list[SumItem] = []
-        for u, v, spec in items:
-            sent += split_items(u, v, spec)
-        self.counters["split_products"] += len(items)
-        self.counters["enclave_s"] += time.perf_counter() - t0
-        outs = self.inner.sum_products(sent)  # type: ignore[attr-defined]
-        t1 = time.perf_counter()
-        res = [outs[2 * i] + outs[2 * i + 1] for i in range(len(items))]
-        self.counters["enclave_s"] += time.perf_counter() - t1
-        return res
 
     def conv_forward(self, x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
                      pads: tuple[int, int, int, int]) -> tuple[np.ndarray, Any]:
@@ -332,7 +332,7 @@ class PrecisionMatmul(MatmulEngine):
                        .reshape(x.shape[0], -1).max(1))
         b = normalise_exponents(wt, 0)
         self.counters["enclave_s"] += time.perf_counter() - t0
-        (y2,) = self._split_convs([(np.ldexp(x, a[:, None, None, None]), np.ldexp(wt, b[None, :]), spec)])
+        (y2,) = self._split_round([(np.ldexp(x, a[:, None, None, None]), np.ldexp(wt, b[None, :]), spec)])
         t1 = time.perf_counter()
         y = np.ldexp(y2.reshape(x.shape[0], oh, ow, o), -(a[:, None, None, None] + b[None, None, None, :]))
         y = np.ascontiguousarray(y.transpose(0, 3, 1, 2))
@@ -372,7 +372,7 @@ class PrecisionMatmul(MatmulEngine):
             items.append((np.ldexp(ux, np.repeat(a_x, rows)[:, None]), np.ldexp(w3, b_x[None, :, None]).reshape(o, -1),
                           sdx))
         self.counters["enclave_s"] += time.perf_counter() - t0
-        outs = self._split_convs(items)
+        outs = self._split_round(items)
         t1 = time.perf_counter()
         dw = np.ldexp(outs[0].reshape(o, c, taps), -(a_w[:, None, None] + b_w[None, :, None])).reshape(w.shape)
         dx = None
