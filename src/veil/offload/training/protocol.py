@@ -452,6 +452,17 @@ def _wire_plan(items: list[SumItem]) -> list[_ItemPlan]:
     return plan
 
 
+def _item_msg(i: int, role: int, refs: list[tuple[int, int]], spec: ConvSpec | None, **fields: Any) -> dict[str, Any]:
+    """Item ``i`` of a request to accelerator ``role``: ``id``, ``role``, the role's ``fields``, then ``conv`` for a
+    convolution and ``terms`` for an item that is not one product of its own operands."""
+    msg: dict[str, Any] = {"id": i, "role": role, **fields}
+    if spec is not None:
+        msg["conv"] = spec.as_msg()
+    if refs != [(i, i)]:
+        msg["terms"] = _wire_terms(i, refs)
+    return msg
+
+
 def _wire_terms(i: int, refs: list[tuple[int, int]]) -> list[list[Any]]:
     """The ``terms`` field of item ``i``: per term ``[u, v]``, ``"e"`` / ``"f"`` for the item's own ``E`` / ``F``,
     else the id of the earlier item of the round whose ``E`` / ``F`` the term reuses."""
@@ -575,21 +586,31 @@ class SecureMatmul(MatmulEngine):
                             for pr in pairs])
 
     def _round(self, items: list[SumItem]) -> list[np.ndarray]:
-        """One accelerator round for sum items (:class:`SumItem`)."""
+        """One accelerator round for sum items (:class:`SumItem`): the triple helper's request first (its
+        ``C = A B`` depends on the seeds and shapes only, so it computes while the enclave masks), then the
+        share holders' masked operands, then the answers, lifted, checked and scaled."""
         t0 = time.perf_counter()
         self.round += 1
         plan = _wire_plan(items)
         seeds = [(self.runtime.random_bytes(32), self.runtime.random_bytes(32)) for _ in items]
-        # the triple helper's C = A B depends on the seeds and shapes only: it starts while the enclave masks
-        helper = []
-        for i, ((_, _, refs, sh), it, (s0, s1)) in enumerate(zip(plan, items, seeds, strict=True)):
-            msg: dict[str, Any] = {"id": i, "role": 2, "seeds": [s0, s1], "shape": list(sh)}
-            if it.spec is not None:
-                msg["conv"] = it.spec.as_msg()
-            if refs != [(i, i)]:
-                msg["terms"] = _wire_terms(i, refs)
-            helper.append(msg)
+        helper = [_item_msg(i, 2, refs, it.spec, seeds=[s0, s1], shape=list(sh))
+                  for i, ((_, _, refs, sh), it, (s0, s1)) in enumerate(zip(plan, items, seeds, strict=True))]
         self._send(self.accs[2], {"type": "tmatmul", "round": self.round, "items": helper})
+        pend = self._mask_and_send(plan, items, seeds)
+        t_sent = time.perf_counter()
+        replies = [self._recv(acc) for acc in self.accs]
+        t_back = time.perf_counter()
+        outs = self._collect(pend, replies)
+        self.counters["rounds"] += 1
+        self.counters["wait_s"] += t_back - t_sent
+        self.counters["enclave_s"] += (time.perf_counter() - t0) - (t_back - t_sent)
+        return outs
+
+    def _mask_and_send(self, plan: list[_ItemPlan], items: list[SumItem],
+                       seeds: list[tuple[bytes, bytes]]) -> list[_Pending]:
+        """Quantise and mask each item's own operands (at the caller's scales, or the engine's rule for a
+        one-term item without them), send ``E``, ``F`` and one seed to each share holder, and return what the
+        checks need per item."""
         pend: list[_Pending] = []
         msgs: list[list[dict[str, Any]]] = [[], []]
         quant: dict[int, tuple[np.ndarray, float]] = {}  # id(Operand) -> (x_q, max |x_q|)
@@ -610,12 +631,7 @@ class SecureMatmul(MatmulEngine):
             quant[id(own_u)] = (uq, math.ldexp(au, fu) + 1.0)
             quant[id(own_v)] = (vq, math.ldexp(av, fv) + 1.0)
             for j, sj in ((0, s0), (1, s1)):
-                item: dict[str, Any] = {"id": i, "role": j, "e": e, "f": f, "seed": sj}
-                if spec is not None:
-                    item["conv"] = spec.as_msg()
-                if refs != [(i, i)]:
-                    item["terms"] = _wire_terms(i, refs)
-                msgs[j].append(item)
+                msgs[j].append(_item_msg(i, j, refs, spec, e=e, f=f, seed=sj))
             terms = [(*quant[id(a)], *quant[id(b)]) for a, b in it.terms]
             out_frac = it.terms[0][0].frac + it.terms[0][1].frac  # type: ignore[operator]  # set above or by the caller
             pend.append(_Pending(terms, refs, (s0, s1), e, f, out_frac, (n, k, m), spec))
@@ -625,10 +641,11 @@ class SecureMatmul(MatmulEngine):
         del quant
         for j in range(2):
             self._send(self.accs[j], {"type": "tmatmul", "round": self.round, "items": msgs[j]})
-        del msgs
-        t_sent = time.perf_counter()
-        replies = [self._recv(acc) for acc in self.accs]
-        t_back = time.perf_counter()
+        return pend
+
+    def _collect(self, pend: list[_Pending], replies: list[Any]) -> list[np.ndarray]:
+        """Each item's three answers, validated, summed and lifted, checked (Freivalds, vectors shared by the
+        round's items of one shape) and divided by the output scale."""
         outs = []
         shared: dict[Any, Any] = {}  # Freivalds vectors of this round, shared by items of one shape
         for i, p in enumerate(pend):
@@ -642,9 +659,6 @@ class SecureMatmul(MatmulEngine):
                 self._check_conv(z, zs, p, pend, shared)
             z *= 2.0 ** -p.frac
             outs.append(z)
-        self.counters["rounds"] += 1
-        self.counters["wait_s"] += t_back - t_sent
-        self.counters["enclave_s"] += (time.perf_counter() - t0) - (t_back - t_sent)
         return outs
 
     # --- checks -----------------------------------------------------------------------------------
