@@ -11,7 +11,7 @@ from offload_train_helpers import DirectSecureMatmul, runtime, small_cnn, torch_
 from veil.errors import IntegrityError
 from veil.offload.field import P
 from veil.offload.training import TRAIN_ACCELERATORS, PlainMatmul, TrainAccelerator, TrainGraph
-from veil.offload.training.conv_field import ConvSpec
+from veil.offload.training.conv_field import ConvSpec, cols
 from veil.offload.training.layers import softmax_cross_entropy
 from veil.offload.training.precision import PrecisionMatmul, split_items, split_pair
 from veil.offload.training.protocol import choose_conv_scales
@@ -127,6 +127,9 @@ def test_the_high_part_of_a_convolution_is_exact_in_the_field():
     assert fu + fv >= sum(choose_conv_scales(spec, x, wt)) - 1
     assert np.array_equal(np.rint(np.ldexp(xh, fu)), np.ldexp(xh, fu))
     assert np.array_equal(np.rint(np.ldexp(wh, fv)), np.ldexp(wh, fv))
+    # ... and the convolution of the pair is inside the field (im2col product, exact in Python integers)
+    q = cols(np.rint(np.ldexp(xh, fu)), spec).astype(object).dot(np.rint(np.ldexp(wh, fv)).astype(object))
+    assert max(abs(int(z)) for z in q.ravel()) < (P - 1) // 2
     assert np.abs(xl).max() < 1e-3 * np.abs(x).max()
 
 
