@@ -38,21 +38,27 @@ def _reference_forward(x, k, s, pads):
     return np.take_along_axis(win, arg[..., None], -1)[..., 0], arg
 
 
-def _reference_backward(g, arg, shape, k, s, pads):
-    """One-hot windows summed back element by element, from zero, in window order."""
+def _reference_col2im(d, shape, k, s, pads):
+    """(N, C, OH, OW, kh*kw) windows summed back element by element, from zero, in window order."""
     n, c, h, w = shape
     t, left, b, r = pads
     out = np.zeros((n, c, h + t + b, w + left + r))
-    oh, ow = arg.shape[2:]
+    oh, ow = d.shape[2:4]
     for i in range(k[0]):
         for j in range(k[1]):
-            d = np.zeros(g.shape)
-            hit = arg == i * k[1] + j
-            d[hit] = g[hit]
             for a in range(oh):
                 for e in range(ow):
-                    out[:, :, a * s[0] + i, e * s[1] + j] += d[:, :, a, e]
+                    out[:, :, a * s[0] + i, e * s[1] + j] += d[:, :, a, e, i * k[1] + j]
     return out[:, :, t:t + h, left:left + w]
+
+
+def _reference_backward(g, arg, shape, k, s, pads):
+    """One-hot windows (``g`` at offset ``arg``) summed back by :func:`_reference_col2im`."""
+    d = np.zeros((*g.shape, k[0] * k[1]))
+    for o in range(k[0] * k[1]):
+        hit = arg == o
+        d[..., o][hit] = g[hit]
+    return _reference_col2im(d, shape, k, s, pads)
 
 
 def _tie_graph(k, s, pads, h, w) -> Graph:
@@ -138,13 +144,7 @@ def test_col2im_same_bits_in_either_layout_and_chunking(k, s, pads, h, w, monkey
     dcols = rng.normal(size=(n * oh * ow, c * k[0] * k[1]))  # a convolution's dY W: rows (n, oh, ow)
     d_last = dcols.reshape(n, oh, ow, c, k[0] * k[1]).transpose(0, 3, 1, 2, 4)  # channels-last view
     d_first = np.ascontiguousarray(d_last)
-    ref = np.zeros((n, c, h + pads[0] + pads[2], w + pads[1] + pads[3]))
-    for i in range(k[0]):
-        for j in range(k[1]):
-            for a in range(oh):
-                for e in range(ow):
-                    ref[:, :, a * s[0] + i, e * s[1] + j] += d_first[:, :, a, e, i * k[1] + j]
-    ref = ref[:, :, pads[0]:pads[0] + h, pads[1]:pads[1] + w]
+    ref = _reference_col2im(d_first, shape, k, s, pads)
     results = [col2im(d, shape, k, s, pads) for d in (d_last, d_first)]
     monkeypatch.setattr(L, "_COL2IM_CHUNK_BYTES", 1)  # one sample at a time
     results += [col2im(d, shape, k, s, pads) for d in (d_last, d_first)]
@@ -163,7 +163,6 @@ def test_average_pool_backward_equals_col2im_of_the_repeated_windows_bit_for_bit
     oh, ow = (h + pads[0] + pads[2] - k[0]) // s[0] + 1, (w + pads[1] + pads[3] - k[1]) // s[1] + 1
     share = rng.normal(size=(3, 2, oh, ow))
     share[rng.random(share.shape) < 0.2] = -0.0
-    every = np.zeros(share.shape, dtype=np.intp)  # the reference's one-hot at offset o, once per offset
-    ref = sum(_reference_backward(share, every + o, shape, k, s, pads) for o in range(k[0] * k[1]))
+    ref = _reference_col2im(np.repeat(share[..., None], k[0] * k[1], axis=-1), shape, k, s, pads)
     got = L._scatter_windows([share] * (k[0] * k[1]), shape, k, s, pads)
-    assert np.array_equal(_bits(got), _bits(ref + 0.0))
+    assert np.array_equal(_bits(got), _bits(ref))
