@@ -50,7 +50,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -721,18 +721,25 @@ class SecureMatmul(MatmulEngine):
         for chk in shared[key]:
             self.counters["freivalds_checks"] += 1
             if chk.lhs(z) != chk.rhs(p.terms):
-                srcs = sorted({i for ref in p.refs for i in ref})
-                at = {i: x for x, i in enumerate(srcs)}
-                terms = [(at[iu], at[iv]) for iu, iv in p.refs]
-                bad = []
-                for j in range(3):
-                    sources = [(pend[i].e, pend[i].f, pend[i].seeds if j == 2 else (pend[i].seeds[j],)) for i in srcs]
-                    if not np.array_equal(zs[j], expected_sum(_NP, j, sources, terms, spec, p.shape)):
-                        bad.append(repr(self.accs[j]))
-                raise IntegrityError(f"accelerator {' and '.join(bad) or '(unknown)'} returned a wrong product in round "
-                                     f"{self.round} (Freivalds check on the convolution failed)")
+                self._blame_conv(zs, p, pend)
 
-    def _blame(self, zs: list[np.ndarray], p: _Pending, pend: list[_Pending], s: np.ndarray) -> None:
+    def _blame_conv(self, zs: list[np.ndarray], p: _Pending, pend: list[_Pending]) -> NoReturn:
+        """The convolution item ``p`` failed its check: recompute each accelerator's answer in full (rare path,
+        int64, from the ``E``, ``F`` and seeds of every item its terms use) and raise naming each one that
+        differs."""
+        spec = p.spec
+        srcs = sorted({i for ref in p.refs for i in ref})
+        at = {i: x for x, i in enumerate(srcs)}
+        terms = [(at[iu], at[iv]) for iu, iv in p.refs]
+        bad = []
+        for j in range(3):
+            sources = [(pend[i].e, pend[i].f, pend[i].seeds if j == 2 else (pend[i].seeds[j],)) for i in srcs]
+            if not np.array_equal(zs[j], expected_sum(_NP, j, sources, terms, spec, p.shape)):
+                bad.append(repr(self.accs[j]))
+        raise IntegrityError(f"accelerator {' and '.join(bad) or '(unknown)'} returned a wrong product in round "
+                             f"{self.round} (Freivalds check on the convolution failed)")
+
+    def _blame(self, zs: list[np.ndarray], p: _Pending, pend: list[_Pending], s: np.ndarray) -> NoReturn:
         """The result failed its check with ``s``: at least one answer fails its own check with the same ``s``
         (the three expectations add up to ``sum_t U_t,q V_t,q s``); raise naming every one that does (rare path,
         int64, re-expands the masks of every item the terms use from its seeds)."""
