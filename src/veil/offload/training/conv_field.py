@@ -10,7 +10,7 @@ apply ``cols`` to what they receive (and ``col2im`` to what they return, for ``d
 The enclave checks the reconstructed result with Freivalds' test on random vectors that are tensor
 products (Schwartz-Zippel): for a wrong result ``Z != M`` the check value
 ``sum r_1[.] r_2[.] r_3[.] r_4[.] (Z - M)[...]`` is a non-zero multilinear polynomial of total degree 4
-in four independent uniform vectors over F_p, so it vanishes with probability at most ``4/p`` (8.6e-10
+in four independent uniform vectors over F_p, so it vanishes with probability at most ``4/p`` (1.9e-9
 per repetition); a correct result always passes. Structured vectors let the enclave contract the batch
 axis first (one exact float64 pass over ``X`` or ``dY``) and then work on arrays the size of one image:
 

@@ -19,9 +19,12 @@ the data after the first update). The enclave computes ``U @ V`` for secret ``U`
    * ``accelerator1`` gets ``E, F`` and the seed of ``(A1, B1)``, returns ``Z1 = E B1 + A1 F``;
 
 4. ``U_q V_q = Z0 + Z1 + C`` (since ``EF + EB + AF + AB = (E + A)(F + B)``), lifted to (-p/2, p/2];
-5. Freivalds on the result, with a fresh secret uniform ``s`` (m x reps):
-   ``(Z0 + Z1 + C) s == U_q (V_q s)``: one float64 BLAS pass over ``U_q`` and one over the result, exact
-   with limbs (:func:`exact_matvec`). Only if it fails are the three answers checked one by one
+5. Freivalds on the result, with a secret uniform ``s`` (m x reps) drawn after the answers arrived, fresh per
+   round and shared by the round's products with ``m`` columns (a wrong row still passes with probability
+   ``p^-reps``, whatever the other products): ``(Z0 + Z1 + C) s == U_q (V_q s)``: one float64 BLAS pass over
+   ``U_q`` and one over the result, exact with limbs (:func:`exact_matvec`); convolution items use
+   tensor-product vectors (:class:`~veil.offload.training.conv_field.ConvCheck`). Only if it fails are the
+   three answers checked one by one
    (``Z0 s == E((F + B0) s) + A0 (F s)``, ``Z1 s == E (B1 s) + A1 (F s)``, ``C s == A (B s)``, same ``s``:
    the three expectations add up to the checked one, so at least one fails) to name the culprit;
 6. divide by ``2^(fu + fv)``.
@@ -36,8 +39,8 @@ depend on them: a training step is bit-for-bit reproducible from the data, weigh
 Sum items (:class:`SumItem`, :meth:`SecureMatmul.sum_products`; used at precision ``double``): one result
 ``sum_t U_t V_t`` for several terms of one shape and one output scale. Each item still sends one masked
 ``E`` and ``F`` (its new operands, masks from its own seeds); a term may instead name the ``E`` or ``F`` of
-an earlier item of the round, which it then reuses with that item's masks (same value, same mask: nothing
-new reaches any accelerator). The share holders return ``sum_t E_t (F_t + B0_t) + A0_t F_t`` and
+an earlier item of the round of the same shape and convolution, which it then reuses with that item's masks
+(same value, same mask: nothing new reaches any accelerator). The share holders return ``sum_t E_t (F_t + B0_t) + A0_t F_t`` and
 ``sum_t E_t B1_t + A1_t F_t``, the helper ``sum_t A_t B_t`` (:func:`expected_sum`); the enclave lifts the one
 sum and checks ``Z s == sum_t U_t,q (V_t,q s)``; the blame path recomputes each answer's expectation over
 the terms. The caller's scales must keep the sum inside (-p/2, p/2) (Cauchy-Schwarz on each term, summed).
