@@ -226,6 +226,38 @@ def split_items(u: np.ndarray, v: np.ndarray, spec: ConvSpec | None = None) -> t
     return SumItem([(o_uh, o_vh)], spec), SumItem([(o_ul, o_vh), (o_uh, o_vl)], spec)
 
 
+def _dw_operands(g2: np.ndarray, g2t: np.ndarray, x: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The weight gradient ``dW = dY^T cols(X)`` (``g2`` = dY as (N OH OW) x O, ``g2t`` its transpose) as a
+    normalised tensor item: ``(U, X', a, b)`` with ``dW = 2^-(a_o + b_c) (U cols(X'))``. The inner dimension
+    (n, oh, ow) is balanced (dY's sample n times ``2^t_n``, X's times ``2^-t_n``), then ``2^a`` per output
+    channel (rows of dY^T) and ``2^b`` per input channel c of X (columns (c, i, j) of cols(X))."""
+    n = x.shape[0]
+    rows = g2.shape[0] // n
+    t = _balance(np.einsum("ij,ij->i", g2, g2).reshape(n, -1).sum(1), np.einsum("nchw,nchw->n", x, x))
+    uw = np.ldexp(g2t, np.repeat(t, rows)[None, :])
+    xw = np.ldexp(x, -t[:, None, None, None])
+    a = normalise_exponents(uw, 1)
+    b = _exponents(np.einsum("nchw,nchw->c", xw, xw))
+    return np.ldexp(uw, a[:, None]), np.ldexp(xw, b[None, :, None, None]), a, b
+
+
+def _dx_operands(g2: np.ndarray, wm: np.ndarray, n: int, c: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The data gradient ``dX = col2im(dY W)`` (``g2`` = dY as (N OH OW) x O, ``wm`` = W as O x (C kh kw), ``n``
+    samples, ``c`` input channels) as a normalised tensor item: ``(U, W', a, b)`` with ``dX[n, c] = 2^-(a_n +
+    b_c) col2im(U W')[n, c]``. The inner dimension o is balanced, then ``2^a`` per sample of dY and ``2^b``
+    per input channel c of W."""
+    o = wm.shape[0]
+    rows = g2.shape[0] // n
+    t = _balance(np.einsum("ij,ij->j", g2, g2), np.einsum("ij,ij->i", wm, wm))
+    ux = np.ldexp(g2, t[None, :])
+    w3 = np.ldexp(wm, -t[:, None]).reshape(o, c, -1)
+    a = _exponents(np.einsum("ij,ij->i", ux, ux).reshape(n, -1).max(1))
+    b = _exponents(np.einsum("ocx,ocx->c", w3, w3))
+    return np.ldexp(ux, np.repeat(a, rows)[:, None]), np.ldexp(w3, b[None, :, None]).reshape(o, -1), a, b
+
+
 class PrecisionMatmul(MatmulEngine):
     """Wraps an engine with ``sum_products`` (:class:`~veil.offload.training.protocol.SecureMatmul`,
     :class:`FieldArithmeticMatmul`): ``single`` passes products through, ``double`` turns each into two secure
@@ -352,25 +384,12 @@ class PrecisionMatmul(MatmulEngine):
         if not self._tensor_path() or self._low(sdw, g2t, x, o) or (need_dx and self._low(sdx, g2, wm, o)):
             return super().conv_backward(x, w, g, strides, pads, cols(x, sdw) if ctx is None else ctx, need_dx)
         t0 = time.perf_counter()
-        n, c = x.shape[0], x.shape[1]
-        taps = w.shape[2] * w.shape[3]
-        rows = g2.shape[0] // n
-        # dW = dY^T cols(X): inner dimension (n, oh, ow): dY's sample n times 2^t_n, X's times 2^-t_n; then
-        # per output channel (rows of dY^T) and per input channel c of X (columns (c, i, j) of cols(X))
-        t = _balance(np.einsum("ij,ij->i", g2, g2).reshape(n, -1).sum(1), np.einsum("nchw,nchw->n", x, x))
-        uw = np.ldexp(g2t, np.repeat(t, rows)[None, :])
-        xw = np.ldexp(x, -t[:, None, None, None])
-        a_w = normalise_exponents(uw, 1)
-        b_w = _exponents(np.einsum("nchw,nchw->c", xw, xw))
-        items = [(np.ldexp(uw, a_w[:, None]), np.ldexp(xw, b_w[None, :, None, None]), sdw)]
-        if need_dx:  # dX = col2im(dY W): inner dimension o balanced; per sample of dY, per input channel c of W
-            t = _balance(np.einsum("ij,ij->j", g2, g2), np.einsum("ij,ij->i", wm, wm))
-            ux = np.ldexp(g2, t[None, :])
-            w3 = np.ldexp(wm, -t[:, None]).reshape(o, c, taps)
-            a_x = _exponents(np.einsum("ij,ij->i", ux, ux).reshape(n, -1).max(1))
-            b_x = _exponents(np.einsum("ocx,ocx->c", w3, w3))
-            items.append((np.ldexp(ux, np.repeat(a_x, rows)[:, None]), np.ldexp(w3, b_x[None, :, None]).reshape(o, -1),
-                          sdx))
+        c, taps = x.shape[1], w.shape[2] * w.shape[3]
+        uw, xw, a_w, b_w = _dw_operands(g2, g2t, x)
+        items = [(uw, xw, sdw)]
+        if need_dx:
+            ux, wx, a_x, b_x = _dx_operands(g2, wm, x.shape[0], c)
+            items.append((ux, wx, sdx))
         self.counters["enclave_s"] += time.perf_counter() - t0
         outs = self._split_round(items)
         t1 = time.perf_counter()
