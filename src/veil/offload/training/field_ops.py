@@ -314,7 +314,7 @@ def exact_matvec(a: np.ndarray, amax: float, x: np.ndarray) -> np.ndarray:
 
 
 # --- convolution scales: the norms of conv_norms, bracketed cheaply ------------------------------------------
-_U53 = 2.0**-51  #: four units in the last place of 1.0 (float64): margin per summed term, see conv_norm_bounds
+_MARGIN_PER_TERM = 2.0**-51  #: four units in the last place of 1.0 (float64): margin per summed term, see _bracket
 
 
 def _window_max(a: np.ndarray, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int, pads: tuple[int, ...]) -> float:
@@ -353,7 +353,7 @@ def _bracket(total: float, terms: int) -> tuple[float, float] | None:
         return None
     if total == 0.0:  # non-negative terms: every order gives 0 exactly when all are 0
         return 0.0, 0.0
-    eps = (terms + 1) * _U53
+    eps = (terms + 1) * _MARGIN_PER_TERM
     return math.sqrt(total * (1.0 - eps)), math.sqrt(total * (1.0 + eps))
 
 
