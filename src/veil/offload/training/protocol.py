@@ -243,10 +243,8 @@ class MatmulEngine:
         """NCHW convolution without bias: ``(y, ctx)``; ``ctx`` goes to :meth:`conv_backward`."""
         spec = _conv_spec("fwd", x, w, strides, pads)
         o = w.shape[0]
-        (oh, ow), n = spec.out_hw, x.shape[0]
         mat = cols(x, spec)
-        y = self.matmul(mat, w.reshape(o, -1).T)
-        return np.ascontiguousarray(y.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)), mat
+        return _rows_to_nchw(self.matmul(mat, w.reshape(o, -1).T), spec), mat
 
     def conv_backward(self, x: np.ndarray, w: np.ndarray, g: np.ndarray, strides: tuple[int, int],
                       pads: tuple[int, int, int, int], ctx: Any, need_dx: bool) -> tuple[np.ndarray | None, np.ndarray]:
@@ -258,6 +256,12 @@ class MatmulEngine:
             return None, dw.reshape(w.shape)
         dcols, dw = self.matmuls([(g2, w.reshape(o, -1)), (g2.T, ctx)])
         return _col2im(dcols, x, w, strides, pads), dw.reshape(w.shape)
+
+
+def _rows_to_nchw(y: np.ndarray, spec: ConvSpec) -> np.ndarray:
+    """A forward convolution's product ``cols(X) W^T`` ((N OH OW) x O) as the NCHW output (C order)."""
+    (oh, ow), n = spec.out_hw, spec.x_shape[0]
+    return np.ascontiguousarray(y.reshape(n, oh, ow, y.shape[1]).transpose(0, 3, 1, 2))
 
 
 def _col2im(dcols: np.ndarray, x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
@@ -532,8 +536,7 @@ class SecureMatmul(MatmulEngine):
         if _conv_intensity(spec, x, wt, o) < self.min_intensity:
             return super().conv_forward(x, w, strides, pads)
         (y2,) = self._offload([(x, wt, spec)])
-        (oh, ow), n = spec.out_hw, x.shape[0]
-        return np.ascontiguousarray(y2.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)), None
+        return _rows_to_nchw(y2, spec), None
 
     def conv_backward(self, x: np.ndarray, w: np.ndarray, g: np.ndarray, strides: tuple[int, int],
                       pads: tuple[int, int, int, int], ctx: Any, need_dx: bool) -> tuple[np.ndarray | None, np.ndarray]:
