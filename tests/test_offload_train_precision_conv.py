@@ -82,7 +82,7 @@ def test_double_convolutions_match_float64_within_the_bound_and_beat_single(case
     for precision in ("double", "single"):
         y, dx, dw, _ = _run(_engine(precision)[0], x, w, st, pads, gy)
         errs[precision] = (_blockwise(y, yp, (2, 3)), _blockwise(dx, dxp, (2, 3)), _blockwise(dw, dwp, (2, 3)))
-    assert max(errs["double"]) < DOUBLE_CONV_BOUND, errs  # measured <= 4e-7
+    assert max(errs["double"]) < DOUBLE_CONV_BOUND, errs  # measured <= 2.7e-7 (case 3, 10 decades)
     if not wide:  # plain relative error too, and far below single's
         y, dx, dw, _ = _run(_engine()[0], x, w, st, pads, gy)
         for got, want in ((y, yp), (dx, dxp), (dw, dwp)):
