@@ -109,10 +109,6 @@ def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a + b) % P
 
 
-def _sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a - b) % P
-
-
 def expand_masks(seed: bytes, n: int, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     """A share holder's masks ``(A_j (n x k), B_j (k x m))``, uniform in F_p, from its 32-byte seed."""
     r = uniform_field(seed, n * k + k * m)
