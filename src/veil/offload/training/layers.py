@@ -60,13 +60,24 @@ def _scatter_windows(parts: Iterable[np.ndarray], shape: Sequence[int], k: Seque
                      pads: Sequence[int]) -> np.ndarray:
     """Sum of per-offset parts (each N x C x OH x OW, in window order) into an NCHW array of ``shape``: the
     adjoint of taking the window views. Starts from zeros and adds in window order, as :func:`col2im` does."""
-    n, c, h, w = shape
-    t, left, b, r = pads
-    out = np.zeros((n, c, h + t + b, w + left + r))
-    oh, ow = K.conv_out_hw(h, w, k, s, pads)
+    out = _padded_zeros(shape, pads)
+    oh, ow = K.conv_out_hw(shape[2], shape[3], k, s, pads)
     for (rows, cols), part in zip(_offsets(k, s, oh, ow), parts, strict=True):
         out[:, :, rows, cols] += part
-    return out[:, :, t:t + h, left:left + w]
+    return _unpad(out, shape, pads)
+
+
+def _padded_zeros(shape: Sequence[int], pads: Sequence[int]) -> np.ndarray:
+    """Zeros of the NCHW ``shape`` padded by ``pads`` (top, left, bottom, right)."""
+    n, c, h, w = shape
+    t, left, b, r = pads
+    return np.zeros((n, c, h + t + b, w + left + r))
+
+
+def _unpad(out: np.ndarray, shape: Sequence[int], pads: Sequence[int]) -> np.ndarray:
+    """The NCHW ``shape`` inside a padded ``out`` (a view)."""
+    t, left = pads[0], pads[1]
+    return out[:, :, t:t + shape[2], left:left + shape[3]]
 
 
 def _maxpool_by_windows(x: np.ndarray, k: Sequence[int], s: Sequence[int],
@@ -121,13 +132,11 @@ def maxpool_backward(g: np.ndarray, idx: np.ndarray, shape: Sequence[int], k: Se
     overlapping windows in window order (the same bits as :func:`col2im` of the one-hot windows)."""
     finite = bool(np.isfinite(g).all())  # g * False is 0 (of either sign, which the sum from +0 drops)
     if finite and s[0] >= k[0] and s[1] >= k[1]:  # disjoint windows: one share at most per input element
-        n, c, h, w = shape
-        t, left, b, r = pads
-        out = np.zeros((n, c, h + t + b, w + left + r))
+        out = _padded_zeros(shape, pads)
         for o, (rows, cols) in enumerate(_offsets(k, s, *g.shape[2:])):
             np.multiply(g, idx == o, out=out[:, :, rows, cols])
         out += 0.0  # -0.0 to 0.0, as the sum from zero makes it
-        return out[:, :, t:t + h, left:left + w]
+        return _unpad(out, shape, pads)
     parts = ((g * (idx == o) if finite else np.where(idx == o, g, 0.0)) for o in range(k[0] * k[1]))
     return _scatter_windows(parts, shape, k, s, pads)
 
