@@ -80,7 +80,7 @@ def _unpad(out: np.ndarray, shape: Sequence[int], pads: Sequence[int]) -> np.nda
     return out[:, :, t:t + shape[2], left:left + shape[3]]
 
 
-def _maxpool_by_windows(x: np.ndarray, k: Sequence[int], s: Sequence[int],
+def _maxpool_by_window_copies(x: np.ndarray, k: Sequence[int], s: Sequence[int],
                         pads: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     win = patches(x, k, s, pads, -np.inf)
     arg = win.argmax(-1)
@@ -109,7 +109,7 @@ def maxpool_forward(x: np.ndarray, k: Sequence[int], s: Sequence[int],
     for rows, _ in offsets[k[1]::k[1]]:
         np.maximum(m, across[:, :, rows], out=m)
     if np.isnan(m).any():
-        return _maxpool_by_windows(x, k, s, pads)
+        return _maxpool_by_window_copies(x, k, s, pads)
     idx = np.zeros(m.shape, dtype=np.uint8 if len(views) <= 256 else np.intp)
     if len(views) > 1:
         ahead = views[0] != m  # the first maximum is further on

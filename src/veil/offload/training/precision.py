@@ -278,13 +278,15 @@ class PrecisionMatmul(MatmulEngine):
     def matmul(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return self.matmuls([(u, v)])[0]
 
-    def _splits(self, u: np.ndarray, v: np.ndarray) -> bool:
+    def _offloads_split(self, u: np.ndarray, v: np.ndarray) -> bool:
+        """Whether the product ``U V`` becomes two secure products (double, an engine with ``sum_products``,
+        intensity at least the engine's ``min_intensity``)."""
         if self.precision == "single" or not hasattr(self.inner, "sum_products") or not u.size or not v.size:
             return False
         return _intensity(u, v) >= float(getattr(self.inner, "min_intensity", 0.0))
 
     def matmuls(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        split = [self._splits(u, v) for u, v in pairs]
+        split = [self._offloads_split(u, v) for u, v in pairs]
         if not any(split):
             return self.inner.matmuls(pairs)
         t0 = time.perf_counter()
@@ -338,7 +340,8 @@ class PrecisionMatmul(MatmulEngine):
     def _tensor_path(self) -> bool:
         return hasattr(self.inner, "sum_products")
 
-    def _low(self, spec: ConvSpec, u: np.ndarray, v: np.ndarray, o: int) -> bool:
+    def _below_min_intensity(self, spec: ConvSpec, u: np.ndarray, v: np.ndarray, o: int) -> bool:
+        """Whether the wrapped engine keeps the convolution item inside the enclave (its tensors' intensity)."""
         return _conv_intensity(spec, u, v, o) < float(getattr(self.inner, "min_intensity", 0.0))
 
     def conv_forward(self, x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
@@ -348,7 +351,7 @@ class PrecisionMatmul(MatmulEngine):
         spec = _conv_spec("fwd", x, w, strides, pads)
         o = w.shape[0]
         wt = np.ascontiguousarray(np.asarray(w, dtype=np.float64).reshape(o, -1).T)
-        if not self._tensor_path() or self._low(spec, x, wt, o):
+        if not self._tensor_path() or self._below_min_intensity(spec, x, wt, o):
             return super().conv_forward(x, w, strides, pads)
         t0 = time.perf_counter()
         x = np.asarray(x, dtype=np.float64)
@@ -381,7 +384,8 @@ class PrecisionMatmul(MatmulEngine):
         g2t = np.ascontiguousarray(g2.T)
         wm = np.asarray(w, dtype=np.float64).reshape(o, -1)
         sdw, sdx = _conv_spec("dw", x, w, strides, pads), _conv_spec("dx", x, w, strides, pads)
-        if not self._tensor_path() or self._low(sdw, g2t, x, o) or (need_dx and self._low(sdx, g2, wm, o)):
+        if (not self._tensor_path() or self._below_min_intensity(sdw, g2t, x, o)
+                or (need_dx and self._below_min_intensity(sdx, g2, wm, o))):
             return super().conv_backward(x, w, g, strides, pads, cols(x, sdw) if ctx is None else ctx, need_dx)
         t0 = time.perf_counter()
         c, taps = x.shape[1], w.shape[2] * w.shape[3]
