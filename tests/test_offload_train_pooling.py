@@ -133,6 +133,7 @@ def test_max_pool_propagates_nan_like_argmax_over_the_window():
     y_ref, arg_ref = _reference_forward(x, (2, 2), (2, 2), (0, 0, 0, 0))
     assert np.array_equal(_bits(y), _bits(y_ref)) and np.array_equal(idx, arg_ref)
     assert np.isnan(y).sum() == 2 and np.isnan(y[0, 1, 1, 1]) and np.isnan(y[1, 2, 2, 2])
+    assert idx[0, 1, 1, 1] == 1 and idx[1, 2, 2, 2] == 0  # the (first) NaN's offset in its window
 
 
 @pytest.mark.parametrize("k,s,pads,h,w", CASES + [((5, 5), (1, 1), (0, 0, 0, 0), 12, 12)])
