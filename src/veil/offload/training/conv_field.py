@@ -143,7 +143,7 @@ def col2im_field(d: np.ndarray, spec: ConvSpec) -> np.ndarray:
 
 
 # --- scales: the norms the Cauchy-Schwarz bound needs, without building cols(X) -------------------------
-def _box_max(a: np.ndarray, bh: int, bw: int, sh: int, sw: int, oh: int, ow: int, pads: tuple[int, ...]) -> np.ndarray:
+def _window_sums(a: np.ndarray, bh: int, bw: int, sh: int, sw: int, oh: int, ow: int, pads: tuple[int, ...]) -> np.ndarray:
     """Sums of ``a`` (N x H x W) over the (zero-padded) windows of the convolution: N x OH x OW."""
     t, left, b, r = pads
     ap = np.pad(a, ((0, 0), (t, b), (left, r))) if any(pads) else a
@@ -162,7 +162,7 @@ def conv_norms(spec: ConvSpec, u: np.ndarray, v: np.ndarray) -> tuple[float, flo
     oh, ow = spec.out_hw
     if spec.op == "fwd":  # rows of cols(X): window norms of sum_c X^2
         s2 = np.einsum("nchw,nchw->nhw", u, u)
-        ru = float(np.sqrt(_box_max(s2, kh, kw, sh, sw, oh, ow, spec.pads).max()))
+        ru = float(np.sqrt(_window_sums(s2, kh, kw, sh, sw, oh, ow, spec.pads).max()))
         return ru, float(np.sqrt(np.einsum("ij,ij->j", v, v).max())), spec.k
     if spec.op == "dw":  # columns of cols(X): for each (c, i, j), a strided sub-grid of X[:, c]
         x2 = v * v
@@ -177,7 +177,7 @@ def conv_norms(spec: ConvSpec, u: np.ndarray, v: np.ndarray) -> tuple[float, flo
     bh, bw = -(-kh // sh), -(-kw // sw)
     r2 = np.einsum("ij,ij->i", u, u).reshape(n, oh, ow)
     pad = (bh - 1, bw - 1, bh - 1, bw - 1)  # (top, left, bottom, right)
-    box = _box_max(r2, bh, bw, 1, 1, oh + bh - 1, ow + bw - 1, pad)
+    box = _window_sums(r2, bh, bw, 1, 1, oh + bh - 1, ow + bw - 1, pad)
     c = spec.x_shape[1]
     wc = np.einsum("ocx,ocx->c", v.reshape(o, c, kh * kw), v.reshape(o, c, kh * kw))
     return float(np.sqrt(box.max())), float(np.sqrt(wc.max())), bh * bw * o

@@ -320,7 +320,7 @@ _MARGIN_PER_TERM = 2.0**-51  #: four units in the last place of 1.0 (float64): m
 def _window_max(a: np.ndarray, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int, pads: tuple[int, ...]) -> float:
     """The largest sum of ``a`` (N x H x W, non-negative) over the zero-padded convolution windows: row taps
     first, then column taps (``kh + kw`` passes instead of ``kh kw``; a different summation order from
-    :func:`~veil.offload.training.conv_field._box_max`, the same terms), a few samples at a time so that the
+    :func:`~veil.offload.training.conv_field._window_sums`, the same terms), a few samples at a time so that the
     temporaries stay small."""
     t, left, b, r = pads
     hp = a.shape[1] + t + b

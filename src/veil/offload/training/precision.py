@@ -74,7 +74,7 @@ from veil.errors import VeilError
 from veil.offload.backend import NumpyBackend
 from veil.offload.errors import FieldRangeError
 from veil.offload.field import HALF, centered
-from veil.offload.training.conv_field import ConvSpec, _box_max, col2im_field, cols, conv_norms
+from veil.offload.training.conv_field import ConvSpec, _window_sums, col2im_field, cols, conv_norms
 from veil.offload.training.field_ops import conv_norm_bounds
 from veil.offload.training.protocol import (
     SCALE_MAX,
@@ -363,7 +363,7 @@ class PrecisionMatmul(MatmulEngine):
         x = np.ldexp(x, -t[None, :, None, None])
         wt = np.ldexp(wt, np.repeat(t, taps)[:, None])
         # per sample: the largest window (row of cols(X)) norm; per output channel: the column of W^T
-        a = _exponents(_box_max(np.einsum("nchw,nchw->nhw", x, x), kh, kw, sh, sw, oh, ow, spec.pads)
+        a = _exponents(_window_sums(np.einsum("nchw,nchw->nhw", x, x), kh, kw, sh, sw, oh, ow, spec.pads)
                        .reshape(x.shape[0], -1).max(1))
         b = normalise_exponents(wt, 0)
         self.counters["enclave_s"] += time.perf_counter() - t0
