@@ -550,11 +550,11 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(step_costs("C", mod, graph, {"x": xs[: a.batch]}, ys[: a.batch], "cross_entropy", a.reps,
                                            a.backend, mi, a.transport, prec))
         if "DeepCrossing" in nets:
-            cd = synthetic_clicks(max(a.batch, 256), seed=1)
+            cd = synthetic_clicks(a.batch, seed=1)
             mod, graph = model_dc(cd.vocab, cd.dense.shape[1], a.seed)
             for prec in precs:
                 for mi in sorted({0.0, a.min_intensity}):
-                    rows.append(step_costs("DeepCrossing", mod, graph, cd.feeds(slice(0, 256)), cd.y[:256], "bce", a.reps,
+                    rows.append(step_costs("DeepCrossing", mod, graph, cd.feeds(slice(0, a.batch)), cd.y[:a.batch], "bce", a.reps,
                                            a.backend, mi, a.transport, prec))
         t = Table(title=f"offload training, per step (best of reps; offload mean in brackets); {host_line}; "
                         f"accelerators: {rows[0]['backend'] if rows else a.backend}, {a.transport}")
