@@ -49,6 +49,7 @@ from veil.plain import run_plain  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import driver  # noqa: E402
+from timing import best_time  # noqa: E402
 
 console = Console(width=240)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,12 +64,7 @@ PEER_NAMES = {"crypten": "CrypTen", "spu": "SPU"}
 
 
 def best(fn, reps: int = 5) -> float:
-    t = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        t.append(time.perf_counter() - t0)
-    return min(t)
+    return best_time(fn, reps)
 
 
 def bench_ring() -> None:

@@ -39,15 +39,12 @@ from veil.offload import Accelerator, OffloadEnclave, SimulatedEnclaveRuntime, r
 from veil.offload.examples import encoder_graph, mnist_graph  # noqa: E402
 from veil.plain import run_plain  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402
+
 
 def best_time(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
+    return timing.best_time(fn, reps, warmup=True)
 
 
 def bench_one(graph, x: np.ndarray, privacy: str, backend: str, reps: int, runtime) -> dict:

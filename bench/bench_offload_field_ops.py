@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +27,9 @@ from veil.offload.field import HALF, P  # noqa: E402
 from veil.offload.training import field_ops as F  # noqa: E402
 from veil.offload.training import protocol  # noqa: E402
 from veil.offload.training.conv_field import ConvSpec, conv_norms  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import best_time  # noqa: E402
 
 _Z = np.zeros(0, np.uint8)
 
@@ -143,12 +146,7 @@ def new_split_pair(uq: np.ndarray, vq: np.ndarray, s0: bytes, s1: bytes) -> tupl
 
 # --- timing --------------------------------------------------------------------------------------------
 def best(fn: Callable[[], Any], reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
+    return best_time(fn, reps)
 
 
 def same(a: Any, b: Any) -> bool:
